@@ -1,0 +1,192 @@
+"""Forward-hook capture of every residual block's x, F(x), s(x) and y.
+
+Blocks are found by walking ``named_modules()``: the project's :class:`~resnet_demo.model.ResidualBlock`
+and torchvision's ``BasicBlock`` / ``Bottleneck``. For each block three hooks are registered:
+
+- on the module whose output is F(x) (the project's ``branch``; torchvision's last BN). torchvision
+  adds the shortcut to that tensor *in place*, so the hook copies it at once, before the add;
+- on the projection shortcut, when there is one (otherwise s(x) is x);
+- on the block itself, for x (its input) and y (its output).
+
+Hooks exist only inside :func:`capture`, are removed in ``finally``, and act only for the thread that
+opened the capture: another thread running the same model at the same time is neither recorded nor
+lesioned, so concurrent requests on one shared model never mix.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .model import ResidualBlock
+
+__all__ = ["BlockRecord", "BlockSpec", "Capture", "capture", "capture_forward", "find_blocks"]
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """Where a block's parts are. ``shortcut`` is ``None`` for an identity shortcut."""
+
+    name: str
+    stage: int
+    path: str
+    module: nn.Module
+    branch_end: nn.Module
+    shortcut: nn.Module | None
+
+
+@dataclass
+class BlockRecord:
+    """Detached copies of one block's tensors, each (B, C, H, W)."""
+
+    name: str
+    stage: int
+    x: torch.Tensor | None = None
+    f: torch.Tensor | None = None
+    s: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+
+
+def _torchvision_block_types() -> tuple[type, ...]:
+    try:
+        from torchvision.models.resnet import BasicBlock, Bottleneck
+    except ImportError:  # torchvision is optional for the project's own models
+        return ()
+    return (BasicBlock, Bottleneck)
+
+
+def find_blocks(model: nn.Module) -> list[BlockSpec]:
+    """All residual blocks of ``model`` in forward order, named as the model names them."""
+    tv_types = _torchvision_block_types()
+    specs = []
+    for path, module in model.named_modules():
+        if isinstance(module, ResidualBlock):
+            shortcut = None if isinstance(module.shortcut, nn.Identity) else module.shortcut
+            specs.append(BlockSpec(module.name or path, module.stage, path, module, module.branch, shortcut))
+        elif tv_types and isinstance(module, tv_types):
+            last_bn = module.bn3 if hasattr(module, "bn3") else module.bn2
+            stage = int(path.split(".")[0].removeprefix("layer")) if path.startswith("layer") else 0
+            specs.append(BlockSpec(path, stage, path, module, last_bn, module.downsample))
+    return specs
+
+
+def _select(specs: list[BlockSpec], names: Iterable[str] | None, what: str) -> list[BlockSpec]:
+    if names is None:
+        return specs
+    names = list(names)
+    known = {s.name for s in specs}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise KeyError(f"unknown block(s) {unknown} for {what}; this model's blocks are {sorted(known)}")
+    return [s for s in specs if s.name in names]
+
+
+@dataclass
+class Capture:
+    """What a capture recorded; filled in during the forward pass."""
+
+    specs: list[BlockSpec]
+    records: dict[str, BlockRecord] = field(default_factory=dict)
+
+    @property
+    def blocks(self) -> list[BlockRecord]:
+        """Records in forward order, only for blocks the forward pass reached."""
+        return [self.records[s.name] for s in self.specs if self.records[s.name].y is not None]
+
+
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone()
+
+
+@contextmanager
+def capture(
+    model: nn.Module,
+    *,
+    blocks: Iterable[str] | None = None,
+    lesion: Iterable[str] = (),
+    record: bool = True,
+) -> Iterator[Capture]:
+    """Record x, F(x), s(x), y of every block (or of ``blocks``) during forward passes in this context.
+
+    Args:
+        model: any module containing residual blocks.
+        blocks: names of the blocks to record; all by default.
+        lesion: names of blocks whose branch is removed for passes in this context (y = relu(s(x)),
+            Veit et al. 2016). The model itself is not changed.
+        record: set ``False`` to lesion without copying tensors.
+
+    Raises:
+        KeyError: a name in ``blocks`` or ``lesion`` is not a block of ``model``.
+        ValueError: ``model`` has no residual blocks.
+    """
+    specs = find_blocks(model)
+    if not specs:
+        raise ValueError(f"{type(model).__name__} has no residual blocks to capture")
+    recorded = _select(specs, blocks, "capture") if record else []
+    lesioned = {s.name for s in _select(specs, lesion, "lesion")}
+    owner = threading.get_ident()
+    result = Capture(recorded, {s.name: BlockRecord(s.name, s.stage) for s in recorded})
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def on_branch(rec: BlockRecord | None, zero: bool):
+        def hook(_module, _inputs, output):
+            if threading.get_ident() != owner:
+                return None
+            if zero:
+                output = torch.zeros_like(output)
+            if rec is not None:
+                rec.f = _copy(output)
+            return output if zero else None
+
+        return hook
+
+    def on_shortcut(rec: BlockRecord):
+        def hook(_module, _inputs, output):
+            if threading.get_ident() == owner:
+                rec.s = _copy(output)
+
+        return hook
+
+    def on_block(rec: BlockRecord, identity: bool):
+        def hook(_module, inputs, output):
+            if threading.get_ident() == owner:
+                rec.x = _copy(inputs[0])
+                if identity:
+                    rec.s = rec.x
+                rec.y = _copy(output)
+
+        return hook
+
+    try:
+        for spec in specs:
+            rec = result.records.get(spec.name)
+            zero = spec.name in lesioned
+            if rec is None and not zero:
+                continue
+            handles.append(spec.branch_end.register_forward_hook(on_branch(rec, zero)))
+            if rec is not None:
+                if spec.shortcut is not None:
+                    handles.append(spec.shortcut.register_forward_hook(on_shortcut(rec)))
+                handles.append(spec.module.register_forward_hook(on_block(rec, spec.shortcut is None)))
+        yield result
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def capture_forward(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    blocks: Iterable[str] | None = None,
+    lesion: Iterable[str] = (),
+) -> tuple[torch.Tensor, list[BlockRecord]]:
+    """One forward pass under ``torch.inference_mode`` with capture; returns (logits, records)."""
+    with torch.inference_mode(), capture(model, blocks=blocks, lesion=lesion) as cap:
+        logits = model(x)
+    return logits, cap.blocks
