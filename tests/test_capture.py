@@ -1,0 +1,193 @@
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_PROJ, randomise_bn
+
+from resnet_demo.analysis import block_metrics, topk
+from resnet_demo.capture import capture, capture_forward, find_blocks
+from resnet_demo.model import build_model
+
+
+def hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_captures_every_block_with_y_equal_relu_f_plus_s(seed_model):
+    x = torch.randn(2, 3, 32, 32)
+    logits, records = capture_forward(seed_model, x)
+    assert [r.name for r in records] == [f"res{i}" for i in range(1, 10)]
+    for r in records:
+        assert r.x.shape == r.f.shape == r.s.shape == r.y.shape
+        torch.testing.assert_close(r.y, torch.relu(r.f + r.s), rtol=0, atol=1e-6)
+        assert torch.equal(r.s, r.x)  # identity shortcuts in the tutorial's Net
+        assert r.f.abs().sum() > 0 and not r.f.requires_grad
+
+
+def test_projection_shortcut_is_captured_as_its_own_output(tiny_model):
+    model = randomise_bn(build_model(TINY_PROJ))
+    _, records = capture_forward(model, torch.randn(1, 3, 16, 16))
+    proj = records[-1]
+    assert proj.s.shape != proj.x.shape
+    block = dict(model.named_modules())[find_blocks(model)[-1].path]
+    with torch.no_grad():
+        torch.testing.assert_close(proj.s, block.shortcut(proj.x))
+        torch.testing.assert_close(proj.f, block.branch(proj.x))
+    torch.testing.assert_close(proj.y, torch.relu(proj.f + proj.s))
+
+
+def test_logits_identical_with_and_without_capture(seed_model):
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        bare = seed_model(x)
+    captured, _ = capture_forward(seed_model, x)
+    assert torch.equal(bare, captured)
+
+
+def test_captured_tensors_are_copies_not_views(seed_model):
+    x = torch.randn(1, 3, 32, 32)
+    _, first = capture_forward(seed_model, x)
+    saved = first[0].f.clone()
+    capture_forward(seed_model, torch.randn(1, 3, 32, 32))
+    assert torch.equal(first[0].f, saved)
+    assert first[0].f.data_ptr() != first[0].y.data_ptr()
+
+
+def test_no_hooks_remain_after_capture_even_after_an_exception(seed_model):
+    before = hook_count(seed_model)
+    capture_forward(seed_model, torch.randn(1, 3, 32, 32))
+    assert hook_count(seed_model) == before == 0
+    with pytest.raises(RuntimeError, match="boom"):
+        with capture(seed_model):
+            assert hook_count(seed_model) > 0
+            raise RuntimeError("boom")
+    assert hook_count(seed_model) == 0
+    with pytest.raises(RuntimeError):  # a forward pass that fails half-way (wrong channel count)
+        capture_forward(seed_model, torch.randn(1, 5, 32, 32))
+    assert hook_count(seed_model) == 0
+
+
+def test_unknown_block_names_are_refused(seed_model):
+    with pytest.raises(KeyError, match="unknown block"):
+        with capture(seed_model, lesion=["res42"]):
+            pass
+    assert hook_count(seed_model) == 0
+
+
+def test_threads_capturing_different_inputs_get_their_own_results(seed_model):
+    inputs = [torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    expected = [capture_forward(seed_model, x)[1] for x in inputs]
+    results: dict[int, list] = {}
+    barrier = threading.Barrier(len(inputs))
+
+    def work(i):
+        barrier.wait()
+        for _ in range(3):
+            results[i] = capture_forward(seed_model, inputs[i])[1]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, records in results.items():
+        for got, want in zip(records, expected[i]):
+            assert torch.equal(got.y, want.y) and torch.equal(got.f, want.f)
+    assert hook_count(seed_model) == 0
+
+
+def test_a_plain_forward_in_another_thread_is_not_recorded(seed_model):
+    inside = threading.Event()
+    release = threading.Event()
+    x_main = torch.randn(1, 3, 32, 32)
+
+    def other():
+        inside.wait()
+        with torch.inference_mode():
+            seed_model(torch.randn(1, 3, 32, 32) * 10)
+        release.set()
+
+    t = threading.Thread(target=other)
+    t.start()
+    with torch.inference_mode(), capture(seed_model) as cap:
+        inside.set()
+        release.wait()  # the other thread ran its forward while our hooks were registered
+        assert all(r.y is None for r in cap.records.values())
+        seed_model(x_main)
+    t.join()
+    want = capture_forward(seed_model, x_main)[1]
+    assert all(torch.equal(a.y, b.y) for a, b in zip(cap.blocks, want))
+
+
+def test_metrics_equal_a_hand_computation(seed_model):
+    x = torch.randn(2, 3, 32, 32)
+    _, records = capture_forward(seed_model, x)
+    metrics = block_metrics(records)
+    assert len(metrics) == 2 and len(metrics[0]) == 9
+    for img in range(2):
+        for r, m in zip(records, metrics[img]):
+            f = r.f[img].double().numpy().ravel()
+            s = r.s[img].double().numpy().ravel()
+            y = r.y[img].double().numpy().ravel()
+            assert m.ratio == pytest.approx(np.linalg.norm(f) / np.linalg.norm(s), rel=1e-12)
+            assert m.cosine == pytest.approx(f @ s / np.linalg.norm(f) / np.linalg.norm(s), rel=1e-9, abs=1e-12)
+            assert m.norm_x == pytest.approx(np.linalg.norm(r.x[img].double().numpy()), rel=1e-12)
+            assert m.norm_f == pytest.approx(np.linalg.norm(f), rel=1e-12)
+            assert m.norm_y == pytest.approx(np.linalg.norm(y), rel=1e-12)
+            assert m.active == pytest.approx((y > 0).mean(), abs=1e-12)
+            want = np.abs(r.f[img].double().numpy()).mean(axis=(1, 2))
+            np.testing.assert_allclose(m.channel_f, want, rtol=1e-6)
+
+
+def test_metrics_of_a_known_tiny_tensor():
+    from resnet_demo.capture import BlockRecord
+
+    f = torch.tensor([3.0, 0.0, -4.0, 0.0]).view(1, 1, 2, 2)
+    s = torch.tensor([0.0, 5.0, 0.0, 0.0]).view(1, 1, 2, 2)
+    rec = BlockRecord("b", 1, x=s, f=f, s=s, y=torch.relu(f + s))
+    (m,) = block_metrics([rec])[0]
+    assert (m.ratio, m.cosine, m.norm_f, m.norm_x) == (1.0, 0.0, 5.0, 5.0)
+    assert m.norm_y == pytest.approx(34**0.5)
+    assert m.active == 0.5
+    assert m.channel_f.tolist() == [pytest.approx(7 / 4)]
+    dead = BlockRecord("d", 1, x=torch.zeros(1, 1, 2, 2), f=f, s=torch.zeros(1, 1, 2, 2), y=torch.relu(f))
+    (m,) = block_metrics([dead])[0]
+    assert m.ratio == float("inf") and m.cosine == 0.0
+
+
+def test_topk_probabilities_and_labels():
+    logits = torch.tensor([1.0, 3.0, 2.0])
+    preds = topk(logits, ["a", "b", "c"], k=2)
+    p = F.softmax(logits, dim=0)
+    assert [(q.label, q.index) for q in preds] == [("b", 1), ("c", 2)]
+    assert preds[0].prob == pytest.approx(float(p[1]))
+    assert len(topk(logits, ["a", "b", "c"], k=99)) == 3
+    with pytest.raises(ValueError, match="3 logits but 2 class names"):
+        topk(logits, ["a", "b"])
+
+
+def test_lesion_nothing_gives_intact_logits_and_lesion_equals_hand_forward(seed_model):
+    x = torch.randn(2, 3, 32, 32)
+    intact, _ = capture_forward(seed_model, x)
+    same, _ = capture_forward(seed_model, x, lesion=[])
+    assert torch.equal(intact, same)
+
+    lesioned, records = capture_forward(seed_model, x, lesion=["res5"])
+    # Hand-built forward: the same network with res5's branch removed.
+    with torch.no_grad():
+        h = seed_model.stem(x)
+        for stage in seed_model.stages:
+            h = stage.transition(h)
+            for name, block in stage.blocks.named_children():
+                h = torch.relu(block.shortcut(h)) if name == "res5" else block(h)
+        want = seed_model.forward_head(h)
+    torch.testing.assert_close(lesioned, want, rtol=0, atol=1e-5)
+    assert not torch.allclose(lesioned, intact)
+    res5 = next(r for r in records if r.name == "res5")
+    assert res5.f.abs().sum() == 0
+    # The shared model is unchanged afterwards.
+    with torch.inference_mode():
+        assert torch.equal(seed_model(x), intact)
+    assert hook_count(seed_model) == 0
