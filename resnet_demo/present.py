@@ -1,0 +1,196 @@
+"""What the page shows, computed without Gradio: the models on offer and one analysis turned into outputs.
+
+``app.py`` only lays components out and wires events to these functions; everything here can be
+tested and benchmarked without a server.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from .analysis import METRIC_NAMES
+from .checkpoints import WEIGHTS_DIR, WeightsError
+from .explorer import Analysis, Explorer
+from .render import VIEWS, feature_grid, input_image, residual_chart
+
+__all__ = ["METRIC_COLUMNS", "ModelChoice", "Page", "Registry", "build_page", "default_registry"]
+
+METRIC_COLUMNS = ["block", "stage", *METRIC_NAMES]
+AUTO = "auto"
+
+
+@dataclass
+class ModelChoice:
+    """One entry of the model selector: how to load it, and what went wrong if it cannot be."""
+
+    key: str
+    label: str
+    load: Callable[[], Explorer]
+    where: str = ""
+    explorer: Explorer | None = None
+    error: str | None = None
+
+
+class Registry:
+    """The models the page offers, loaded once at start-up and shared by all sessions.
+
+    A model that cannot be loaded stays listed with its error, so the page and the terminal say
+    what is missing instead of silently serving something else.
+    """
+
+    def __init__(self, choices: list[ModelChoice]) -> None:
+        self.choices = {c.key: c for c in choices}
+        self._lock = threading.Lock()
+
+    def load_all(self) -> None:
+        for choice in self.choices.values():
+            self._load(choice)
+
+    def _load(self, choice: ModelChoice) -> None:
+        with self._lock:
+            if choice.explorer is None and choice.error is None:
+                try:
+                    choice.explorer = choice.load()
+                except (WeightsError, ValueError, OSError) as exc:
+                    choice.error = str(exc)
+
+    def get(self, key: str) -> Explorer:
+        """The explorer for ``key``; raises ``WeightsError`` saying what is missing and where."""
+        if key not in self.choices:
+            raise WeightsError(f"unknown model '{key}'; choose one of {list(self.choices)}")
+        choice = self.choices[key]
+        self._load(choice)
+        if choice.explorer is None:
+            raise WeightsError(f"The {choice.label} model is not available: {choice.error}")
+        return choice.explorer
+
+    def resolve(self, key: str, kind: str) -> str:
+        """``auto`` picks the model trained for the input kind: drawings -> MNIST, photos -> the photo model."""
+        if key != AUTO:
+            return key
+        for choice in self.choices.values():
+            if choice.explorer is not None and choice.explorer.card.input_kind == kind:
+                return choice.key
+        wanted = "mnist" if kind == "drawing" else "cifar10"
+        return wanted if wanted in self.choices else next(iter(self.choices))
+
+    def status(self) -> list[str]:
+        """One line per model: what it is and whether it is ready."""
+        lines = []
+        for c in self.choices.values():
+            if c.explorer is not None:
+                card = c.explorer.card
+                acc = card.metrics.get("test_acc_tta") or card.metrics.get("test_acc")
+                figure = f", {acc:.2%} test accuracy" if isinstance(acc, (int, float)) else ""
+                if card.trained:
+                    lines.append(f"✅ {c.label}: {card.name} on {c.explorer.device}{figure}")
+                else:
+                    lines.append(f"⚠️ {c.label}: {card.name} has UNTRAINED weights; its predictions are noise")
+            else:
+                lines.append(f"⚠️ {c.label}: not available — {c.error}")
+        return lines
+
+
+def default_registry(device: str | None = None, weights_dir: Path = WEIGHTS_DIR) -> Registry:
+    """The two shipped models: CIFAR-10 for photos and MNIST for drawn digits."""
+
+    def shipped(name: str) -> Callable[[], Explorer]:
+        return lambda: Explorer.from_weights(weights_dir / f"{name}.safetensors", device)
+
+    return Registry(
+        [
+            ModelChoice("cifar10", "CIFAR-10 (photos)", shipped("cifar10_resnet")),
+            ModelChoice("mnist", "MNIST (drawn digits)", shipped("mnist_resnet")),
+        ]
+    )
+
+
+@dataclass
+class Page:
+    """Every output of one analysis, ready for the page's components."""
+
+    analysis: Analysis
+    predictions: dict[str, float]
+    model_input: Image.Image
+    grids: list[tuple[Image.Image, str]]
+    chart: Any  # matplotlib Figure
+    table: list[list]
+    summary: str
+    detail: Image.Image | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def metrics_table(analysis: Analysis, digits: int = 4) -> list[list]:
+    return [[m.name, m.stage, *(round(getattr(m, k), digits) for k in METRIC_NAMES)] for m in analysis.metrics]
+
+
+def block_tensor(analysis: Analysis, block: str, view: str):
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {list(VIEWS)}, got {view!r}")
+    for rec in analysis.blocks:
+        if rec.name == block:
+            return getattr(rec, view)[0]
+    raise KeyError(f"unknown block {block!r}; this model's blocks are {[r.name for r in analysis.blocks]}")
+
+
+def block_detail(analysis: Analysis, block: str, view: str = "f", max_channels: int = 256) -> Image.Image:
+    """All channels of one block (up to ``max_channels``), each scaled to its own range, most active first."""
+    fmap = block_tensor(analysis, block, view)
+    n = min(fmap.shape[0], max_channels)
+    return feature_grid(fmap, signed=view == "f", max_channels=n, cell=64, per_channel_scale=True)
+
+
+def summarise(analysis: Analysis) -> str:
+    top = analysis.predictions[0]
+    metrics = analysis.metrics
+    busiest = max(metrics, key=lambda m: m.ratio)
+    quietest = min(metrics, key=lambda m: m.ratio)
+    against = [m.name for m in metrics if m.cosine < -0.2]
+    lines = [
+        f"**{analysis.card.name}** predicts **{top.label}** ({top.prob:.1%}).",
+        f"Block **{busiest.name}** changes its input most (‖F‖/‖s‖ = {busiest.ratio:.2f}); "
+        f"**{quietest.name}** least ({quietest.ratio:.2f}).",
+    ]
+    if against:
+        lines.append(f"Branches that mostly cancel their input (cosine < −0.2): {', '.join(against)}.")
+    if not analysis.card.trained:
+        lines.append("⚠️ These weights are **untrained**: the predictions are noise.")
+    return "  \n".join(lines)
+
+
+def build_page(
+    analysis: Analysis,
+    *,
+    view: str = "f",
+    detail_block: str | None = None,
+    max_channels: int = 16,
+) -> Page:
+    """Render one analysis: top-k, the input as the model saw it, a grid per block, chart and table."""
+    t0 = time.perf_counter()
+    grids = []
+    by_name = {m.name: m for m in analysis.metrics}
+    for rec in analysis.blocks:
+        m = by_name[rec.name]
+        img = feature_grid(getattr(rec, view)[0], signed=view == "f", max_channels=max_channels)
+        grids.append((img, f"{rec.name} · stage {rec.stage} · ‖F‖/‖s‖ {m.ratio:.2f}"))
+    t1 = time.perf_counter()
+    chart = residual_chart(analysis.metrics, bands=analysis.card.reference_bands or None)
+    t2 = time.perf_counter()
+    return Page(
+        analysis=analysis,
+        predictions={p.label: p.prob for p in analysis.predictions},
+        model_input=input_image(analysis.input, analysis.card),
+        grids=grids,
+        chart=chart,
+        table=metrics_table(analysis),
+        summary=summarise(analysis),
+        detail=block_detail(analysis, detail_block, view) if detail_block else None,
+        timings_ms={"grids": (t1 - t0) * 1e3, "chart": (t2 - t1) * 1e3},
+    )

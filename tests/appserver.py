@@ -1,0 +1,53 @@
+"""Start the real Gradio app on a free port for tests; weights are the shipped ones when present."""
+
+from __future__ import annotations
+
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from resnet_demo.checkpoints import MNIST_MEAN, MNIST_STD, WEIGHTS_DIR, save_weights, tutorial_card
+from resnet_demo.model import build_model
+
+SHIPPED = ("cifar10_resnet", "mnist_resnet")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def weights_dir(tmp: Path) -> Path:
+    """The shipped weights folder if both files are there, else random (untrained) tutorial Nets in ``tmp``."""
+    if all((WEIGHTS_DIR / f"{n}.safetensors").is_file() for n in SHIPPED):
+        return WEIGHTS_DIR
+    torch.manual_seed(0)
+    for name in SHIPPED:
+        card = tutorial_card(name, trained=False)
+        if name.startswith("mnist"):
+            card.classes = [str(d) for d in range(10)]
+            card.mean, card.std = list(MNIST_MEAN) * 3, list(MNIST_STD) * 3
+            card.colour_mode, card.input_kind, card.dataset = "gray", "drawing", "MNIST"
+        save_weights(build_model(), card, tmp / f"{name}.safetensors")
+    return tmp
+
+
+@contextmanager
+def running_app(wdir: Path, concurrency: int = 2):
+    import app
+    from resnet_demo import present
+
+    registry = present.default_registry("cpu", wdir)
+    registry.load_all()
+    demo = app.make_demo(registry)
+    demo.queue(default_concurrency_limit=concurrency, max_size=512)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                max_file_size=app.MAX_UPLOAD, theme=app.THEME)
+    try:
+        yield f"http://127.0.0.1:{port}/", registry
+    finally:
+        demo.close()

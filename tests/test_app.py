@@ -1,0 +1,156 @@
+"""The app through its real server, called with gradio_client as a remote user would."""
+
+import io
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from appserver import running_app, weights_dir
+from conftest import IN_CI, ROOT
+from PIL import Image
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+import app  # noqa: E402
+
+SETTINGS = ("auto", 5, "f", "res9")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_app(weights_dir(tmp_path_factory.mktemp("weights"))) as (url, registry):
+        yield Client(url, verbose=False), registry
+
+
+def cifar_example():
+    return next(p for p in app.EXAMPLES if p.name.startswith("cifar10-cat"))
+
+
+def test_photo_through_the_server_matches_the_library(server):
+    client, registry = server
+    path = cifar_example()
+    preds, model_input, grids, chart, table, summary, detail, dropdown = client.predict(
+        handle_file(str(path)), *SETTINGS, api_name="/analyze_photo"
+    )
+    want = registry.get("cifar10").analyze(str(path), k=5)
+    assert preds["label"] == want.predictions[0].label
+    got = {c["label"]: c["confidence"] for c in preds["confidences"]}
+    for p in want.predictions:
+        assert got[p.label] == pytest.approx(p.prob, abs=1e-6)
+    assert len(grids) == 9 and all(Path(g["image"]).is_file() for g in grids)
+    assert [g["caption"].split(" · ")[0] for g in grids] == [f"res{i}" for i in range(1, 10)]
+    assert Image.open(model_input).size == (160, 160)
+    assert Image.open(detail).size[0] > Image.open(grids[-1]["image"]).size[0]  # res9: all 256 channels
+    assert table["headers"] == ["block", "stage", "ratio", "cosine", "norm_x", "norm_f", "norm_y", "active"]
+    for row, m in zip(table["data"], want.metrics):
+        assert row[0] == m.name and row[1] == m.stage
+        for value, key in zip(row[2:], ("ratio", "cosine", "norm_x", "norm_f", "norm_y", "active")):
+            assert value == pytest.approx(getattr(m, key), abs=1e-4)
+    assert chart["type"] == "matplotlib"
+    assert want.predictions[0].label in summary
+    if registry.get("cifar10").card.trained:
+        assert preds["label"] == "cat"
+
+
+def test_drawing_selects_the_mnist_model(server):
+    client, registry = server
+    canvas = np.full((280, 280, 4), 255, np.uint8)
+    canvas[60:220, 130:150, :3] = 0  # a vertical stroke: a "1"
+    files = []
+    for name, arr in (("bg", canvas), ("composite", canvas)):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        p = Path(client.output_dir if hasattr(client, "output_dir") else "/tmp") / f"sketch-{name}.png"
+        p.write_bytes(buf.getvalue())
+        files.append(str(p))
+    value = {"background": handle_file(files[0]), "layers": [], "composite": handle_file(files[1]), "id": None}
+    preds, *_ = client.predict(value, *SETTINGS, api_name="/analyze_drawing")
+    want = registry.get("mnist").analyze(Image.open(files[1]))
+    assert preds["label"] == want.predictions[0].label
+    assert set(c["label"] for c in preds["confidences"]) <= {str(d) for d in range(10)}
+    if registry.get("mnist").card.trained:
+        assert preds["label"] == "1"
+
+
+def test_bad_inputs_get_a_clear_message_and_the_server_keeps_serving(server, tmp_path):
+    client, _ = server
+    text = tmp_path / "notes.png"
+    text.write_text("this is not an image")
+    with pytest.raises(AppError, match="not an image"):
+        client.predict(handle_file(str(text)), *SETTINGS, api_name="/analyze_photo")
+    blank = tmp_path / "blank.png"
+    Image.new("RGBA", (100, 100), (255, 255, 255, 255)).save(blank)
+    value = {"background": handle_file(str(blank)), "layers": [], "composite": handle_file(str(blank)), "id": None}
+    with pytest.raises(AppError, match="drawing is empty"):
+        client.predict(value, *SETTINGS, api_name="/analyze_drawing")
+    preds, *_ = client.predict(handle_file(str(cifar_example())), *SETTINGS, api_name="/analyze_photo")
+    assert preds["label"]
+
+
+def test_missing_weights_are_reported_not_replaced(tmp_path):
+    from resnet_demo import present
+
+    registry = present.default_registry("cpu", tmp_path)
+    registry.load_all()
+    status = "\n".join(registry.status())
+    assert f"{tmp_path}/cifar10_resnet.safetensors not found" in status
+    with pytest.raises(Exception, match="CIFAR-10 \\(photos\\) model is not available"):
+        registry.get("cifar10")
+
+
+OFFLINE_SCRIPT = textwrap.dedent(
+    """
+    import socket, sys, urllib.request
+    sys.path[:0] = [{root!r}, {tests!r}]
+    attempts = []
+    real_connect = socket.socket.connect
+    def connect(self, address):
+        host = address[0] if isinstance(address, tuple) else str(address)
+        if not (host.startswith("127.") or host in ("::1", "localhost") or self.family == socket.AF_UNIX):
+            attempts.append(address)
+        return real_connect(self, address)
+    socket.socket.connect = connect
+    real_getaddrinfo = socket.getaddrinfo
+    def getaddrinfo(host, *a, **k):
+        if host not in (None, "localhost", "127.0.0.1", "::1", "0.0.0.0"):
+            attempts.append(host)
+        return real_getaddrinfo(host, *a, **k)
+    socket.getaddrinfo = getaddrinfo
+
+    from pathlib import Path
+    from appserver import running_app, weights_dir
+    import tempfile
+    with running_app(weights_dir(Path(tempfile.mkdtemp()))) as (url, registry):
+        page = urllib.request.urlopen(url, timeout=30).read().decode()
+        config = urllib.request.urlopen(url + "config", timeout=30).read().decode()
+        from gradio_client import Client, handle_file
+        import app
+        client = Client(url, verbose=False)
+        preds = client.predict(handle_file(str(app.EXAMPLES[0])), "auto", 5, "f", "res9", api_name="/analyze_photo")[0]
+    assert "fonts.googleapis" not in page + config, "the page refers to Google Fonts"
+    print("PREDICTED", preds["label"])
+    print("ATTEMPTS", attempts)
+    """
+)
+
+
+def test_app_starts_and_answers_with_no_network(tmp_path):
+    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True)
+    if probe.returncode != 0:
+        if IN_CI:
+            pytest.fail(f"unshare -n is needed for the offline test: {probe.stderr.decode()}")
+        pytest.skip("no network namespaces here (unshare -n failed)")
+    script = tmp_path / "offline.py"
+    script.write_text(OFFLINE_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests")))
+    result = subprocess.run(
+        ["unshare", "-n", "sh", "-c", f"ip link set lo up && exec {sys.executable} {script}"],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "PREDICTED" in result.stdout
+    assert "ATTEMPTS []" in result.stdout, result.stdout
