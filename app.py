@@ -92,6 +92,8 @@ class PhotoInput(gr.Image):
 
 
 N_OUTPUTS = 9
+SELECT_BRUSH_JS = """() => { setTimeout(() => {
+  const b = document.querySelector('#sketchpad button[aria-label="Brush"]'); if (b) b.click(); }, 150); }"""
 
 
 def make_demo(registry: present.Registry) -> gr.Blocks:
@@ -154,7 +156,7 @@ def make_demo(registry: present.Registry) -> gr.Blocks:
                             sources=["upload", "clipboard", "webcam"], type="filepath", image_mode=None,
                             label="Upload, paste or snap", height=260, elem_id="photo",
                         )
-                    with gr.Tab("Draw", id="draw"):
+                    with gr.Tab("Draw", id="draw") as draw_tab:
                         sketch = gr.Sketchpad(
                             label="Draw a digit (updates while you draw)", type="numpy", image_mode="RGBA",
                             canvas_size=(280, 280), brush=gr.Brush(default_size=18, colors=["#000000"],
@@ -184,7 +186,7 @@ def make_demo(registry: present.Registry) -> gr.Blocks:
                                    object_fit="contain", elem_id="block-grids")
                 gr.Markdown(HOW_TO_READ["maps"])
                 detail_block = gr.Dropdown([], label="Block to enlarge", allow_custom_value=True)
-                detail = gr.Image(label="All channels of the chosen block", interactive=False)
+                detail = gr.Image(label="All channels of the chosen block", interactive=False, height=480)
             with gr.Tab("Residual magnitudes"):
                 chart = gr.Plot(label="‖F(x)‖ / ‖s(x)‖ and cosine per block")
                 gr.Markdown(HOW_TO_READ["residual"])
@@ -203,6 +205,8 @@ def make_demo(registry: present.Registry) -> gr.Blocks:
         for control in (model_key, k, view, detail_block):
             control.input(reanalyze, [state, *settings], outputs, api_visibility="private",
                           trigger_mode="always_last", show_progress="hidden")
+        # The sketchpad starts with no tool selected; pick the brush so the user can draw at once.
+        draw_tab.select(None, None, None, js=SELECT_BRUSH_JS)
         grids.select(block_clicked, None, detail_block, api_visibility="private").then(
             reanalyze, [state, *settings], outputs, api_visibility="private", show_progress="hidden")
 

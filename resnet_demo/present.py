@@ -179,7 +179,7 @@ def build_page(
     for rec in analysis.blocks:
         m = by_name[rec.name]
         img = feature_grid(getattr(rec, view)[0], signed=view == "f", max_channels=max_channels)
-        grids.append((img, f"{rec.name} · stage {rec.stage} · ‖F‖/‖s‖ {m.ratio:.2f}"))
+        grids.append((img, f"{rec.name} · {m.ratio:.2f}"))
     t1 = time.perf_counter()
     chart = residual_chart(analysis.metrics, bands=analysis.card.reference_bands or None)
     t2 = time.perf_counter()

@@ -1,0 +1,251 @@
+"""Reference bands: what each block usually does, so one image's metrics can be judged against a data set.
+
+For every block, the 5th, 25th, 50th, 75th and 95th percentiles of ``ratio`` and ``cosine`` (see
+:mod:`resnet_demo.analysis`) over a data set, usually the model's test split. They are stored in the
+model card's ``reference_bands`` field, which :func:`resnet_demo.render.residual_chart` draws::
+
+    {"ratio":  {"res1": {"p5": ..., "p25": ..., "p50": ..., "p75": ..., "p95": ...}, ...},
+     "cosine": {...},
+     "percentiles": [5, 25, 50, 75, 95], "n": 10000, "data": "cifar10-jpeg.tar.gz", "split": "test"}
+
+Computed by::
+
+    python -m resnet_demo.bands --weights weights/cifar10_resnet.safetensors \\
+        --data ../shared/datasets/cifar10-jpeg.tar.gz [--split test] [--limit N]
+
+which rewrites only the card (``weights/<name>.json``); the weights file, and so its sha256, is untouched.
+Percentiles are numpy's default (linear interpolation between order statistics). Images where a metric
+is not finite (an all-zero shortcut makes ``ratio`` infinite) are left out of that block's band.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .analysis import BlockMetrics, block_metrics
+from .capture import capture_forward
+
+__all__ = ["BAND_METRICS", "PERCENTILES", "bands_from_values", "compute_bands", "describe", "percentile_rank", "where"]
+
+PERCENTILES = (5, 25, 50, 75, 95)
+BAND_METRICS = ("ratio", "cosine")
+DEFAULT_BATCH = 64  # the capture keeps x, F, s, y of every block: ~150 MB per 64 CIFAR images for the tutorial Net
+
+# How to say "higher" and "lower" for each metric.
+_WORDING = {
+    "ratio": ("works harder on this image", "works less on this image"),
+    "cosine": ("is more aligned with its input on this image", "is less aligned with its input on this image"),
+}
+
+
+def bands_from_values(
+    values: dict[str, dict[str, Sequence[float]]], percentiles: Sequence[float] = PERCENTILES
+) -> dict[str, dict[str, dict[str, float]]]:
+    """``values[metric][block]`` (one number per image) -> ``bands[metric][block]["p<q>"]``."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for metric, per_block in values.items():
+        out[metric] = {}
+        for name, vals in per_block.items():
+            arr = np.asarray(vals, dtype=np.float64)
+            arr = arr[np.isfinite(arr)]
+            if arr.size == 0:
+                continue
+            qs = np.percentile(arr, list(percentiles))
+            out[metric][name] = {f"p{q:g}": float(v) for q, v in zip(percentiles, qs)}
+    return out
+
+
+def _batches(data: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> Iterable[torch.Tensor]:
+    if isinstance(data, torch.Tensor):
+        for i in range(0, len(data), batch_size):
+            yield data[i : i + batch_size]
+    else:
+        yield from data
+
+
+@torch.inference_mode()
+def compute_bands(
+    model: nn.Module,
+    data: torch.Tensor | Iterable[torch.Tensor],
+    *,
+    normalise: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    batch_size: int = DEFAULT_BATCH,
+    percentiles: Sequence[float] = PERCENTILES,
+    metrics: Sequence[str] = BAND_METRICS,
+) -> dict:
+    """Per-block percentiles of ``metrics`` over a data set.
+
+    Args:
+        model: the model, in eval mode (it is not modified).
+        data: images (N, C, H, W), or an iterable of such batches. uint8 images go through
+            ``normalise`` first (e.g. :class:`resnet_demo.data.Normalise` built from the model card);
+            float images are taken as already normalised.
+        normalise: uint8 batch -> model input.
+        batch_size: images per forward pass when ``data`` is one tensor.
+
+    Returns:
+        ``{metric: {block: {"p5": ..., ...}}, "percentiles": [...], "n": number of images}``.
+    """
+    device = next(model.parameters()).device
+    values: dict[str, dict[str, list[float]]] = {m: {} for m in metrics}
+    n = 0
+    for batch in _batches(data, batch_size):
+        if batch.dtype == torch.uint8:
+            if normalise is None:
+                raise ValueError("uint8 images need a normalise function (uint8 batch -> model input)")
+            batch = normalise(batch)
+        _, records = capture_forward(model, batch.to(device))
+        for per_image in block_metrics(records):
+            for m in per_image:
+                for metric in metrics:
+                    values[metric].setdefault(m.name, []).append(getattr(m, metric))
+        n += len(batch)
+    if n == 0:
+        raise ValueError("no images to compute reference bands from")
+    bands: dict = bands_from_values(values, percentiles)
+    bands["percentiles"] = [float(q) if q != int(q) else int(q) for q in percentiles]
+    bands["n"] = n
+    return bands
+
+
+def percentile_rank(value: float, band: dict[str, float]) -> float:
+    """Where ``value`` falls among the data set, in percent, by linear interpolation between the stored
+    percentiles; clamped to the outermost ones (a value above ``p95`` ranks 95)."""
+    qs = sorted((float(k[1:]), float(v)) for k, v in band.items() if k.startswith("p"))
+    if not qs:
+        raise ValueError(f"band {band} holds no percentiles")
+    ranks = np.array([q for q, _ in qs])
+    levels = np.maximum.accumulate(np.array([v for _, v in qs]))
+    # Tied percentiles (a metric that is constant over part of the data) share their middle rank.
+    unique = np.unique(levels)
+    mid = np.array([ranks[levels == u].mean() for u in unique])
+    if len(unique) == 1:
+        return float(mid[0]) if value == unique[0] else float(ranks[-1] if value > unique[0] else ranks[0])
+    if value > unique[-1]:
+        return float(ranks[-1])
+    if value < unique[0]:
+        return float(ranks[0])
+    return float(np.interp(value, unique, mid))
+
+
+def where(
+    value: float,
+    band: dict[str, float],
+    *,
+    block: str = "this block",
+    metric: str = "ratio",
+    population: str = "test images",
+) -> str:
+    """A sentence placing ``value`` in ``band``, e.g. "res7 works harder on this image than on 95% of test images".
+
+    Between the 25th and 75th percentile the block is called typical.
+    """
+    if not np.isfinite(value):
+        return f"{block}: {metric} is not finite on this image"
+    more, less = _WORDING.get(metric, (f"has a higher {metric} on this image", f"has a lower {metric} on this image"))
+    rank = percentile_rank(value, band)
+    if 25 <= rank <= 75:
+        return f"{block} is typical on this image (between the 25th and 75th percentile of {population})"
+    if rank > 75:
+        return f"{block} {more} than on {rank:.0f}% of {population}"
+    return f"{block} {less} than on {100 - rank:.0f}% of {population}"
+
+
+def describe(
+    metrics: Sequence[BlockMetrics],
+    bands: dict | None,
+    *,
+    metric: str = "ratio",
+    outside: float = 25.0,
+    population: str = "test images",
+) -> list[str]:
+    """Sentences for the blocks whose ``metric`` lies at or beyond the ``outside``-th percentile from the
+    middle (by default outside the 25-75 band); ``[]`` without bands."""
+    if not bands or metric not in bands:
+        return []
+    out = []
+    for m in metrics:
+        band = bands[metric].get(m.name)
+        value = getattr(m, metric)
+        if band is None or not np.isfinite(value):
+            continue
+        rank = percentile_rank(value, band)
+        if rank <= outside or rank >= 100 - outside:
+            out.append(where(value, band, block=m.name, metric=metric, population=population))
+    return out
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+
+def _write_bands(card_path: Path, bands: dict) -> None:
+    """Set ``reference_bands`` in the card's JSON, keeping every other field as it is."""
+    d = json.loads(card_path.read_text())
+    d["reference_bands"] = bands
+    tmp = card_path.with_name(f"{card_path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(d, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, card_path)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    from .checkpoints import WeightsError, load_model
+    from .data import DEFAULT_CACHE_DIR, DataError, Normalise, load_data, subset
+    from .explorer import pick_device
+
+    p = argparse.ArgumentParser(prog="python -m resnet_demo.bands", description=__doc__.split("\n\n")[0])
+    p.add_argument("--weights", required=True, help="weights/<name>.safetensors (its card <name>.json beside it)")
+    p.add_argument("--data", required=True, help="ImageFolder dir or .tar.gz, torchvision:<name>, evalset:<name>")
+    p.add_argument("--split", default="test", help="split folder to use (default: test)")
+    p.add_argument("--limit", type=int, default=None, help="use a fixed random subset of N images")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
+    p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default)")
+    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="decoded-data cache (default: data/cache)")
+    p.add_argument("--download", action="store_true", help="let torchvision download its data set")
+    args = p.parse_args(argv)
+
+    weights = Path(args.weights)
+    card_path = weights.with_suffix(".json")
+    try:
+        if not card_path.is_file():
+            raise WeightsError(f"no model card {card_path} beside {weights}: the bands are stored in the card")
+        model, card = load_model(weights)
+        data = load_data(args.data, args.split, size=card.input_size, cache_dir=args.cache_dir, download=args.download)
+        if list(data.classes) != list(card.classes):
+            raise DataError(f"the classes of {args.data} {data.classes} do not match the model card's {card.classes}")
+        data = subset(data, args.limit)
+        device = pick_device(args.device)
+    except (WeightsError, DataError, ValueError) as exc:
+        p.exit(2, f"error: {exc}\n")
+    model = model.to(device).eval()
+    in_channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+    normalise = Normalise(card.mean, card.std, in_channels, device, channels_last=False)
+    bands = compute_bands(model, data.images, normalise=normalise, batch_size=args.batch_size)
+    bands["data"] = args.data if ":" in args.data else Path(args.data).name
+    bands["split"] = args.split
+    _write_bands(card_path, bands)
+
+    print(f"{card.name}: reference bands over {bands['n']} images of {bands['data']} [{args.split}], {device}")
+    names = list(bands["ratio"])
+    width = max(len(n) for n in names)
+    print(f"{'block':<{width}}  {'ratio p5 / p50 / p95':>26}  {'cosine p5 / p50 / p95':>26}")
+    for name in names:
+        r, c = bands["ratio"][name], bands["cosine"].get(name, {})
+        print(
+            f"{name:<{width}}  {r['p5']:8.3f} {r['p50']:8.3f} {r['p95']:8.3f}  "
+            f"{c.get('p5', float('nan')):8.3f} {c.get('p50', float('nan')):8.3f} {c.get('p95', float('nan')):8.3f}"
+        )
+    print(f"written to {card_path} (the weights file is unchanged)")
+    return bands
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,206 @@
+"""Benchmark: how fast one analysis is, what capturing costs, throughput and memory.
+
+    python -m resnet_demo.bench                 # CPU, and CUDA when present
+    python -m resnet_demo.bench --json out.json
+    python -m resnet_demo.bench --resnet50      # also a torchvision ResNet-50 (random weights, 224x224)
+
+Latencies are wall-clock per call after warm-up; p50 and p95 over ``--runs`` calls. "capture overhead"
+compares the medians of the forward pass with and without hooks. "full analysis" is what the page
+waits for: decode and preprocess a file, forward with capture, metrics, 9 feature-map grids, the
+chart drawn to pixels. Weights are the shipped ones when present (speed does not depend on them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .capture import capture_forward
+from .checkpoints import WEIGHTS_DIR, load_model, tutorial_card
+from .explorer import Explorer
+from .model import build_model
+from .present import build_page
+from .render import figure_to_image
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cifar10-cat-0.jpg"
+
+
+def timed(fn: Callable[[], object], runs: int, warmup: int, sync: Callable[[], None]) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t) * 1e3)
+    times.sort()
+    return {
+        "p50_ms": statistics.median(times),
+        "p95_ms": times[min(len(times) - 1, round(0.95 * (len(times) - 1)))],
+        "min_ms": times[0],
+    }
+
+
+def interleaved(fns: dict[str, Callable[[], object]], runs: int, warmup: int, sync) -> dict[str, dict]:
+    """Time several functions in alternation, so a noisy neighbour affects all of them alike."""
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync()
+    for _ in range(runs):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            sync()
+            samples[name].append((time.perf_counter() - t) * 1e3)
+    out = {}
+    for name, times in samples.items():
+        times.sort()
+        out[name] = {
+            "p50_ms": statistics.median(times),
+            "p95_ms": times[min(len(times) - 1, round(0.95 * (len(times) - 1)))],
+            "min_ms": times[0],
+        }
+    return out
+
+
+def peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def shipped_or_random(name: str = "cifar10_resnet") -> Explorer:
+    path = WEIGHTS_DIR / f"{name}.safetensors"
+    if path.is_file():
+        model, card = load_model(path)
+    else:
+        model, card = build_model().eval(), tutorial_card("random (untrained)", trained=False)
+    return Explorer(model, card, "cpu")
+
+
+def bench_device(explorer: Explorer, device: torch.device, args) -> dict:
+    ex = Explorer(explorer.model, explorer.card, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    size = ex.card.input_size
+    x = torch.randn(1, ex.in_channels, size, size, device=device)
+    result: dict = {"device": str(device), "model": ex.card.name}
+
+    def bare():
+        with torch.inference_mode():
+            ex.model(x)
+
+    def captured():
+        capture_forward(ex.model, x)
+
+    def full():
+        page = build_page(ex.analyze(str(args.image), k=5))
+        figure_to_image(page.chart)
+
+    lat = interleaved({"bare_forward": bare, "forward_with_capture": captured}, args.runs, args.warmup, sync)
+    result.update(lat)
+    result["capture_overhead_pct"] = 100 * (lat["forward_with_capture"]["p50_ms"] / lat["bare_forward"]["p50_ms"] - 1)
+    result["full_analysis"] = timed(full, args.runs, args.warmup, sync)
+
+    throughput = {}
+    for bs in args.batch_sizes:
+        xb = torch.randn(bs, ex.in_channels, size, size, device=device)
+        amp = device.type == "cuda"
+
+        def batch():
+            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                ex.model(xb)
+
+        t = timed(batch, max(3, args.runs // 10), 2, sync)
+        throughput[str(bs)] = {"images_per_s": bs / (t["p50_ms"] / 1e3), "dtype": "bf16" if amp else "fp32"}
+    result["throughput"] = throughput
+    if device.type == "cuda":
+        result["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def bench_resnet50(args) -> dict:
+    from .tv import build_torchvision, imagenet_card
+
+    ex = Explorer(build_torchvision("resnet50").eval(), imagenet_card("resnet50"), "cpu")
+    from PIL import Image
+
+    img = Image.open(args.image).convert("RGB").resize((320, 240))
+
+    def full():
+        page = build_page(ex.analyze(img, k=5))
+        figure_to_image(page.chart)
+
+    runs = max(5, args.runs // 10)
+    return {"device": "cpu", "model": "torchvision resnet50 (random weights)", "blocks": len(ex.blocks),
+            "full_analysis": timed(full, runs, 2, lambda: None), "peak_rss_mb": peak_rss_mb()}
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def print_table(report: dict) -> None:
+    print(f"machine: {report['machine']}")
+    for r in report["results"]:
+        print(f"\n== {r['model']} on {r['device']} ==")
+        for key in ("bare_forward", "forward_with_capture", "full_analysis"):
+            if key in r:
+                t = r[key]
+                print(f"  {key:<22} p50 {t['p50_ms']:8.2f} ms   p95 {t['p95_ms']:8.2f} ms")
+        if "capture_overhead_pct" in r:
+            print(f"  {'capture overhead':<22} {r['capture_overhead_pct']:+.1f}% of the bare forward (p50)")
+        for bs, t in r.get("throughput", {}).items():
+            print(f"  batch {bs:>4} {t['dtype']:<5}      {t['images_per_s']:10.0f} images/s")
+        if "peak_gpu_memory_mb" in r:
+            print(f"  peak GPU memory        {r['peak_gpu_memory_mb']:.0f} MB")
+        print(f"  peak RSS               {r['peak_rss_mb']:.0f} MB")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 256])
+    parser.add_argument("--image", type=Path, default=EXAMPLE)
+    parser.add_argument("--device", action="append", help="cpu and/or cuda (default: cpu, plus cuda when present)")
+    parser.add_argument("--resnet50", action="store_true", help="also time a torchvision ResNet-50 analysis")
+    parser.add_argument("--json", type=Path, help="also write the report as JSON here")
+    args = parser.parse_args(argv)
+    devices = args.device or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    explorer = shipped_or_random()
+    report = {"machine": machine(), "results": [bench_device(explorer, torch.device(d), args) for d in devices]}
+    if args.resnet50:
+        report["results"].append(bench_resnet50(args))
+    print_table(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,442 @@
+"""What the residual blocks contribute: block lesions, per-block readout, Grad-CAM.
+
+- **Lesion** (Veit et al. 2016, "Residual networks behave like ensembles of relatively shallow
+  networks"): a lesioned block computes ``y = relu(s(x))``, its branch removed. Done with the capture's
+  thread-scoped hooks for one forward pass; the shared model is never modified.
+- **Readout**: the classifier head (global pool + linear) applied to the output of every block whose
+  width equals the head's input width, showing how the prediction forms with depth. The last block's
+  readout is the model's own logits.
+- **Grad-CAM** (Selvaraju et al. 2017): ``relu(sum_c w_c A_c)`` with ``A`` a block's output and
+  ``w_c`` the spatial mean of d logit / d A_c, upsampled to the input's size. Its hook, like the
+  capture's, acts only for the calling thread and is removed in ``finally``; gradients are taken with
+  :func:`torch.autograd.grad`, so no parameter's ``.grad`` is touched.
+
+All functions work for any model :func:`~resnet_demo.capture.find_blocks` understands: the project's
+:class:`~resnet_demo.model.ResNet` and torchvision's ResNets.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from .analysis import Prediction, topk
+from .capture import BlockRecord, capture, capture_forward, find_blocks
+
+__all__ = [
+    "LesionResult",
+    "Readout",
+    "ReadoutResult",
+    "gradcam",
+    "head_of",
+    "head_width",
+    "lesion",
+    "lesion_sweep",
+    "lesion_sweep_chart",
+    "overlay",
+    "readout",
+    "readout_chart",
+]
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    p = next(model.parameters(), None)
+    return p.dtype if p is not None else torch.float32
+
+
+def _one_image(x: torch.Tensor) -> torch.Tensor:
+    if x.ndim == 3:
+        x = x.unsqueeze(0)
+    if x.ndim != 4 or x.shape[0] != 1:
+        raise ValueError(f"expected one image (1, C, H, W) or (C, H, W), got shape {tuple(x.shape)}")
+    return x
+
+
+def _pred_dict(p: Prediction) -> dict:
+    return {"label": p.label, "index": p.index, "prob": p.prob}
+
+
+# --- lesions ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class LesionResult:
+    """One image through the network with ``lesioned`` blocks' branches removed.
+
+    ``orig_*`` refer to the intact network's top-1 class; ``delta`` is its probability after minus
+    before; ``kl`` is KL(intact || lesioned) of the softmax distributions, in nats.
+    """
+
+    lesioned: tuple[str, ...]
+    logits: torch.Tensor  # (classes,) float32, CPU
+    predictions: list[Prediction]
+    intact_predictions: list[Prediction]
+    orig_index: int
+    orig_label: str
+    p_orig_top1_before: float
+    p_orig_top1_after: float
+    delta: float
+    kl: float
+
+    @property
+    def top1_changed(self) -> bool:
+        return self.predictions[0].index != self.orig_index
+
+    def to_dict(self) -> dict:
+        return {
+            "lesioned": list(self.lesioned),
+            "logits": self.logits.tolist(),
+            "predictions": [_pred_dict(p) for p in self.predictions],
+            "intact_predictions": [_pred_dict(p) for p in self.intact_predictions],
+            "orig_index": self.orig_index,
+            "orig_label": self.orig_label,
+            "p_orig_top1_before": self.p_orig_top1_before,
+            "p_orig_top1_after": self.p_orig_top1_after,
+            "delta": self.delta,
+            "kl": self.kl,
+            "top1_changed": self.top1_changed,
+        }
+
+
+def _forward(model: nn.Module, x: torch.Tensor, lesioned: tuple[str, ...]) -> torch.Tensor:
+    with torch.inference_mode(), capture(model, lesion=lesioned, record=False):
+        return model(x.to(_device(model)))[0].float().cpu()
+
+
+def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    logp = torch.log_softmax(p_logits.double(), dim=0)
+    logq = torch.log_softmax(q_logits.double(), dim=0)
+    return float((logp.exp() * (logp - logq)).sum().clamp_min(0.0))
+
+
+def _lesion_result(
+    lesioned: tuple[str, ...], logits: torch.Tensor, intact: torch.Tensor, classes: Sequence[str], k: int
+) -> LesionResult:
+    intact_preds = topk(intact, list(classes), k)
+    orig = intact_preds[0].index
+    # float32 softmax, as in topk, so these equal the probabilities shown in the top-k lists.
+    before = float(torch.softmax(intact.float(), dim=0)[orig])
+    after = float(torch.softmax(logits.float(), dim=0)[orig])
+    return LesionResult(
+        lesioned=lesioned,
+        logits=logits,
+        predictions=topk(logits, list(classes), k),
+        intact_predictions=intact_preds,
+        orig_index=orig,
+        orig_label=classes[orig],
+        p_orig_top1_before=before,
+        p_orig_top1_after=after,
+        delta=after - before,
+        kl=_kl(intact, logits),
+    )
+
+
+def lesion(
+    model: nn.Module,
+    x: torch.Tensor,
+    blocks: Iterable[str],
+    classes: Sequence[str],
+    k: int = 5,
+    intact_logits: torch.Tensor | None = None,
+) -> LesionResult:
+    """Run one image with the branches of ``blocks`` removed (``y = relu(s(x))``), for this call only.
+
+    Args:
+        model: the shared model, in eval mode; it is not modified.
+        x: one prepared image, (1, C, H, W) or (C, H, W).
+        blocks: names of blocks to lesion (as :func:`find_blocks` names them); empty for the intact net.
+        classes: class names, in logit order.
+        k: how many predictions to return.
+        intact_logits: the intact network's logits for ``x`` if already known (saves a forward pass).
+
+    Raises:
+        KeyError: a name in ``blocks`` is not a block of ``model``.
+    """
+    x = _one_image(x)
+    names = tuple(dict.fromkeys([blocks] if isinstance(blocks, str) else blocks))
+    logits = _forward(model, x, names)
+    if intact_logits is None:
+        intact = logits if not names else _forward(model, x, ())
+    else:
+        intact = intact_logits.detach().reshape(-1).float().cpu()
+    return _lesion_result(names, logits, intact, classes, k)
+
+
+def lesion_sweep(
+    model: nn.Module,
+    x: torch.Tensor,
+    classes: Sequence[str],
+    k: int = 5,
+    intact_logits: torch.Tensor | None = None,
+) -> list[LesionResult]:
+    """Lesion each block alone, in forward order: one :class:`LesionResult` per block."""
+    x = _one_image(x)
+    intact = _forward(model, x, ()) if intact_logits is None else intact_logits.detach().reshape(-1).float().cpu()
+    return [lesion(model, x, [spec.name], classes, k, intact_logits=intact) for spec in find_blocks(model)]
+
+
+# --- per-block readout -----------------------------------------------------------------------------
+
+
+def head_of(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model's classifier head as a function of a (B, C, H, W) feature map -> (B, classes) logits.
+
+    The project's ResNet (and timm's) provide ``forward_head``; torchvision's ResNets have
+    ``avgpool`` and ``fc``.
+
+    Raises:
+        ValueError: the model has neither.
+    """
+    forward_head = getattr(model, "forward_head", None)
+    if callable(forward_head):
+        return forward_head
+    fc, pool = getattr(model, "fc", None), getattr(model, "avgpool", None)
+    if isinstance(fc, nn.Module) and isinstance(pool, nn.Module):
+        return lambda y: fc(torch.flatten(pool(y), 1))  # (B, C, H, W) -> (B, C) -> (B, classes)
+    raise ValueError(
+        f"{type(model).__name__} has no classifier head to read blocks out with: "
+        "expected a forward_head method or avgpool and fc modules"
+    )
+
+
+def head_width(model: nn.Module) -> int:
+    """Number of channels the classifier head takes (``fc.in_features``)."""
+    fc = getattr(model, "fc", None)
+    if isinstance(fc, nn.Linear):
+        return fc.in_features
+    raise ValueError(f"{type(model).__name__} has no linear 'fc' head whose input width could be read")
+
+
+@dataclass
+class ReadoutResult:
+    """The head applied to one block's output."""
+
+    name: str
+    stage: int
+    logits: torch.Tensor  # (classes,) float32, CPU
+    top1: Prediction
+    p_final: float  # probability this readout gives the network's final top-1 class
+    agrees: bool  # top-1 equals the network's final top-1
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "stage": self.stage,
+            "logits": self.logits.tolist(),
+            "top1": _pred_dict(self.top1),
+            "p_final": self.p_final,
+            "agrees": self.agrees,
+        }
+
+
+@dataclass
+class Readout:
+    """Readouts in forward order, the network's final top-1 and the block where the prediction settles.
+
+    Behaves as the list of its :class:`ReadoutResult` (iterate, index, ``len``).
+    """
+
+    blocks: list[ReadoutResult]
+    final: Prediction
+    settles_at: str | None  # first block from which every readout's top-1 is the final one
+
+    def __iter__(self):
+        return iter(self.blocks)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i):
+        return self.blocks[i]
+
+    def to_dict(self) -> dict:
+        return {
+            "final": _pred_dict(self.final),
+            "settles_at": self.settles_at,
+            "blocks": [b.to_dict() for b in self.blocks],
+        }
+
+
+def readout(
+    model: nn.Module,
+    source: torch.Tensor | list[BlockRecord] | object,
+    classes: Sequence[str],
+    *,
+    logits: torch.Tensor | None = None,
+    index: int = 0,
+) -> Readout:
+    """Apply the classifier head to every block whose output width matches it.
+
+    Args:
+        model: the model the records came from (its head is used; it is not modified).
+        source: a prepared input (B, C, H, W) or (C, H, W), run once with capture; or the records of a
+            capture; or an :class:`~resnet_demo.explorer.Analysis` (its records and logits are used).
+        classes: class names, in logit order.
+        logits: the network's logits for the image, when ``source`` is records; by default the last
+            eligible block's readout stands for them.
+        index: which image of the batch.
+
+    Raises:
+        ValueError: no block has the head's width, or the model has no usable head.
+    """
+    if isinstance(source, torch.Tensor):
+        x = source.unsqueeze(0) if source.ndim == 3 else source
+        out, records = capture_forward(model, x.to(_device(model)))
+        logits = out[index] if logits is None else logits
+    elif hasattr(source, "blocks") and hasattr(source, "logits"):  # an Analysis
+        records, logits = source.blocks, source.logits if logits is None else logits
+    else:
+        records = list(source)
+    head, width = head_of(model), head_width(model)
+    device, dtype = _device(model), _dtype(model)
+    eligible = [r for r in records if r.y is not None and r.y.shape[1] == width]
+    if not eligible:
+        raise ValueError(f"no block of {type(model).__name__} outputs {width} channels, the width of its head")
+    with torch.inference_mode():
+        outs = [head(r.y[index : index + 1].to(device, dtype))[0].float().cpu() for r in eligible]
+    final_logits = outs[-1] if logits is None else logits.detach().reshape(-1).float().cpu()
+    final = topk(final_logits, list(classes), 1)[0]
+    results = []
+    for r, out in zip(eligible, outs):
+        top1 = topk(out, list(classes), 1)[0]
+        p_final = float(torch.softmax(out.float(), dim=0)[final.index])  # as topk computes it
+        results.append(ReadoutResult(r.name, r.stage, out, top1, p_final, top1.index == final.index))
+    settles_at = None
+    for r in reversed(results):
+        if not r.agrees:
+            break
+        settles_at = r.name
+    return Readout(results, final, settles_at)
+
+
+# --- Grad-CAM --------------------------------------------------------------------------------------
+
+
+def gradcam(model: nn.Module, x: torch.Tensor, block: str, class_index: int | None = None) -> np.ndarray:
+    """Grad-CAM of one image at ``block``'s output for ``class_index`` (the predicted class by default).
+
+    Returns:
+        (H_in, W_in) float32 map, non-negative, scaled to a maximum of 1 (all zeros when no location
+        speaks for the class).
+
+    Raises:
+        KeyError: ``block`` is not a block of ``model``.
+        IndexError: ``class_index`` is out of range.
+    """
+    specs = {s.name: s for s in find_blocks(model)}
+    if block not in specs:
+        raise KeyError(f"unknown block {block!r} for Grad-CAM; this model's blocks are {sorted(specs)}")
+    x = _one_image(x)
+    owner = threading.get_ident()
+    kept: dict[str, torch.Tensor] = {}
+
+    def keep_output(_module, _inputs, output):
+        if threading.get_ident() == owner:
+            kept["a"] = output
+
+    handle = specs[block].module.register_forward_hook(keep_output)
+    try:
+        # Gradients are needed even when the caller runs under inference mode; the input requires
+        # grad so the graph exists when the parameters are frozen.
+        with torch.inference_mode(False), torch.enable_grad():
+            xin = x.detach().to(_device(model), _dtype(model)).clone().requires_grad_(True)
+            logits = model(xin)
+            n = logits.shape[1]
+            c = int(logits[0].argmax()) if class_index is None else int(class_index)
+            if not 0 <= c < n:
+                raise IndexError(f"class index {c} out of range for {n} classes")
+            a = kept["a"]
+            (grad,) = torch.autograd.grad(logits[0, c], a)
+        a, grad = a.detach()[0].float(), grad.detach()[0].float()  # (C, h, w)
+    finally:
+        handle.remove()
+    weights = grad.mean(dim=(1, 2))  # (C,)
+    cam = torch.relu(torch.einsum("c,chw->hw", weights, a))
+    cam = F.interpolate(cam[None, None], size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[0, 0]
+    cam = cam.clamp_min(0)
+    peak = float(cam.max())
+    if peak > 0:
+        cam = cam / peak
+    return cam.cpu().numpy().astype(np.float32)
+
+
+@lru_cache(maxsize=None)
+def _lut(name: str) -> np.ndarray:
+    import matplotlib
+
+    return (matplotlib.colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)  # (256, 3)
+
+
+def overlay(cam: np.ndarray, base_image: Image.Image, alpha: float = 0.45, cmap: str = "turbo") -> Image.Image:
+    """Colour ``cam`` (values in [0, 1]) and blend it over ``base_image`` at the base image's size."""
+    base = base_image.convert("RGB")
+    heat = Image.fromarray(np.asarray(cam, dtype=np.float32), mode="F").resize(base.size, Image.BILINEAR)
+    levels = (np.clip(np.asarray(heat), 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+    coloured = Image.fromarray(_lut(cmap)[levels])  # (H, W) -> (H, W, 3)
+    return Image.blend(base, coloured, float(alpha))
+
+
+# --- charts ----------------------------------------------------------------------------------------
+
+
+def lesion_sweep_chart(results: Sequence[LesionResult], *, title: str = "Remove one block's branch at a time"):
+    """Bars of KL(intact || lesioned) per block, with the change in the original top-1's probability."""
+    from matplotlib.figure import Figure
+
+    names = [", ".join(r.lesioned) for r in results]
+    xs = np.arange(len(results))
+    fig = Figure(figsize=(max(6.0, 0.45 * len(results) + 2), 3.2), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    colours = ["#C44E52" if r.top1_changed else "#4C72B0" for r in results]
+    ax.bar(xs, [r.kl for r in results], width=0.55, color=colours, zorder=3)
+    ax.set_ylabel("KL(intact ‖ lesioned) [nats]")
+    rotate = len(names) > 12
+    ax.set_xticks(xs, names, rotation=45 if rotate else 0, ha="right" if rotate else "center")
+    ax.set_ylim(bottom=0)
+    ax.grid(axis="y", alpha=0.3)
+    orig = results[0].orig_label if results else ""
+    ax.set_title(f"{title} (red: top-1 changes)", fontsize=10)
+    ax2 = ax.twinx()
+    ax2.plot(xs, [r.delta for r in results], "k.-", lw=1, label=f"Δ p({orig})", zorder=4)
+    ax2.axhline(0, color="k", lw=0.5, ls=":")
+    ax2.set_ylim(-1, 1)
+    ax2.set_ylabel(f"Δ p({orig})")
+    ax2.legend(loc="upper right", fontsize=8, frameon=False)
+    return fig
+
+
+def readout_chart(result: Readout, *, title: str = "The head applied to each block"):
+    """Probability of the final top-1 class per block, with each readout's own top-1 written on top."""
+    from matplotlib.figure import Figure
+
+    names = [r.name for r in result]
+    xs = np.arange(len(names))
+    fig = Figure(figsize=(max(4.0, 0.6 * len(names) + 2), 3.0), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    colours = ["#55A868" if r.agrees else "#999999" for r in result]
+    ax.bar(xs, [r.p_final for r in result], width=0.55, color=colours, zorder=3)
+    for i, r in enumerate(result):
+        ax.text(i, min(r.p_final, 0.9) + 0.03, r.top1.label, ha="center", fontsize=7, zorder=4)
+    if result.settles_at is not None:
+        i = names.index(result.settles_at)
+        ax.axvline(i - 0.4, color="k", lw=1, ls="--")
+    ax.set_xticks(xs, names)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(f"p({result.final.label})")
+    settles = f"; settles at {result.settles_at}" if result.settles_at else ""
+    ax.set_title(f"{title}{settles}", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
