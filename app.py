@@ -8,8 +8,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 # Nothing may leave the machine: no analytics, no version check, no hub lookups.
@@ -53,20 +55,29 @@ HOW_TO_READ = {
     "(Jastrzębski et al. 2018). Near 0 the block is almost an identity; near 1 it rewrites its input. "
     "The line: **cosine(F, s)**: positive = the branch amplifies the input, negative = it suppresses it. "
     "Grey bands, when shown, are the 5–95 and 25–75 percentile ranges over the test set.",
+    "lesions": "**Lesion** a block (Veit et al. 2016): remove its branch so that y = relu(x) — only the "
+    "shortcut remains. Residual networks often survive losing one block (they behave like ensembles of shallower "
+    "paths); the sweep shows which blocks this image cannot do without. KL is the divergence of the lesioned "
+    "prediction from the intact one.",
+    "readout": "**Readout**: the classifier head (pool + linear) applied to the output of every block as wide as "
+    "the head. It shows how the prediction forms with depth, and the block from which it no longer changes.",
+    "gradcam": "**Grad-CAM** (Selvaraju et al. 2017): the block's channels weighted by the gradient of the class "
+    "score, summed, kept where positive: where in the image the evidence for the class sits at that depth.",
+    "export": "Download the current analysis: a JSON with predictions, every per-block metric, the lesion of the "
+    "blocks chosen in *Lesions*, the sweep, the readout and a reference to the model card, plus the images as PNG.",
 }
 
 
 def to_gr_error(fn):
     """Turn the library's input and weights errors into a message on the page."""
 
+    @functools.wraps(fn)  # keeps the signature: Gradio reads it to pass gr.Request and gr.SelectData
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except (ValueError, KeyError, WeightsError) as exc:  # InputError is a ValueError
             raise gr.Error(str(exc).strip("'\""), print_exception=False) from None
 
-    wrapper.__name__ = fn.__name__
-    wrapper.__doc__ = fn.__doc__
     return wrapper
 
 
@@ -91,7 +102,7 @@ class PhotoInput(gr.Image):
             raise gr.Error("The upload could not be read as an image.", print_exception=False) from None
 
 
-N_OUTPUTS = 9
+N_OUTPUTS = 12
 SELECT_BRUSH_JS = """() => { setTimeout(() => {
   const b = document.querySelector('#sketchpad button[aria-label="Brush"]'); if (b) b.click(); }, 150); }"""
 
@@ -111,7 +122,7 @@ def make_demo(registry: present.Registry) -> gr.Blocks:
         return present.build_page(analysis, view=view, detail_block=chosen), names, chosen
 
     @to_gr_error
-    def analyze(source, kind, model_key, k, view, detail):
+    def analyze(source, kind, model_key, k, view, detail, lesioned=None):
         if source is None:
             raise ValueError("No image yet: upload, paste, photograph or draw one, or pick an example.")
         page, names, chosen = run(source, kind, model_key, k, view, detail)
@@ -124,8 +135,54 @@ def make_demo(registry: present.Registry) -> gr.Blocks:
             page.summary,
             page.detail,
             gr.update(choices=names, value=chosen),
+            gr.update(choices=names, value=[name for name in (lesioned or []) if name in names]),
+            gr.update(choices=names, value=chosen),
+            gr.update(choices=["", *page.analysis.card.classes], value=""),
             (source, kind),
         )
+
+    def current(state, model_key, k):
+        """The explorer and analysis of the image on the page (recomputed: a forward pass is cheap)."""
+        if state is None:
+            raise ValueError("Analyse an image first: upload, paste, photograph or draw one, or pick an example.")
+        source, kind = state
+        explorer = registry.get(registry.resolve(model_key, kind))
+        return explorer, explorer.analyze(source, k=int(k))
+
+    @to_gr_error
+    @gpu
+    def do_lesion(state, model_key, k, blocks):
+        explorer, analysis = current(state, model_key, k)
+        _, preds, text = present.lesion_view(explorer, analysis, blocks or [], int(k))
+        return preds, text
+
+    @to_gr_error
+    @gpu
+    def do_sweep(state, model_key, k):
+        explorer, analysis = current(state, model_key, k)
+        _, chart, rows = present.sweep_view(explorer, analysis)
+        return chart, rows
+
+    @to_gr_error
+    @gpu
+    def do_readout(state, model_key, k):
+        explorer, analysis = current(state, model_key, k)
+        _, chart, text = present.readout_view(explorer, analysis)
+        return chart, text
+
+    @to_gr_error
+    @gpu
+    def do_gradcam(state, model_key, k, block, label):
+        explorer, analysis = current(state, model_key, k)
+        image, label = present.gradcam_view(explorer, analysis, block or analysis.metrics[-1].name, label or None)
+        return gr.update(value=image, label=f"Grad-CAM for “{label}” at {block or analysis.metrics[-1].name}")
+
+    @to_gr_error
+    @gpu
+    def do_export(state, model_key, k, blocks, request: gr.Request):
+        explorer, analysis = current(state, model_key, k)
+        folder = Path(tempfile.gettempdir()) / "residual-block-explorer" / (request.session_hash or "anon")
+        return str(present.export_view(explorer, analysis, blocks or [], folder))
 
     def reanalyze(state, *settings):
         if state is None:
@@ -193,8 +250,37 @@ def make_demo(registry: present.Registry) -> gr.Blocks:
                 table = gr.Dataframe(headers=present.METRIC_COLUMNS, label="Per-block metrics", interactive=False,
                                      elem_id="metrics-table")
 
-        outputs = [predictions, model_input, grids, chart, table, summary, detail, detail_block, state]
-        settings = [model_key, k, view, detail_block]
+            with gr.Tab("Lesions"):
+                gr.Markdown(HOW_TO_READ["lesions"])
+                with gr.Row():
+                    lesion_blocks = gr.CheckboxGroup([], label="Remove the residual branch of these blocks")
+                    lesion_btn = gr.Button("Lesion", variant="primary", scale=0)
+                with gr.Row():
+                    lesion_preds = gr.Label(label="Predictions with the lesion", num_top_classes=10)
+                    lesion_text = gr.Markdown()
+                sweep_btn = gr.Button("Lesion each block alone")
+                sweep_chart = gr.Image(label="Each block lesioned alone", interactive=False)
+                sweep_table = gr.Dataframe(headers=present.SWEEP_COLUMNS, interactive=False)
+            with gr.Tab("Readout"):
+                gr.Markdown(HOW_TO_READ["readout"])
+                readout_btn = gr.Button("Read out every block", variant="primary")
+                readout_chart = gr.Image(label="The classifier head applied after each block", interactive=False)
+                readout_text = gr.Markdown()
+            with gr.Tab("Grad-CAM"):
+                gr.Markdown(HOW_TO_READ["gradcam"])
+                with gr.Row():
+                    cam_block = gr.Dropdown([], label="Block", allow_custom_value=True)
+                    cam_class = gr.Dropdown([], label="Class (empty: the predicted one)", allow_custom_value=True)
+                    cam_btn = gr.Button("Explain", variant="primary", scale=0)
+                cam_image = gr.Image(label="Grad-CAM", interactive=False, height=300)
+            with gr.Tab("Export"):
+                gr.Markdown(HOW_TO_READ["export"])
+                export_btn = gr.Button("Build the ZIP", variant="primary")
+                export_file = gr.File(label="Analysis (JSON + PNG images)", interactive=False)
+
+        outputs = [predictions, model_input, grids, chart, table, summary, detail, detail_block, lesion_blocks,
+                   cam_block, cam_class, state]
+        settings = [model_key, k, view, detail_block, lesion_blocks]
         photo.change(lambda img, *s: analyze(img, "photo", *s) if img is not None else (gr.skip(),) * N_OUTPUTS,
                      [photo, *settings], outputs, api_name="analyze_photo", trigger_mode="always_last")
         sketch.change(lambda v, *s: analyze(v, "drawing", *s), [sketch, *settings], outputs,
@@ -205,6 +291,12 @@ def make_demo(registry: present.Registry) -> gr.Blocks:
         for control in (model_key, k, view, detail_block):
             control.input(reanalyze, [state, *settings], outputs, api_visibility="private",
                           trigger_mode="always_last", show_progress="hidden")
+        lesion_btn.click(do_lesion, [state, model_key, k, lesion_blocks], [lesion_preds, lesion_text],
+                         api_name="lesion")
+        sweep_btn.click(do_sweep, [state, model_key, k], [sweep_chart, sweep_table], api_name="lesion_sweep")
+        readout_btn.click(do_readout, [state, model_key, k], [readout_chart, readout_text], api_name="readout")
+        cam_btn.click(do_gradcam, [state, model_key, k, cam_block, cam_class], cam_image, api_name="gradcam")
+        export_btn.click(do_export, [state, model_key, k, lesion_blocks], export_file, api_name="export")
         # The sketchpad starts with no tool selected; pick the brush so the user can draw at once.
         draw_tab.select(None, None, None, js=SELECT_BRUSH_JS)
         grids.select(block_clicked, None, detail_block, api_visibility="private").then(

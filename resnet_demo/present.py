@@ -160,6 +160,10 @@ def summarise(analysis: Analysis) -> str:
     ]
     if against:
         lines.append(f"Branches that mostly cancel their input (cosine < −0.2): {', '.join(against)}.")
+    if analysis.card.reference_bands:
+        from .bands import describe
+
+        lines += describe(metrics, analysis.card.reference_bands, outside=10)[:3]
     if not analysis.card.trained:
         lines.append("⚠️ These weights are **untrained**: the predictions are noise.")
     return "  \n".join(lines)
@@ -194,3 +198,89 @@ def build_page(
         detail=block_detail(analysis, detail_block, view) if detail_block else None,
         timings_ms={"grids": (t1 - t0) * 1e3, "chart": (t2 - t1) * 1e3},
     )
+
+
+# --- insight tools (lesions, readout, Grad-CAM, export) ----------------------------------------------
+
+
+def lesion_view(explorer: Explorer, analysis: Analysis, blocks: list[str], k: int = 5):
+    """Top-k with ``blocks`` lesioned, and a sentence on what changed; returns (LesionResult, label dict, text)."""
+    from .insight import lesion
+
+    if not blocks:
+        raise ValueError("Choose at least one block to lesion.")
+    result = lesion(explorer.model, analysis.input.to(explorer.device), blocks, explorer.card.classes, k,
+                    intact_logits=analysis.logits)
+    after = result.predictions[0]
+    text = (
+        f"Without the branch of **{', '.join(result.lesioned)}**, the network predicts **{after.label}** "
+        f"({after.prob:.1%}). The original top-1 **{result.orig_label}** goes from "
+        f"{result.p_orig_top1_before:.1%} to {result.p_orig_top1_after:.1%} (Δ {result.delta:+.1%}); "
+        f"KL(intact ‖ lesioned) = {result.kl:.3f} nats."
+        + (" **The top-1 changed.**" if result.top1_changed else " The top-1 is unchanged.")
+    )
+    return result, {p.label: p.prob for p in result.predictions}, text
+
+
+def sweep_view(explorer: Explorer, analysis: Analysis):
+    """Each block lesioned alone: (results, chart image, table rows)."""
+    from .insight import lesion_sweep, lesion_sweep_chart
+    from .render import figure_to_image
+
+    results = lesion_sweep(explorer.model, analysis.input.to(explorer.device), explorer.card.classes,
+                           intact_logits=analysis.logits)
+    rows = [[r.lesioned[0], r.predictions[0].label, round(r.p_orig_top1_after, 4), round(r.delta, 4), round(r.kl, 4)]
+            for r in results]
+    return results, figure_to_image(lesion_sweep_chart(results)), rows
+
+
+SWEEP_COLUMNS = ["lesioned block", "new top-1", "p(original top-1)", "Δp", "KL (nats)"]
+
+
+def readout_view(explorer: Explorer, analysis: Analysis):
+    """The head applied to each block of the head's width: (Readout, chart image, text)."""
+    from .insight import readout, readout_chart
+    from .render import figure_to_image
+
+    result = readout(explorer.model, analysis, explorer.card.classes)
+    steps = ", ".join(f"{r.name}: {r.top1.label} ({r.p_final:.0%})" for r in result)
+    settles = (f"The prediction settles at **{result.settles_at}**." if result.settles_at
+               else "The readouts never agree with the final prediction.")
+    text = f"Final top-1: **{result.final.label}**. Probability of it, read out after each block: {steps}. {settles}"
+    return result, figure_to_image(readout_chart(result)), text
+
+
+def gradcam_view(explorer: Explorer, analysis: Analysis, block: str, class_label: str | None):
+    """Grad-CAM for ``class_label`` (the predicted class when empty) at ``block``, over the model's input."""
+    from .insight import gradcam, overlay
+
+    classes = explorer.card.classes
+    if class_label and class_label not in classes:
+        raise ValueError(f"unknown class {class_label!r} for {explorer.card.name}")
+    index = classes.index(class_label) if class_label else analysis.predictions[0].index
+    cam = gradcam(explorer.model, analysis.input.to(explorer.device), block, index)
+    return overlay(cam, input_image(analysis.input, analysis.card, size=256)), classes[index]
+
+
+def export_view(explorer: Explorer, analysis: Analysis, lesion_blocks: list[str], folder: Path) -> Path:
+    """A ZIP of everything the page shows for this analysis (and the lesion of ``lesion_blocks`` if any)."""
+    from .export import export_zip
+    from .render import figure_to_image
+
+    page = build_page(analysis)
+    images = {"input (as the model saw it)": page.model_input, "residual chart": figure_to_image(page.chart)}
+    images.update({f"feature maps {caption.split(' · ')[0]} F(x)": img for img, caption in page.grids})
+    sweep, sweep_chart, _ = sweep_view(explorer, analysis)
+    images["lesion sweep"] = sweep_chart
+    try:
+        readout, readout_chart_img, _ = readout_view(explorer, analysis)
+        images["readout"] = readout_chart_img
+    except ValueError:  # a model without a head of any block's width
+        readout = None
+    last = analysis.metrics[-1].name
+    images[f"grad-cam {last}"] = gradcam_view(explorer, analysis, last, None)[0]
+    lesion = lesion_view(explorer, analysis, lesion_blocks)[0] if lesion_blocks else None
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return export_zip(analysis, images=images, lesion=lesion, sweep=sweep, readout=readout,
+                      path=folder / f"residual-analysis-{analysis.card.name}-{stamp}.zip")

@@ -18,7 +18,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 import app  # noqa: E402
 
-SETTINGS = ("auto", 5, "f", "res9")
+SETTINGS = ("auto", 5, "f", "res9", [])
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def cifar_example():
 def test_photo_through_the_server_matches_the_library(server):
     client, registry = server
     path = cifar_example()
-    preds, model_input, grids, chart, table, summary, detail, dropdown = client.predict(
+    preds, model_input, grids, chart, table, summary, detail, dropdown, lesion_choices, cam_block, cam_class = client.predict(
         handle_file(str(path)), *SETTINGS, api_name="/analyze_photo"
     )
     want = registry.get("cifar10").analyze(str(path), k=5)
@@ -131,7 +131,7 @@ OFFLINE_SCRIPT = textwrap.dedent(
         from gradio_client import Client, handle_file
         import app
         client = Client(url, verbose=False)
-        preds = client.predict(handle_file(str(app.EXAMPLES[0])), "auto", 5, "f", "res9", api_name="/analyze_photo")[0]
+        preds = client.predict(handle_file(str(app.EXAMPLES[0])), "auto", 5, "f", "res9", [], api_name="/analyze_photo")[0]
     assert "fonts.googleapis" not in page + config, "the page refers to Google Fonts"
     print("PREDICTED", preds["label"])
     print("ATTEMPTS", attempts)
@@ -154,3 +154,46 @@ def test_app_starts_and_answers_with_no_network(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "PREDICTED" in result.stdout
     assert "ATTEMPTS []" in result.stdout, result.stdout
+
+
+def test_insight_tools_through_the_server(server):
+    import json
+    import zipfile
+
+    from resnet_demo.insight import lesion, readout
+
+    client, registry = server
+    path = cifar_example()
+    client.predict(handle_file(str(path)), *SETTINGS, api_name="/analyze_photo")
+    explorer = registry.get("cifar10")
+    analysis = explorer.analyze(str(path))
+
+    preds, text = client.predict("auto", 5, ["res5", "res8"], api_name="/lesion")
+    want = lesion(explorer.model, analysis.input, ["res5", "res8"], explorer.card.classes, 5)
+    assert preds["label"] == want.predictions[0].label
+    assert f"KL(intact ‖ lesioned) = {want.kl:.3f}" in text
+
+    chart, text = client.predict("auto", 5, api_name="/readout")
+    want = readout(explorer.model, analysis, explorer.card.classes)
+    assert Path(chart).is_file() and f"Final top-1: **{want.final.label}**" in text
+
+    cam = client.predict("auto", 5, "res7", "", api_name="/gradcam")  # an update: new image and label
+    assert Image.open(cam["value"]).size == (256, 256)
+    assert cam["label"] == f"Grad-CAM for “{analysis.predictions[0].label}” at res7"
+
+    zip_path = client.predict("auto", 5, ["res5"], api_name="/export")
+    with zipfile.ZipFile(zip_path) as zf:
+        doc = json.loads(zf.read("analysis.json"))
+        pngs = [n for n in zf.namelist() if n.endswith(".png")]
+    assert doc["predictions"][0]["label"] == analysis.predictions[0].label
+    assert [b["name"] for b in doc["blocks"]] == [m.name for m in analysis.metrics]
+    assert doc["blocks"][3]["ratio"] == pytest.approx(analysis.metrics[3].ratio, rel=1e-9)
+    assert doc["lesion"]["lesioned"] == ["res5"]
+    assert len(pngs) >= 13  # input, chart, 9 grids, sweep, readout, grad-cam
+
+
+def test_a_lesion_before_any_image_is_a_clear_error(server):
+    client, _ = server
+    fresh = Client(client.src, verbose=False)
+    with pytest.raises(AppError, match="Analyse an image first"):
+        fresh.predict("auto", 5, [], api_name="/lesion")
