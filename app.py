@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
+import torch  # noqa: E402
 
 from resnet_demo import present  # noqa: E402
 from resnet_demo.checkpoints import WeightsError  # noqa: E402
@@ -107,7 +108,7 @@ SELECT_BRUSH_JS = """() => { setTimeout(() => {
   const b = document.querySelector('#sketchpad button[aria-label="Brush"]'); if (b) b.click(); }, 150); }"""
 
 
-def make_demo(registry: present.Registry) -> gr.Blocks:
+def make_demo(registry: present.Registry, default_model: str = present.AUTO) -> gr.Blocks:
     model_choices = [("Auto (photo → CIFAR-10, drawing → MNIST)", present.AUTO)] + [
         (c.label, c.key) for c in registry.choices.values()
     ]
@@ -228,7 +229,7 @@ def make_demo(registry: present.Registry) -> gr.Blocks:
                             columns=6, height=260, object_fit="contain", allow_preview=False, label="Test-set examples",
                         )
                 with gr.Row():
-                    model_key = gr.Dropdown(model_choices, value=present.AUTO, label="Model")
+                    model_key = gr.Dropdown(model_choices, value=default_model, label="Model")
                     k = gr.Slider(1, 10, value=5, step=1, label="Top-k")
             with gr.Column(scale=5):
                 with gr.Row():
@@ -245,7 +246,7 @@ def make_demo(registry: present.Registry) -> gr.Blocks:
                 detail_block = gr.Dropdown([], label="Block to enlarge", allow_custom_value=True)
                 detail = gr.Image(label="All channels of the chosen block", interactive=False, height=480)
             with gr.Tab("Residual magnitudes"):
-                chart = gr.Plot(label="‖F(x)‖ / ‖s(x)‖ and cosine per block")
+                chart = gr.Image(label="‖F(x)‖ / ‖s(x)‖ and cosine per block", interactive=False, format="png")
                 gr.Markdown(HOW_TO_READ["residual"])
                 table = gr.Dataframe(headers=present.METRIC_COLUMNS, label="Per-block metrics", interactive=False,
                                      elem_id="metrics-table")
@@ -311,8 +312,10 @@ def build_registry(args: argparse.Namespace) -> present.Registry:
         if args.arch and args.arch != "tutorial":
             from resnet_demo.tv import load_torchvision
 
-            load = lambda: Explorer(*load_torchvision(args.arch, args.weights, download=args.download_weights),  # noqa: E731
-                                    device=args.device)
+            load = lambda: Explorer(  # noqa: E731
+                *load_torchvision(args.arch, args.weights, download=args.download_weights, classes=args.classes),
+                device=args.device,
+            )
             label = f"{args.arch} ({Path(args.weights).name if args.weights else 'torchvision weights'})"
         else:
             load = lambda: Explorer.from_weights(args.weights, args.device)  # noqa: E731
@@ -333,6 +336,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--arch", help="tutorial (default) or a torchvision ResNet: resnet18/34/50/101/152")
     parser.add_argument("--download-weights", action="store_true",
                         help="with --arch and no --weights: fetch torchvision's published ImageNet weights")
+    parser.add_argument("--classes", help="with --arch: a file of class names, one per line, for a fine-tuned model")
     parser.add_argument("--concurrency", type=int, default=None,
                         help="analyses run at once (default: 2 on a CPU, 4 on a GPU)")
     return parser.parse_args(argv)
@@ -343,13 +347,19 @@ def main(argv: list[str] | None = None) -> None:
     registry = build_registry(args)
     for line in registry.status():
         print(line)
-    if args.weights and registry.choices["custom"].explorer is None:
-        sys.exit(f"error: {registry.choices['custom'].error}")
+    custom = registry.choices.get("custom")
+    if custom is not None and custom.explorer is None:
+        sys.exit(f"error: {custom.error}")
     if all(c.explorer is None for c in registry.choices.values()):
         sys.exit("error: no model could be loaded; see the lines above for where the weights should be.")
-    demo = make_demo(registry)
+    demo = make_demo(registry, default_model="custom" if custom is not None else present.AUTO)
     gpu_present = any(c.explorer is not None and c.explorer.device.type == "cuda" for c in registry.choices.values())
-    demo.queue(default_concurrency_limit=args.concurrency or (4 if gpu_present else 2), max_size=256)
+    concurrency = args.concurrency or (4 if gpu_present else 2)
+    if not gpu_present:
+        # Requests are single images: intra-op threads buy little and fight each other when several
+        # analyses run at once, so the cores are shared out between concurrent requests instead.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // concurrency))
+    demo.queue(default_concurrency_limit=concurrency, max_size=256)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD,
                 theme=THEME, footer_links=["api"])
 

@@ -7,7 +7,7 @@
 Latencies are wall-clock per call after warm-up; p50 and p95 over ``--runs`` calls. "capture overhead"
 compares the medians of the forward pass with and without hooks. "full analysis" is what the page
 waits for: decode and preprocess a file, forward with capture, metrics, 9 feature-map grids, the
-chart drawn to pixels. Weights are the shipped ones when present (speed does not depend on them).
+residual chart and the enlarged block, all drawn to pixels. Weights are the shipped ones when present (speed does not depend on them).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from .checkpoints import WEIGHTS_DIR, load_model, tutorial_card
 from .explorer import Explorer
 from .model import build_model
 from .present import build_page
-from .render import figure_to_image
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cifar10-cat-0.jpg"
 
@@ -106,8 +105,7 @@ def bench_device(explorer: Explorer, device: torch.device, args) -> dict:
         capture_forward(ex.model, x)
 
     def full():
-        page = build_page(ex.analyze(str(args.image), k=5))
-        figure_to_image(page.chart)
+        build_page(ex.analyze(str(args.image), k=5))
 
     lat = interleaved({"bare_forward": bare, "forward_with_capture": captured}, args.runs, args.warmup, sync)
     result.update(lat)
@@ -141,8 +139,7 @@ def bench_resnet50(args) -> dict:
     img = Image.open(args.image).convert("RGB").resize((320, 240))
 
     def full():
-        page = build_page(ex.analyze(img, k=5))
-        figure_to_image(page.chart)
+        build_page(ex.analyze(img, k=5))
 
     runs = max(5, args.runs // 10)
     return {"device": "cpu", "model": "torchvision resnet50 (random weights)", "blocks": len(ex.blocks),

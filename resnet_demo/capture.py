@@ -15,6 +15,7 @@ lesioned, so concurrent requests on one shared model never mix.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -52,6 +53,9 @@ class BlockRecord:
     y: torch.Tensor | None = None
 
 
+_TV_STAGE = re.compile(r"(?:^|\.)layer(\d+)\.\d+$")
+
+
 def _torchvision_block_types() -> tuple[type, ...]:
     try:
         from torchvision.models.resnet import BasicBlock, Bottleneck
@@ -70,7 +74,8 @@ def find_blocks(model: nn.Module) -> list[BlockSpec]:
             specs.append(BlockSpec(module.name or path, module.stage, path, module, module.branch, shortcut))
         elif tv_types and isinstance(module, tv_types):
             last_bn = module.bn3 if hasattr(module, "bn3") else module.bn2
-            stage = int(path.split(".")[0].removeprefix("layer")) if path.startswith("layer") else 0
+            match = _TV_STAGE.search(path)  # torchvision names blocks layer<stage>.<index>
+            stage = int(match.group(1)) if match else 0
             specs.append(BlockSpec(path, stage, path, module, last_bn, module.downsample))
     return specs
 

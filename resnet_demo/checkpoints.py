@@ -239,7 +239,7 @@ def load_weights_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str
         raise WeightsError(f"{source} does not fit this model: unexpected key '{to_file_name(extra[0])}'")
     converted = {}
     for key, ref in expected.items():
-        value = sd[key].to(ref.dtype) if ref.is_floating_point() else sd[key].to(ref.dtype)
+        value = sd[key].to(ref.dtype)
         if ref.is_floating_point() and not torch.isfinite(value).all():
             raise WeightsError(f"{source}: key '{to_file_name(key)}' holds NaN or infinite values")
         converted[key] = value
@@ -288,10 +288,11 @@ def load_model(path: str | Path, *, card: ModelCard | None = None, verify: bool 
         )
     sd = load_state_dict_file(path)
     if card.arch != "resnet":
-        from .tv import build_torchvision
+        from .tv import build_torchvision, fit_torchvision_weights
 
         model = build_torchvision(card.arch, num_classes=len(card.classes))
+        fit_torchvision_weights(model, sd, card.arch, source=f"weights file {path}")
     else:
         model = build_model(card.resnet_config)
-    load_weights_into(model, sd, source=f"weights file {path}")
+        load_weights_into(model, sd, source=f"weights file {path}")
     return model.eval(), card

@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from PIL import Image
 
@@ -120,7 +119,7 @@ class Page:
     predictions: dict[str, float]
     model_input: Image.Image
     grids: list[tuple[Image.Image, str]]
-    chart: Any  # matplotlib Figure
+    chart: Image.Image
     table: list[list]
     summary: str
     detail: Image.Image | None = None
@@ -265,10 +264,9 @@ def gradcam_view(explorer: Explorer, analysis: Analysis, block: str, class_label
 def export_view(explorer: Explorer, analysis: Analysis, lesion_blocks: list[str], folder: Path) -> Path:
     """A ZIP of everything the page shows for this analysis (and the lesion of ``lesion_blocks`` if any)."""
     from .export import export_zip
-    from .render import figure_to_image
 
     page = build_page(analysis)
-    images = {"input (as the model saw it)": page.model_input, "residual chart": figure_to_image(page.chart)}
+    images = {"input (as the model saw it)": page.model_input, "residual chart": page.chart}
     images.update({f"feature maps {caption.split(' · ')[0]} F(x)": img for img, caption in page.grids})
     sweep, sweep_chart, _ = sweep_view(explorer, analysis)
     images["lesion sweep"] = sweep_chart

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -100,51 +101,105 @@ def input_image(tensor: torch.Tensor, card: ModelCard, size: int = 160) -> Image
     return img.resize((img.size[0] * rep, img.size[1] * rep), Image.NEAREST)
 
 
+def _nice_max(value: float) -> tuple[float, float]:
+    """A round axis maximum >= value and its tick step (1, 2 or 5 times a power of ten)."""
+    value = max(value, 1e-6)
+    step = 10 ** math.floor(math.log10(value / 4))
+    for mult in (1, 2, 5, 10):
+        if value / (step * mult) <= 5:
+            step *= mult
+            break
+    return step * math.ceil(value / step - 1e-9), step
+
+
+@lru_cache(maxsize=8)
+def _font(size: int):
+    """DejaVu Sans from matplotlib's own files (it has ‖ ● ▲ ▼), else Pillow's default font."""
+    from PIL import ImageFont
+
+    try:
+        import matplotlib
+
+        return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts/ttf/DejaVuSans.ttf"), size)
+    except (ImportError, OSError):
+        return ImageFont.load_default(size=size)
+
+
 def residual_chart(
     metrics: list[BlockMetrics],
     *,
     bands: dict | None = None,
     title: str = "How much each block changes its input",
-):
+    width: int | None = None,
+    height: int = 300,
+) -> Image.Image:
     """Bar chart of ``ratio`` = ||F(x)|| / ||s(x)|| per block, with ``cosine`` on a second axis.
 
-    ``bands`` (from the model card's ``reference_bands``) draws the 5-95 and 25-75 percentile ranges
-    of the test split behind the bars, so an unusual block stands out.
+    ``bands`` (a model card's ``reference_bands``) draws the 5-95 and 25-75 percentile ranges of the
+    test split behind each bar and its median as a tick; a block beyond the 95th (5th) percentile
+    gets a ▲ (▼). Drawn with PIL at twice the size and downsampled: a few milliseconds, where a
+    matplotlib figure costs a hundred.
     """
-    from matplotlib.figure import Figure
+    from PIL import ImageDraw
 
-    names = [m.name for m in metrics]
-    xs = np.arange(len(metrics))
-    fig = Figure(figsize=(max(6.0, 0.45 * len(metrics) + 2), 3.4), dpi=100, layout="constrained")
-    ax = fig.add_subplot()
-    if bands and "ratio" in bands:
-        ref = bands["ratio"]
-        for i, name in enumerate(names):
-            if name in ref:
-                p = ref[name]
-                ax.add_patch(_band(i, p["p5"], p["p95"], "#dddddd"))
-                ax.add_patch(_band(i, p["p25"], p["p75"], "#bbbbbb"))
-                ax.plot([i - 0.4, i + 0.4], [p["p50"]] * 2, color="#777777", lw=1)
-    colours = [STAGE_COLOURS[(m.stage - 1) % len(STAGE_COLOURS)] for m in metrics]
-    ax.bar(xs, [m.ratio for m in metrics], width=0.55, color=colours, zorder=3)
-    ax.set_ylabel("‖F(x)‖ / ‖s(x)‖")
-    ax.set_xticks(xs, names, rotation=45 if len(names) > 12 else 0, ha="right" if len(names) > 12 else "center")
-    ax.set_title(title, fontsize=10)
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_ylim(bottom=0)
-    ax2 = ax.twinx()
-    ax2.plot(xs, [m.cosine for m in metrics], "k.-", lw=1, label="cosine(F, s)", zorder=4)
-    ax2.axhline(0, color="k", lw=0.5, ls=":")
-    ax2.set_ylim(-1, 1)
-    ax2.set_ylabel("cosine(F(x), s(x))")
-    ax2.legend(loc="upper right", fontsize=8, frameon=False)
-    return fig
+    from .bands import percentile_rank
 
+    n = len(metrics)
+    width = width or max(640, 64 * n + 130)
+    k = 2  # supersampling
+    W, H = width * k, height * k
+    left, right, top, bottom = 62 * k, 62 * k, 46 * k, 44 * k
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    f_small, f_mid = _font(11 * k), _font(12 * k)
+    ref = (bands or {}).get("ratio", {})
+    finite = [m.ratio for m in metrics if math.isfinite(m.ratio)]
+    peak = max(finite + [ref[m.name]["p95"] for m in metrics if m.name in ref] + [1e-3])
+    ymax, ystep = _nice_max(peak * 1.08)
+    x0, x1, y0, y1 = left, W - right, top, H - bottom
+    slot = (x1 - x0) / max(n, 1)
 
-def _band(i: int, lo: float, hi: float, colour: str):
-    from matplotlib.patches import Rectangle
+    def ry(v: float) -> float:  # ratio -> pixel row
+        return y1 - (min(v, ymax) / ymax) * (y1 - y0)
 
-    return Rectangle((i - 0.4, lo), 0.8, max(hi - lo, 1e-9), color=colour, zorder=1, lw=0)
+    def cy(v: float) -> float:  # cosine in [-1, 1] -> pixel row
+        return y1 - (v + 1) / 2 * (y1 - y0)
+
+    tick = 0.0
+    while tick <= ymax + 1e-9:
+        y = ry(tick)
+        d.line([(x0, y), (x1, y)], fill="#e6e6e6", width=k)
+        d.text((x0 - 6 * k, y), f"{tick:g}", fill="#333333", font=f_small, anchor="rm")
+        tick += ystep
+    for c in (-1, -0.5, 0, 0.5, 1):
+        d.text((x1 + 6 * k, cy(c)), f"{c:g}", fill="#333333", font=f_small, anchor="lm")
+    for i, m in enumerate(metrics):
+        cx = x0 + slot * (i + 0.5)
+        if m.name in ref:
+            p = ref[m.name]
+            d.rectangle([cx - slot * 0.4, ry(p["p95"]), cx + slot * 0.4, ry(p["p5"])], fill="#ececec")
+            d.rectangle([cx - slot * 0.4, ry(p["p75"]), cx + slot * 0.4, ry(p["p25"])], fill="#d2d2d2")
+            d.line([(cx - slot * 0.4, ry(p["p50"])), (cx + slot * 0.4, ry(p["p50"]))], fill="#7a7a7a", width=k)
+        colour = STAGE_COLOURS[(m.stage - 1) % len(STAGE_COLOURS)]
+        d.rectangle([cx - slot * 0.27, ry(m.ratio), cx + slot * 0.27, y1], fill=colour)
+        if m.name in ref and math.isfinite(m.ratio):
+            rank = percentile_rank(m.ratio, ref[m.name])
+            if rank >= 95 or rank <= 5:
+                d.text((cx, ry(m.ratio) - 3 * k), "▲" if rank >= 95 else "▼", fill="#b00020", font=f_mid, anchor="mb")
+        d.text((cx, y1 + 8 * k), m.name, fill="#222222", font=f_small if slot > 52 * k else _font(9 * k), anchor="mt")
+    d.line([(cx_, cy(0)) for cx_ in (x0, x1)], fill="#999999", width=k)  # cosine = 0
+    points = [(x0 + slot * (i + 0.5), cy(max(-1.0, min(1.0, m.cosine)))) for i, m in enumerate(metrics)]
+    if len(points) > 1:
+        d.line(points, fill="black", width=2 * k, joint="curve")
+    for x, y in points:
+        d.ellipse([x - 3 * k, y - 3 * k, x + 3 * k, y + 3 * k], fill="black")
+    d.rectangle([x0, y0, x1, y1], outline="#888888", width=k)
+    d.text((x0, y0 - 24 * k), title, fill="#111111", font=f_mid, anchor="ls")
+    legend = "bars: ‖F(x)‖/‖s(x)‖ (left axis)   ●—● cosine(F, s) (right axis)"
+    if ref:
+        legend += "   grey: test-set 5–95 / 25–75 %"
+    d.text((x0, y0 - 7 * k), legend, fill="#444444", font=f_small, anchor="ls")
+    return img.resize((width, height), Image.LANCZOS)
 
 
 def figure_to_image(fig) -> Image.Image:
