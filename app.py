@@ -23,7 +23,7 @@ import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 
 from resnet_demo import present  # noqa: E402
-from resnet_demo.checkpoints import WeightsError  # noqa: E402
+from resnet_demo.checkpoints import WEIGHTS_DIR, WeightsError  # noqa: E402
 from resnet_demo.explorer import Explorer  # noqa: E402
 from resnet_demo.render import VIEWS  # noqa: E402
 
@@ -307,7 +307,7 @@ def make_demo(registry: present.Registry, default_model: str = present.AUTO) -> 
 
 
 def build_registry(args: argparse.Namespace) -> present.Registry:
-    registry = present.default_registry(args.device)
+    registry = present.default_registry(args.device, args.weights_dir)
     if args.weights or args.arch:
         if args.arch and args.arch != "tutorial":
             from resnet_demo.tv import load_torchvision
@@ -333,6 +333,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
     parser.add_argument("--weights", help="your own checkpoint: a tutorial Net state dict, a project .safetensors, "
                         "or with --arch a torchvision ResNet state dict")
+    parser.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR,
+                        help="folder holding cifar10_resnet.* and mnist_resnet.* (default: the shipped weights/)")
     parser.add_argument("--arch", help="tutorial (default) or a torchvision ResNet: resnet18/34/50/101/152")
     parser.add_argument("--download-weights", action="store_true",
                         help="with --arch and no --weights: fetch torchvision's published ImageNet weights")
