@@ -43,6 +43,10 @@ CIFAR10_MEAN, CIFAR10_STD = (0.4913, 0.4821, 0.4465), (0.2452, 0.2428, 0.2606)
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 
 
+# The bars the shipped models are held to, on the full test split, with the metric that judges each.
+TARGETS = {"cifar10_resnet": ("test_acc_tta", 0.93), "mnist_resnet": ("test_acc", 0.995)}
+
+
 class WeightsError(ValueError):
     """A weights file that cannot be read or does not fit the model; the message names the file."""
 
@@ -102,6 +106,22 @@ class ModelCard:
 
     def write(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json())
+
+    def headline(self) -> tuple[str, float] | None:
+        """The accuracy that judges this model: its target's metric, else flip-TTA accuracy, else plain."""
+        metric = TARGETS[self.name][0] if self.name in TARGETS else "test_acc_tta"
+        for key in (metric, "test_acc_tta", "test_acc"):
+            if isinstance(self.metrics.get(key), (int, float)):
+                return key, float(self.metrics[key])
+        return None
+
+    def target(self) -> tuple[str, float, bool] | None:
+        """(metric, bar, met) for a shipped model with a target, else ``None``."""
+        if self.name not in TARGETS:
+            return None
+        metric, bar = TARGETS[self.name]
+        value = self.metrics.get(metric)
+        return metric, bar, isinstance(value, (int, float)) and value >= bar
 
     @property
     def resnet_config(self) -> ResNetConfig:

@@ -86,8 +86,13 @@ class Registry:
         for c in self.choices.values():
             if c.explorer is not None:
                 card = c.explorer.card
-                acc = card.metrics.get("test_acc_tta") or card.metrics.get("test_acc")
-                figure = f", {acc:.2%} test accuracy" if isinstance(acc, (int, float)) else ""
+                headline, target = card.headline(), card.target()
+                figure = ""
+                if headline:
+                    tta = " with flip TTA" if headline[0] == "test_acc_tta" else ""
+                    figure = f", {headline[1]:.2%} test accuracy{tta}"
+                if target and not target[2]:
+                    figure += f" (below the project's {target[1]:.1%} target: interim weights, see the README)"
                 if card.trained:
                     lines.append(f"✅ {c.label}: {card.name} on {c.explorer.device}{figure}")
                 else:
