@@ -183,6 +183,8 @@ def make_demo(registry: present.Registry, default_model: str = present.AUTO) -> 
     def do_export(state, model_key, k, blocks, request: gr.Request):
         explorer, analysis = current(state, model_key, k)
         folder = Path(tempfile.gettempdir()) / "residual-block-explorer" / (request.session_hash or "anon")
+        for old in folder.glob("*.zip"):  # one export per session on disk; Gradio serves its own copy
+            old.unlink(missing_ok=True)
         return str(present.export_view(explorer, analysis, blocks or [], folder))
 
     def reanalyze(state, *settings):
@@ -197,7 +199,8 @@ def make_demo(registry: present.Registry, default_model: str = present.AUTO) -> 
         path = EXAMPLES[evt.index]
         return analyze(str(path), "drawing" if path.name.startswith("mnist") else "photo", *settings)
 
-    with gr.Blocks(title="Residual Block Explorer", analytics_enabled=False) as demo:
+    # Every response writes its images to Gradio's cache: sweep files older than an hour every 10 minutes.
+    with gr.Blocks(title="Residual Block Explorer", analytics_enabled=False, delete_cache=(600, 3600)) as demo:
         gr.Markdown(
             "# Residual Block Explorer\n"
             "Every residual block computes **y = relu(F(x) + x)**: it keeps its input *x* and adds a correction "

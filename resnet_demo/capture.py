@@ -157,13 +157,18 @@ def capture(
 
         return hook
 
+    # A block's input is usually the previous block's output: share that copy instead of making another.
+    previous: list = [None, None]  # [output tensor of the last recorded block, its copy]
+
     def on_block(rec: BlockRecord, identity: bool):
         def hook(_module, inputs, output):
             if threading.get_ident() == owner:
-                rec.x = _copy(inputs[0])
+                x = inputs[0]
+                rec.x = previous[1] if x is previous[0] else _copy(x)
                 if identity:
                     rec.s = rec.x
                 rec.y = _copy(output)
+                previous[:] = [output, rec.y]
 
         return hook
 
@@ -180,6 +185,7 @@ def capture(
                 handles.append(spec.module.register_forward_hook(on_block(rec, spec.shortcut is None)))
         yield result
     finally:
+        previous.clear()
         for h in handles:
             h.remove()
 
