@@ -162,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--no-tta", action="store_true", help="skip the flip test-time augmentation pass")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="decoded-data cache (default: data/cache)")
     p.add_argument("--download", action="store_true", help="let torchvision download its data set")
+    p.add_argument("--update-card", action="store_true",
+                   help="record these figures as the card's test metrics (the weights file is not touched)")
     args = p.parse_args(argv)
 
     try:
@@ -191,6 +193,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
     title = f"{card.name}: {100 * acc:.2f}% on {result['n']} images{' (flip TTA)' if use_tta else ''}"
     save_confusion_png(result["confusion_tta" if use_tta else "confusion"], card.classes, out, title)
     print(f"confusion matrix -> {out}")
+    if args.update_card:
+        flip = card.training.get("flip", card.input_kind == "photo")
+        card.metrics.update(
+            test_acc=round(result["accuracy"], 5),
+            test_acc_tta=round(result["accuracy_tta"], 5) if flip and tta else None,
+            test_images=result["n"],
+            test_split=args.split,
+            tta="horizontal flip: mean of the logits of the image and its mirror" if flip
+            else "none: the model was trained without flips",
+            per_class_acc={c: round(v, 4) for c, v in result["per_class"].items()},
+            measured_by="python -m resnet_demo.evaluate " + " ".join(argv if argv is not None else sys.argv[1:]),
+        )
+        card_path = Path(args.weights).with_suffix(".json")
+        card.write(card_path)
+        print(f"card updated -> {card_path}")
     return result
 
 

@@ -1,0 +1,55 @@
+"""Take the README's screenshots of the running app with headless Chromium (Debian's package).
+
+    python scripts/screenshots.py            # writes docs/*.png
+
+Starts the app on a free port with the shipped weights, analyses a CIFAR-10 test image, and
+captures the main view and the tools' tabs.
+"""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from appserver import running_app  # noqa: E402
+from playwright.sync_api import expect, sync_playwright  # noqa: E402
+
+from resnet_demo.checkpoints import WEIGHTS_DIR  # noqa: E402
+
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+DOCS = ROOT / "docs"
+
+
+def main() -> None:
+    DOCS.mkdir(exist_ok=True)
+    example = ROOT / "examples" / "cifar10-ship-0.jpg"
+    with running_app(WEIGHTS_DIR) as (url, _), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100}, device_scale_factor=1)
+        page.goto(url, wait_until="load")
+        page.locator("#photo input[type=file]").set_input_files(str(example))
+        expect(page.locator("#block-grids img")).to_have_count(9, timeout=60_000)
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(DOCS / "screenshot.png"))
+
+        def tab(name: str, out: str, *buttons: str) -> None:
+            page.get_by_role("tab", name=name).click()
+            for button in buttons:
+                page.get_by_role("button", name=button, exact=True).click()
+                page.wait_for_timeout(4000)  # the analysis of a click takes well under a second
+            page.locator(".tabitem:visible").last.screenshot(path=str(DOCS / out))
+
+        tab("Residual magnitudes", "residual.png")
+        page.get_by_role("tab", name="Lesions").click()
+        page.get_by_label("res5").check()
+        page.get_by_label("res8").check()
+        tab("Lesions", "lesions.png", "Lesion", "Lesion each block alone")
+        tab("Readout", "readout.png", "Read out every block")
+        tab("Grad-CAM", "gradcam.png", "Explain")
+        browser.close()
+    print(f"wrote {sorted(p.name for p in DOCS.glob('*.png'))}")
+
+
+if __name__ == "__main__":
+    main()
