@@ -237,17 +237,17 @@ def make_demo(registry: present.Registry, default_model: str = present.AUTO) -> 
             with gr.Column(scale=5):
                 with gr.Row():
                     predictions = gr.Label(label="Predictions", num_top_classes=10, elem_id="predictions")
-                    model_input = gr.Image(label="Input as the model saw it", height=180, interactive=False)
+                    model_input = gr.Image(label="Input as the model saw it", height=180, interactive=False, format="png")
                 summary = gr.Markdown(elem_id="summary")
                 gr.Markdown(HOW_TO_READ["predictions"])
         with gr.Tabs():
             with gr.Tab("Feature maps"):
                 view = gr.Radio(VIEW_CHOICES, value="f", label="Show")
                 grids = gr.Gallery(label="Blocks (most active channels)", columns=9, height=220,
-                                   object_fit="contain", elem_id="block-grids")
+                                   object_fit="contain", elem_id="block-grids", format="png")
                 gr.Markdown(HOW_TO_READ["maps"])
                 detail_block = gr.Dropdown([], label="Block to enlarge", allow_custom_value=True)
-                detail = gr.Image(label="All channels of the chosen block", interactive=False, height=480)
+                detail = gr.Image(label="All channels of the chosen block", interactive=False, height=480, format="png")
             with gr.Tab("Residual magnitudes"):
                 chart = gr.Image(label="‖F(x)‖ / ‖s(x)‖ and cosine per block", interactive=False, format="png")
                 gr.Markdown(HOW_TO_READ["residual"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -170,6 +171,14 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            # torch's text advises retrying with weights_only=False: exactly what must not be done with a
+            # file from a stranger. Keep only the line that names what was refused, when there is one.
+            refused = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), "")
+            raise WeightsError(
+                f"weights file {path} holds Python objects, not only tensors{f' ({refused})' if refused else ''}; "
+                "it was not loaded (only tensors are accepted; unsafe pickles are refused)"
+            ) from None
         except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad or hostile file
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise WeightsError(

@@ -57,6 +57,17 @@ def _check_size(width: int, height: int) -> None:
         )
 
 
+def _too_large(name: str, exc: Exception) -> InputError:
+    """PIL refuses images over 2 × ``Image.MAX_IMAGE_PIXELS`` (179 MP) before we see their size: say our limit."""
+    import re
+
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f" ({int(found.group(1)) / 1e6:.0f} MP)" if found else ""
+    return InputError(
+        f"{name} is too large{size}; the limit is {MAX_PIXELS / 1e6:.0f} MP. Please use a smaller image."
+    )
+
+
 def _flatten_modes(img: Image.Image) -> Image.Image:
     """Any PIL mode -> ``RGB`` or ``L`` (8 bit), transparency composited over white."""
     if getattr(img, "n_frames", 1) > 1:
@@ -135,7 +146,7 @@ def load_image(source: Any, *, draft_size: int | None = None) -> Image.Image:
         except UnidentifiedImageError:
             raise InputError(f"{name} is not an image in a format we can read (PNG, JPEG, GIF, WebP, BMP, TIFF…).") from None
         except Image.DecompressionBombError as exc:
-            raise InputError(f"{name} is too large to decode safely ({exc}).") from None
+            raise _too_large(name, exc) from None
         except OSError as exc:
             raise InputError(f"{name} could not be read ({exc}).") from None
         _check_size(*img.size)
@@ -144,7 +155,7 @@ def load_image(source: Any, *, draft_size: int | None = None) -> Image.Image:
                 img.draft("RGB", (draft_size, draft_size))
             img.load()
         except Image.DecompressionBombError as exc:
-            raise InputError(f"{name} is too large to decode safely ({exc}).") from None
+            raise _too_large(name, exc) from None
         except (OSError, SyntaxError, ValueError) as exc:
             raise InputError(f"{name} is truncated or corrupt and could not be decoded ({exc}).") from None
     _check_size(*img.size)

@@ -148,7 +148,7 @@ def block_detail(analysis: Analysis, block: str, view: str = "f", max_channels: 
     """All channels of one block (up to ``max_channels``), each scaled to its own range, most active first."""
     fmap = block_tensor(analysis, block, view)
     n = min(fmap.shape[0], max_channels)
-    return feature_grid(fmap, signed=view == "f", max_channels=n, cell=64, per_channel_scale=True)
+    return feature_grid(fmap, signed=view == "f", max_channels=n, cell=40, per_channel_scale=True)
 
 
 def summarise(analysis: Analysis) -> str:

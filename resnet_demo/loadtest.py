@@ -1,0 +1,595 @@
+"""Load test: many browser-like sessions on the running app at once, every answer checked against its own image.
+
+    python -m resnet_demo.loadtest --spawn                          # start app.py on a free port, shipped weights
+    python -m resnet_demo.loadtest --spawn --weights-dir DIR --json out.json
+    python -m resnet_demo.loadtest --url http://127.0.0.1:7860/     # a server you started (same weights!)
+    python -m resnet_demo.loadtest --spawn --untrained              # random weights, for a machine without any
+
+What it does:
+
+1. Writes ``--requests`` + ``--warmup`` distinct RGB PNGs (32×32 and 48×40, seeded noise over a seeded
+   colour) to a temporary folder, and computes each one's expected top-k and first metrics row with the
+   library (``Explorer.from_weights(DIR/cifar10_resnet.safetensors, "cpu").analyze``).
+2. Opens ``--clients`` ``gradio_client.Client`` objects, one session each, each driven by its own thread.
+   Requests are dealt round-robin: request ``i`` goes to client ``i % clients``; a client sends its next
+   request when its previous answer has arrived (a closed loop, as a person clicking would).
+3. Warm-up requests first; the server's RSS (its process and children, via psutil) is read after the
+   warm-up and after the run. Between them the peak is sampled every 0.25 s.
+4. Every answer must carry its own image's top-1 label and top-k probabilities (within ``1e-5``) and its
+   own first metrics row (the table is rounded to 4 digits): an answer that matches another image's
+   expected result is reported as cross-talk, naming that image.
+
+Latency is wall-clock per ``Client.predict`` call: upload, queue, analysis and the result's arrival. The
+output images are not fetched unless ``--download`` is given: the clients share this machine's cores with
+the server, and ``gradio_client`` spends about as much CPU fetching a page's twelve images as the server
+spends making them, which would measure the client rather than the server. CPU seconds per request of
+the server and of this process are reported, to show where the time went. The exit status is non-zero when any
+request failed, any answer did not match, or the RSS grew by more than ``--max-rss-growth-mb`` (100).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .checkpoints import WEIGHTS_DIR
+
+ROOT = Path(__file__).resolve().parent.parent
+PHOTO_WEIGHTS = "cifar10_resnet.safetensors"
+SIZES = ((32, 32), (48, 40))  # (width, height), alternating
+PROB_TOL = 1e-5
+TABLE_TOL = 1.5e-4  # the page rounds the table to 4 digits; a value on a rounding edge may land either side
+P95_TARGET_MS = 2000.0
+
+__all__ = ["Expected", "LoadReport", "expected_results", "make_images", "run_load", "run_loadtest", "main"]
+
+
+# --- inputs and what the answers must be -----------------------------------------------------------
+
+
+def make_images(n: int, folder: Path, seed: int = 0) -> list[Path]:
+    """``n`` distinct RGB PNGs, deterministic for ``seed``: noise over a random colour, two sizes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        w, h = SIZES[i % len(SIZES)]
+        colour = rng.integers(0, 256, 3)
+        noise = rng.integers(0, 256, (h, w, 3))
+        mix = rng.uniform(0.2, 0.8)
+        arr = np.clip(mix * colour + (1 - mix) * noise, 0, 255).astype(np.uint8)
+        arr[0, 0] = (i % 256, (i // 256) % 256, 7)  # distinct by construction, whatever the generator does
+        path = folder / f"load-{i:04d}.png"
+        Image.fromarray(arr, "RGB").save(path)
+        paths.append(path)
+    return paths
+
+
+@dataclass
+class Expected:
+    """What the page must show for one image: top-1, top-k probabilities and the first metrics row."""
+
+    label: str
+    probs: dict[str, float]
+    first_row: list
+
+    def signature(self) -> tuple:
+        return (self.label, *(round(p, 5) for p in self.probs.values()), *map(str, self.first_row))
+
+
+def expected_results(paths: list[Path], weights_dir: Path, k: int = 5) -> list[Expected]:
+    """The library's answer for each image, computed in this process (the reference for cross-talk)."""
+    from .explorer import Explorer
+    from .present import metrics_table
+
+    import torch
+
+    explorer = Explorer.from_weights(Path(weights_dir) / PHOTO_WEIGHTS, "cpu")
+    out = []
+    threads = torch.get_num_threads()
+    # One small image at a time: a second intra-op thread gains nothing, and next to a busy server it
+    # makes each analysis 5-15 times slower.
+    torch.set_num_threads(1)
+    try:
+        for path in paths:
+            analysis = explorer.analyze(str(path), k=k)
+            out.append(
+                Expected(
+                    label=analysis.predictions[0].label,
+                    probs={p.label: p.prob for p in analysis.predictions},
+                    first_row=metrics_table(analysis)[0],
+                )
+            )
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def check_answer(result: tuple, want: Expected) -> str | None:
+    """``None`` if ``result`` (the outputs of ``/analyze_photo``) is ``want``'s page, else what differs."""
+    preds, table = result[0], result[4]
+    if not isinstance(preds, dict) or preds.get("label") != want.label:
+        return f"top-1 {preds.get('label') if isinstance(preds, dict) else preds!r} != {want.label!r}"
+    got = {c["label"]: c["confidence"] for c in preds.get("confidences", [])}
+    if set(got) != set(want.probs):
+        return f"top-k classes {sorted(got)} != {sorted(want.probs)}"
+    for label, p in want.probs.items():
+        if abs(got[label] - p) > PROB_TOL:
+            return f"p({label}) = {got[label]:.7f}, expected {p:.7f}"
+    row = (table or {}).get("data", [[]])[0] if isinstance(table, dict) else None
+    if not row or len(row) != len(want.first_row) or list(row[:2]) != list(want.first_row[:2]):
+        return f"metrics row {row!r} != {want.first_row!r}"
+    for got_v, want_v in zip(row[2:], want.first_row[2:]):
+        if abs(float(got_v) - float(want_v)) > TABLE_TOL:
+            return f"metrics row {row!r} != {want.first_row!r}"
+    return None
+
+
+# --- the server --------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SpawnedServer:
+    """``python app.py --port P --weights-dir DIR`` in a subprocess (cwd: the repository root)."""
+
+    def __init__(self, weights_dir: Path, concurrency: int | None = None, log_path: Path | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        cmd = [sys.executable, str(ROOT / "app.py"), "--port", str(self.port), "--weights-dir", str(weights_dir)]
+        if concurrency:
+            cmd += ["--concurrency", str(concurrency)]
+        env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+        self.log_path = log_path or Path(tempfile.mkstemp(prefix="loadtest-server-", suffix=".log")[1])
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"app.py exited with status {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "config", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"app.py did not answer at {self.url} within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(15)
+        self._log.close()
+
+
+def pid_listening_on(port: int) -> int | None:
+    """The process that listens on ``port`` on this machine (for ``--url``), if it can be found."""
+    import psutil
+
+    try:
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+                return conn.pid
+    except (psutil.AccessDenied, PermissionError):
+        pass
+    return None
+
+
+def cpu_seconds(proc, children: bool = False) -> float:
+    """User + system CPU time of ``proc`` (and its live descendants)."""
+    procs = [proc, *(proc.children(recursive=True) if children else [])]
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except Exception:  # noqa: BLE001 - a child may have exited
+            pass
+    return total
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` and all its descendants."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    total = proc.memory_info().rss
+    for child in proc.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+class PeakSampler(threading.Thread):
+    def __init__(self, pid: int, every: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.every, self.peak = pid, every, 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                self.peak = max(self.peak, rss_bytes(self.pid))
+            except Exception:  # noqa: BLE001 - the process may be gone; the run reports that itself
+                return
+            self._stop_event.wait(self.every)
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join(5)
+        return self.peak
+
+
+# --- driving it --------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadReport:
+    url: str
+    clients: int
+    requests: int
+    warmup: int
+    ok: int = 0
+    failures: int = 0
+    warmup_failures: int = 0
+    mismatches: int = 0
+    cross_talk: int = 0
+    distinct_expected: int = 0
+    wall_s: float = 0.0
+    requests_per_s: float = 0.0
+    p50_ms: float = math.nan
+    p95_ms: float = math.nan
+    max_ms: float = math.nan
+    mean_ms: float = math.nan
+    rss_after_warmup_mb: float | None = None
+    rss_after_mb: float | None = None
+    rss_peak_mb: float | None = None
+    rss_delta_mb: float | None = None
+    max_rss_growth_mb: float = 100.0
+    server_cpu_s_per_request: float | None = None
+    client_cpu_s_per_request: float | None = None
+    downloads: bool = False
+    cpu_count: int = field(default_factory=lambda: os.cpu_count() or 1)
+    load_average: tuple | None = field(default_factory=lambda: os.getloadavg() if hasattr(os, "getloadavg") else None)
+    p95_target_ms: float = P95_TARGET_MS
+    errors: list[str] = field(default_factory=list)  # the first few failures and mismatches, for a person
+
+    @property
+    def passed(self) -> bool:
+        memory_ok = self.rss_delta_mb is None or self.rss_delta_mb <= self.max_rss_growth_mb
+        clean = self.failures == 0 and self.warmup_failures == 0 and self.mismatches == 0
+        return clean and self.ok == self.requests and memory_ok
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed, "p95_target_met": self.p95_ms <= self.p95_target_ms}
+
+    def table(self) -> str:
+        def mb(v):
+            return "n/a" if v is None else f"{v:,.1f} MB"
+
+        rows = [
+            ("server", self.url),
+            ("clients (sessions)", self.clients),
+            ("requests (distinct images)", f"{self.requests} after {self.warmup} warm-up"),
+            ("ok / failed / mismatched", f"{self.ok} / {self.failures} / {self.mismatches}"
+             + (f" ({self.warmup_failures} failed in the warm-up)" if self.warmup_failures else "")
+             + (f" ({self.cross_talk} matched another image: cross-talk)" if self.cross_talk else "")),
+            ("distinct expected results", f"{self.distinct_expected} of {self.requests}"),
+            ("latency p50 / p95 / max", f"{self.p50_ms:,.0f} / {self.p95_ms:,.0f} / {self.max_ms:,.0f} ms"),
+            ("p95 target", f"≤ {self.p95_target_ms:,.0f} ms: "
+             + ("met" if self.p95_ms <= self.p95_target_ms else "NOT met")),
+            ("throughput", f"{self.requests_per_s:.2f} requests/s over {self.wall_s:.1f} s"),
+            ("CPU per request: server / clients", f"{fmt_s(self.server_cpu_s_per_request)} / "
+             f"{fmt_s(self.client_cpu_s_per_request)}" + (" (clients fetch the images)" if self.downloads else "")),
+            ("machine", f"{self.cpu_count} cores, load average {fmt_load(self.load_average)} at the start"),
+            ("server RSS after warm-up", mb(self.rss_after_warmup_mb)),
+            ("server RSS after the run", mb(self.rss_after_mb)),
+            ("server RSS peak during the run", mb(self.rss_peak_mb)),
+            ("RSS growth", f"{mb(self.rss_delta_mb)} (limit {self.max_rss_growth_mb:.0f} MB)"),
+            ("result", "PASS" if self.passed else "FAIL"),
+        ]
+        width = max(len(name) for name, _ in rows)
+        lines = [f"{name:<{width}}  {value}" for name, value in rows]
+        lines += [f"  ! {e}" for e in self.errors]
+        return "\n".join(lines)
+
+
+def fmt_s(v: float | None) -> str:
+    return "n/a" if v is None else f"{v * 1e3:,.0f} ms"
+
+
+def fmt_load(load: tuple | None) -> str:
+    return "n/a" if not load else " ".join(f"{x:.2f}" for x in load)
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile (the value below which ``q`` of the samples lie)."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(q * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def _settings(k: int) -> tuple:
+    return ("auto", k, "f", "", [])  # as a fresh page: auto model, top-k, F(x) view, last block enlarged
+
+
+def run_load(
+    url: str,
+    paths: list[Path],
+    expected: list[Expected],
+    *,
+    clients: int = 16,
+    warmup: int = 20,
+    k: int = 5,
+    server_pid: int | None = None,
+    download_dir: Path | None = None,
+    max_rss_growth_mb: float = 100.0,
+    log: Callable[[str], None] = print,
+) -> LoadReport:
+    """Send ``paths[warmup:]`` through ``clients`` concurrent sessions, after ``paths[:warmup]`` as warm-up.
+
+    ``download_dir``: fetch every output image into it, as a browser would; ``None``: do not fetch them.
+    """
+    import psutil
+    from gradio_client import Client, handle_file
+
+    if len(paths) != len(expected) or len(paths) <= warmup:
+        raise ValueError("need one expected result per image and more images than warm-up requests")
+    measured = list(range(warmup, len(paths)))
+    report = LoadReport(url=url, clients=clients, requests=len(measured), warmup=warmup,
+                        max_rss_growth_mb=max_rss_growth_mb)
+    by_signature: dict[tuple, int] = {}
+    for i in measured:
+        by_signature.setdefault(expected[i].signature(), i)
+    report.distinct_expected = len(by_signature)
+
+    fetch = str(download_dir) if download_dir is not None else False
+    sessions = [Client(url, verbose=False, download_files=fetch) for _ in range(clients)]
+    report.downloads = download_dir is not None
+    lock = threading.Lock()
+    latencies: list[float] = []
+    settings = _settings(k)
+
+    def note(msg: str) -> None:
+        with lock:
+            if len(report.errors) < 10:
+                report.errors.append(msg)
+
+    def worker(client, indices: list[int], record: bool) -> None:
+        for i in indices:
+            t0 = time.perf_counter()
+            try:
+                result = client.predict(handle_file(str(paths[i])), *settings, api_name="/analyze_photo")
+            except Exception as exc:  # noqa: BLE001 - every kind of failure is counted and reported
+                with lock:
+                    if record:
+                        report.failures += 1
+                    else:
+                        report.warmup_failures += 1
+                note(f"{paths[i].name}: {type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            elapsed = (time.perf_counter() - t0) * 1e3
+            problem = check_answer(result, expected[i])
+            with lock:
+                if record:
+                    latencies.append(elapsed)
+                    report.ok += problem is None
+                    report.mismatches += problem is not None
+            if problem:
+                other = next((j for j, e in enumerate(expected) if j != i and check_answer(result, e) is None), None)
+                if other is not None and record:
+                    with lock:
+                        report.cross_talk += 1
+                whose = f" (it is {paths[other].name}'s result)" if other is not None else ""
+                note(f"{paths[i].name}: {problem}{whose}")
+
+    def drive(indices: list[int], record: bool) -> float:
+        buckets = [indices[c::clients] for c in range(clients)]
+        threads = [threading.Thread(target=worker, args=(s, b, record), daemon=True)
+                   for s, b in zip(sessions, buckets)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return time.perf_counter() - t0
+
+    try:
+        log(f"warm-up: {warmup} requests over {clients} sessions")
+        drive(list(range(warmup)), record=False)
+        if report.errors:
+            log("warm-up errors: " + "; ".join(report.errors[:3]))
+        sampler = None
+        me = psutil.Process()
+        cpu0 = cpu_seconds(me)
+        if server_pid is not None:
+            report.rss_after_warmup_mb = rss_bytes(server_pid) / 2**20
+            server_cpu0 = cpu_seconds(psutil.Process(server_pid), children=True)
+            sampler = PeakSampler(server_pid)
+            sampler.start()
+        log(f"run: {len(measured)} requests over {clients} sessions")
+        report.wall_s = drive(measured, record=True)
+        report.client_cpu_s_per_request = (cpu_seconds(me) - cpu0) / len(measured)
+        if sampler is not None:
+            report.server_cpu_s_per_request = (
+                cpu_seconds(psutil.Process(server_pid), children=True) - server_cpu0) / len(measured)
+            report.rss_after_mb = rss_bytes(server_pid) / 2**20
+            report.rss_peak_mb = max(sampler.stop(), rss_bytes(server_pid)) / 2**20
+            report.rss_delta_mb = report.rss_after_mb - report.rss_after_warmup_mb
+    finally:
+        for s in sessions:
+            try:
+                s.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    lat = sorted(latencies)
+    report.requests_per_s = len(measured) / report.wall_s if report.wall_s else 0.0
+    if lat:
+        report.p50_ms, report.p95_ms = percentile(lat, 0.50), percentile(lat, 0.95)
+        report.max_ms, report.mean_ms = lat[-1], statistics.fmean(lat)
+    return report
+
+
+def write_untrained_weights(folder: Path, seed: int = 0) -> Path:
+    """Random (untrained) tutorial Nets for both shipped names: a load test needs weights, not good ones."""
+    import torch
+
+    from .checkpoints import MNIST_MEAN, MNIST_STD, save_weights, tutorial_card
+    from .model import build_model
+
+    torch.manual_seed(seed)
+    for name in ("cifar10_resnet", "mnist_resnet"):
+        card = tutorial_card(name, trained=False)
+        if name.startswith("mnist"):
+            card.classes = [str(d) for d in range(10)]
+            card.mean, card.std = list(MNIST_MEAN) * 3, list(MNIST_STD) * 3
+            card.colour_mode, card.input_kind, card.dataset = "gray", "drawing", "MNIST"
+        save_weights(build_model(), card, folder / f"{name}.safetensors")
+    return folder
+
+
+def run_loadtest(
+    url: str | None = None,
+    *,
+    spawn: bool = False,
+    weights_dir: Path = WEIGHTS_DIR,
+    clients: int = 16,
+    requests: int = 400,
+    warmup: int = 20,
+    k: int = 5,
+    seed: int = 0,
+    concurrency: int | None = None,
+    server_pid: int | None = None,
+    max_rss_growth_mb: float = 100.0,
+    download: bool = False,
+    workdir: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> LoadReport:
+    """The whole load test: images, expected results, the server (spawned or at ``url``), the run."""
+    if (url is None) == (not spawn):
+        raise ValueError("give either url or spawn=True")
+    weights_dir = Path(weights_dir)
+    if not (weights_dir / PHOTO_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{weights_dir / PHOTO_WEIGHTS} not found: pass --weights-dir, or --untrained")
+    own_workdir = workdir is None
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="loadtest-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    server = SpawnedServer(weights_dir, concurrency, workdir / "server.log") if spawn else None
+    try:
+        t0 = time.perf_counter()
+        paths = make_images(warmup + requests, workdir / "images", seed)
+        expected = expected_results(paths, weights_dir, k)
+        log(f"{len(paths)} images and their expected results in {time.perf_counter() - t0:.1f} s")
+        if server is not None:
+            server.wait_ready()
+            url, server_pid = server.url, server.proc.pid
+        elif server_pid is None:
+            from urllib.parse import urlparse
+
+            parsed = urlparse(url)
+            if parsed.hostname in ("127.0.0.1", "localhost", "::1"):
+                server_pid = pid_listening_on(parsed.port or 80)
+            if server_pid is None:
+                log("the server's process was not found on this machine: its memory is not measured")
+        report = run_load(url, paths, expected, clients=clients, warmup=warmup, k=k, server_pid=server_pid,
+                          download_dir=workdir / "downloads" if download else None,
+                          max_rss_growth_mb=max_rss_growth_mb, log=log)
+        if server is not None and server.proc.poll() is not None:
+            report.failures += 1
+            report.errors.append(f"the server exited during the run:\n{server.log_tail()}")
+        return report
+    finally:
+        if server is not None:
+            server.stop()
+        if own_workdir:
+            import shutil
+
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="a running app, e.g. http://127.0.0.1:7860/ (it must serve --weights-dir)")
+    where.add_argument("--spawn", action="store_true", help="start `python app.py` on a free port for the test")
+    parser.add_argument("--clients", type=int, default=16, help="concurrent sessions (default 16)")
+    parser.add_argument("--requests", type=int, default=400, help="measured requests, one distinct image each")
+    parser.add_argument("--warmup", type=int, default=20, help="warm-up requests before memory is read")
+    parser.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR,
+                        help="folder with cifar10_resnet.safetensors (default: the shipped weights/)")
+    parser.add_argument("--untrained", action="store_true",
+                        help="with --spawn: serve random untrained weights written to a temporary folder")
+    parser.add_argument("--concurrency", type=int, default=None, help="with --spawn: app.py --concurrency")
+    parser.add_argument("--pid", type=int, default=None, help="with --url: the server's process id, for its RSS")
+    parser.add_argument("--k", type=int, default=5, help="top-k asked for and checked (default 5)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-rss-growth-mb", type=float, default=100.0)
+    parser.add_argument("--download", action="store_true",
+                        help="fetch every output image as a browser would (costs this machine's CPU too)")
+    parser.add_argument("--json", type=Path, help="write the report here")
+    args = parser.parse_args(argv)
+    weights_dir = args.weights_dir
+    scratch = None
+    if args.untrained:
+        if not args.spawn:
+            parser.error("--untrained needs --spawn")
+        scratch = tempfile.TemporaryDirectory(prefix="loadtest-weights-")
+        weights_dir = write_untrained_weights(Path(scratch.name))
+    try:
+        report = run_loadtest(
+            args.url, spawn=args.spawn, weights_dir=weights_dir, clients=args.clients, requests=args.requests,
+            warmup=args.warmup, k=args.k, seed=args.seed, concurrency=args.concurrency, server_pid=args.pid,
+            max_rss_growth_mb=args.max_rss_growth_mb, download=args.download, log=lambda m: print(m, file=sys.stderr),
+        )
+    except (FileNotFoundError, RuntimeError, TimeoutError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+    print(report.table())
+    if args.json:
+        args.json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return 0 if report.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
