@@ -237,7 +237,8 @@ def make_demo(registry: present.Registry, default_model: str = present.AUTO) -> 
             with gr.Column(scale=5):
                 with gr.Row():
                     predictions = gr.Label(label="Predictions", num_top_classes=10, elem_id="predictions")
-                    model_input = gr.Image(label="Input as the model saw it", height=180, interactive=False, format="png")
+                    model_input = gr.Image(label="Input as the model saw it", height=180, interactive=False,
+                                           format="png")
                 summary = gr.Markdown(elem_id="summary")
                 gr.Markdown(HOW_TO_READ["predictions"])
         with gr.Tabs():

@@ -7,7 +7,8 @@
 Latencies are wall-clock per call after warm-up; p50 and p95 over ``--runs`` calls. "capture overhead"
 compares the medians of the forward pass with and without hooks. "full analysis" is what the page
 waits for: decode and preprocess a file, forward with capture, metrics, 9 feature-map grids, the
-residual chart and the enlarged block, all drawn to pixels. Weights are the shipped ones when present (speed does not depend on them).
+residual chart and the enlarged block, all drawn to pixels. Weights are the shipped ones when
+present (speed does not depend on them).
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def bench_device(explorer: Explorer, device: torch.device, args) -> dict:
         xb = torch.randn(bs, ex.in_channels, size, size, device=device)
         amp = device.type == "cuda"
 
-        def batch():
+        def batch(xb=xb, amp=amp):
             with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 ex.model(xb)
 

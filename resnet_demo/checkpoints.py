@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .model import TUTORIAL_CONFIG, ResNet, ResNetConfig, build_model
+from .model import TUTORIAL_CONFIG, ResNetConfig, build_model
 
 __all__ = [
     "CIFAR10_CLASSES",

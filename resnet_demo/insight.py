@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
@@ -373,7 +373,7 @@ def gradcam(model: nn.Module, x: torch.Tensor, block: str, class_index: int | No
     return cam.cpu().numpy().astype(np.float32)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _lut(name: str) -> np.ndarray:
     import matplotlib
 

@@ -96,10 +96,10 @@ class Expected:
 
 def expected_results(paths: list[Path], weights_dir: Path, k: int = 5) -> list[Expected]:
     """The library's answer for each image, computed in this process (the reference for cross-talk)."""
+    import torch
+
     from .explorer import Explorer
     from .present import metrics_table
-
-    import torch
 
     explorer = Explorer.from_weights(Path(weights_dir) / PHOTO_WEIGHTS, "cpu")
     out = []

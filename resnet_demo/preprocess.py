@@ -144,7 +144,9 @@ def load_image(source: Any, *, draft_size: int | None = None) -> Image.Image:
         try:
             img = Image.open(source)
         except UnidentifiedImageError:
-            raise InputError(f"{name} is not an image in a format we can read (PNG, JPEG, GIF, WebP, BMP, TIFF…).") from None
+            raise InputError(
+                f"{name} is not an image in a format we can read (PNG, JPEG, GIF, WebP, BMP, TIFF…)."
+            ) from None
         except Image.DecompressionBombError as exc:
             raise _too_large(name, exc) from None
         except OSError as exc:

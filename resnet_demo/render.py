@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import io
 import math
-from pathlib import Path
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache, lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ VIEWS = {"x": "block input x", "f": "residual branch F(x)", "y": "block output y
 STAGE_COLOURS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _lut(name: str) -> np.ndarray:
     import matplotlib
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import torch
@@ -146,7 +146,7 @@ def imagenet_card(arch: str, name: str | None = None, *, trained: bool = True) -
 # --- recognising a state dict ----------------------------------------------------------------------
 
 
-@lru_cache(maxsize=None)
+@cache
 def _reference_shapes(arch: str) -> dict[str, tuple[int, ...]]:
     """Key -> shape of ``arch``'s state dict, without the classifier (built on the meta device: no memory, no init)."""
     import torchvision.models as tvm

@@ -17,7 +17,8 @@ PER_CLASS = {"cifar10": 2, "mnist": 1}
 def extract(archive: Path, prefix: str, per_class: int, out: Path) -> int:
     taken: dict[str, int] = defaultdict(int)
     with tarfile.open(archive, "r:gz") as tar:
-        members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.startswith("test/")), key=lambda m: m.name)
+        members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith("test/")]
+        members.sort(key=lambda m: m.name)
         for m in members:
             label = m.name.split("/")[1]
             if taken[label] >= per_class:

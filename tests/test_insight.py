@@ -11,7 +11,8 @@ from PIL import Image
 
 from resnet_demo import insight
 from resnet_demo.analysis import block_metrics
-from resnet_demo.bands import bands_from_values, compute_bands, describe, main as bands_main, percentile_rank, where
+from resnet_demo.bands import bands_from_values, compute_bands, describe, percentile_rank, where
+from resnet_demo.bands import main as bands_main
 from resnet_demo.capture import capture_forward, find_blocks
 from resnet_demo.checkpoints import CIFAR10_CLASSES, ModelCard, file_sha256, load_model, save_weights, tutorial_card
 from resnet_demo.data import Normalise
