@@ -94,11 +94,11 @@ class Registry:
                 if target and not target[2]:
                     figure += f" (below the project's {target[1]:.1%} target: interim weights, see the README)"
                 if card.trained:
-                    lines.append(f"✅ {c.label}: {card.name} on {c.explorer.device}{figure}")
+                    lines.append(f"**{c.label}**: {card.name} on {c.explorer.device}{figure}")
                 else:
-                    lines.append(f"⚠️ {c.label}: {card.name} has UNTRAINED weights; its predictions are noise")
+                    lines.append(f"**{c.label}**: {card.name} has UNTRAINED weights; its predictions are noise")
             else:
-                lines.append(f"⚠️ {c.label}: not available — {c.error}")
+                lines.append(f"**{c.label}**: not available — {c.error}")
         return lines
 
 
@@ -169,7 +169,7 @@ def summarise(analysis: Analysis) -> str:
 
         lines += describe(metrics, analysis.card.reference_bands, outside=10)[:3]
     if not analysis.card.trained:
-        lines.append("⚠️ These weights are **untrained**: the predictions are noise.")
+        lines.append("These weights are **untrained**: the predictions are noise.")
     return "  \n".join(lines)
 
 
