@@ -28,7 +28,7 @@ import torch
 
 from .capture import capture_forward
 from .checkpoints import WEIGHTS_DIR, load_model, tutorial_card
-from .explorer import Explorer
+from .explorer import Explorer, cpu_model
 from .model import build_model
 from .present import build_page
 
@@ -148,16 +148,8 @@ def bench_resnet50(args) -> dict:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version()}
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

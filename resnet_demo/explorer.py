@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,18 @@ from .capture import BlockRecord, capture_forward, find_blocks
 from .checkpoints import ModelCard, load_model
 from .preprocess import Prepared, prepare
 
-__all__ = ["Analysis", "Explorer", "pick_device"]
+__all__ = ["Analysis", "Explorer", "cpu_model", "pick_device"]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one), for benchmark and training records."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def pick_device(preference: str | None = None) -> torch.device:

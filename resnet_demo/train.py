@@ -45,7 +45,7 @@ from .checkpoints import (
 )
 from .data import DEFAULT_CACHE_DIR, DataError, Normalise, load_data, subset
 from .evaluate import evaluate
-from .explorer import pick_device
+from .explorer import cpu_model, pick_device
 from .model import TUTORIAL_CONFIG, ResNetConfig, build_model, count_parameters
 
 __all__ = [
@@ -355,16 +355,8 @@ def hardware_name(device: torch.device) -> str:
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
     if device.type == "mps":
         return f"Apple MPS ({platform.machine()})"
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{model}, {cores} cores, {torch.get_num_threads()} torch threads"
+    return f"{cpu_model()}, {cores} cores, {torch.get_num_threads()} torch threads"
 
 
 def _preset(classes: list[str], channels: int) -> dict:

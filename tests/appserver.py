@@ -6,10 +6,8 @@ import socket
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
-from resnet_demo.checkpoints import MNIST_MEAN, MNIST_STD, WEIGHTS_DIR, save_weights, tutorial_card
-from resnet_demo.model import build_model
+from resnet_demo.checkpoints import WEIGHTS_DIR
+from resnet_demo.loadtest import write_untrained_weights
 
 SHIPPED = ("cifar10_resnet", "mnist_resnet")
 
@@ -24,15 +22,7 @@ def weights_dir(tmp: Path) -> Path:
     """The shipped weights folder if both files are there, else random (untrained) tutorial Nets in ``tmp``."""
     if all((WEIGHTS_DIR / f"{n}.safetensors").is_file() for n in SHIPPED):
         return WEIGHTS_DIR
-    torch.manual_seed(0)
-    for name in SHIPPED:
-        card = tutorial_card(name, trained=False)
-        if name.startswith("mnist"):
-            card.classes = [str(d) for d in range(10)]
-            card.mean, card.std = list(MNIST_MEAN) * 3, list(MNIST_STD) * 3
-            card.colour_mode, card.input_kind, card.dataset = "gray", "drawing", "MNIST"
-        save_weights(build_model(), card, tmp / f"{name}.safetensors")
-    return tmp
+    return write_untrained_weights(tmp)
 
 
 @contextmanager
