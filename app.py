@@ -56,7 +56,7 @@ HOW_TO_READ = {
     "(Jastrzębski et al. 2018). Near 0 the block is almost an identity; near 1 it rewrites its input. "
     "The line: **cosine(F, s)**: positive = the branch amplifies the input, negative = it suppresses it. "
     "Grey bands, when shown, are the 5–95 and 25–75 percentile ranges over the test set.",
-    "lesions": "**Lesion** a block (Veit et al. 2016): remove its branch so that y = relu(x) — only the "
+    "lesions": "**Lesion** a block (Veit et al. 2016): remove its branch so that y = relu(s(x)) — only the "
     "shortcut remains. Residual networks often survive losing one block (they behave like ensembles of shallower "
     "paths); the sweep shows which blocks this image cannot do without. KL is the divergence of the lesioned "
     "prediction from the intact one.",
