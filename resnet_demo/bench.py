@@ -180,8 +180,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image", type=Path, default=EXAMPLE)
     parser.add_argument("--device", action="append", help="cpu and/or cuda (default: cpu, plus cuda when present)")
     parser.add_argument("--resnet50", action="store_true", help="also time a torchvision ResNet-50 analysis")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (the app on a 2-core CPU uses 1 per request)")
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     devices = args.device or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     explorer = shipped_or_random()
     report = {"machine": machine(), "results": [bench_device(explorer, torch.device(d), args) for d in devices]}
