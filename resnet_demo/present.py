@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
@@ -128,7 +128,6 @@ class Page:
     table: list[list]
     summary: str
     detail: Image.Image | None = None
-    timings_ms: dict[str, float] = field(default_factory=dict)
 
 
 def metrics_table(analysis: Analysis, digits: int = 4) -> list[list]:
@@ -181,26 +180,22 @@ def build_page(
     max_channels: int = 16,
 ) -> Page:
     """Render one analysis: top-k, the input as the model saw it, a grid per block, chart and table."""
-    t0 = time.perf_counter()
-    grids = []
-    by_name = {m.name: m for m in analysis.metrics}
-    for rec in analysis.blocks:
-        m = by_name[rec.name]
-        img = feature_grid(getattr(rec, view)[0], signed=view == "f", max_channels=max_channels)
-        grids.append((img, f"{rec.name} · {m.ratio:.2f}"))
-    t1 = time.perf_counter()
-    chart = residual_chart(analysis.metrics, bands=analysis.card.reference_bands or None)
-    t2 = time.perf_counter()
+    grids = [
+        (
+            feature_grid(getattr(rec, view)[0], signed=view == "f", max_channels=max_channels),
+            f"{rec.name} · {m.ratio:.2f}",
+        )
+        for rec, m in zip(analysis.blocks, analysis.metrics)  # metrics are computed from the records, in order
+    ]
     return Page(
         analysis=analysis,
         predictions={p.label: p.prob for p in analysis.predictions},
         model_input=input_image(analysis.input, analysis.card),
         grids=grids,
-        chart=chart,
+        chart=residual_chart(analysis.metrics, bands=analysis.card.reference_bands or None),
         table=metrics_table(analysis),
         summary=summarise(analysis),
         detail=block_detail(analysis, detail_block, view) if detail_block else None,
-        timings_ms={"grids": (t1 - t0) * 1e3, "chart": (t2 - t1) * 1e3},
     )
 
 
