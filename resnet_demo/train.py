@@ -300,7 +300,7 @@ def train(
                 losses.append(loss.detach())
                 corrects.append((logits.detach().argmax(1) == y).sum())
                 bar.update(1)
-                if (i + 1) % cfg.log_every == 0 or i + 1 == steps_per_epoch:
+                if cfg.progress and ((i + 1) % cfg.log_every == 0 or i + 1 == steps_per_epoch):
                     seen = (len(losses) - first) * bs
                     bar.set_postfix_str(
                         f"epoch {epoch + 1}/{cfg.epochs} loss {float(torch.stack(losses[first:]).mean()):.4f} "
@@ -322,13 +322,13 @@ def train(
                     "images_per_s": steps_per_epoch * bs / seconds,
                 }
             )
-            if cfg.progress:
-                bar.write(
-                    f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {ep_loss:.4f}  train acc {100 * ep_acc:6.2f}%  "
-                    f"{seconds:7.1f} s  {steps_per_epoch * bs / seconds:8.0f} img/s  "
-                    f"lr {opt.param_groups[0]['lr']:.4f}",
-                    file=sys.stderr,
-                )
+            # Epoch lines are printed with or without the progress bar (--no-progress drops only the bar).
+            bar.write(
+                f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {ep_loss:.4f}  train acc {100 * ep_acc:6.2f}%  "
+                f"{seconds:7.1f} s  {steps_per_epoch * bs / seconds:8.0f} img/s  "
+                f"lr {opt.param_groups[0]['lr']:.4f}",
+                file=sys.stderr,
+            )
     finally:
         bar.close()
     if ema is not None:

@@ -211,7 +211,7 @@ def test_missing_or_bad_data_sources_give_clear_errors(tmp_path):
 # --- the command line, the card, the weights file ------------------------------------------------
 
 
-def test_train_cli_writes_weights_and_a_card_that_round_trips(tmp_path):
+def test_train_cli_writes_weights_and_a_card_that_round_trips(tmp_path, capsys):
     tar = make_tar(tmp_path / "colours.tar.gz", {"train": 24, "test": 8}, {"red": (200, 40, 40), "blue": (40, 40, 200)})
     out = tmp_path / "weights"
     argv = [
@@ -240,6 +240,9 @@ def test_train_cli_writes_weights_and_a_card_that_round_trips(tmp_path):
         "--no-progress",
     ]
     card = train_main(argv)
+    # --no-progress drops the bar, not the per-epoch lines a log of a long run needs.
+    err = capsys.readouterr().err
+    assert re.search(r"^epoch +1/2 +loss ", err, re.M) and re.search(r"^epoch +2/2 +loss ", err, re.M), err
     path = out / "colours.safetensors"
     assert path.is_file() and path.stat().st_size < 10 * 2**20
     assert card.weights_sha256 == file_sha256(path)
