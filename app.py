@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from resnet_demo import present  # noqa: E402
 from resnet_demo.checkpoints import WEIGHTS_DIR, WeightsError  # noqa: E402
-from resnet_demo.explorer import Explorer  # noqa: E402
+from resnet_demo.explorer import Explorer, tune_malloc  # noqa: E402
 from resnet_demo.render import VIEWS  # noqa: E402
 
 try:  # Hugging Face Spaces with ZeroGPU: the decorated function gets a GPU for its duration.
@@ -350,6 +350,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    tune_malloc()  # keep freed activation memory for the next request (a few % of every forward)
     registry = build_registry(args)
     for line in registry.status():
         print(line)
@@ -361,10 +362,12 @@ def main(argv: list[str] | None = None) -> None:
     demo = make_demo(registry, default_model="custom" if custom is not None else present.AUTO)
     gpu_present = any(c.explorer is not None and c.explorer.device.type == "cuda" for c in registry.choices.values())
     concurrency = args.concurrency or (4 if gpu_present else 2)
-    if not gpu_present:
-        # Requests are single images: intra-op threads buy little and fight each other when several
-        # analyses run at once, so the cores are shared out between concurrent requests instead.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // concurrency))
+    # Requests are single images: intra-op threads buy little and fight each other when several
+    # analyses run at once, so the cores are shared out between concurrent requests instead (on a GPU
+    # machine too: decoding, metrics and drawing stay on the CPU).
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // concurrency))
+    if gpu_present:
+        torch.backends.cudnn.benchmark = True  # inputs have a fixed size per model: autotune once
     demo.queue(default_concurrency_limit=concurrency, max_size=256)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD,
                 theme=THEME, footer_links=["api"])

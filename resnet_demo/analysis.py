@@ -59,36 +59,31 @@ def _safe_div(a: torch.Tensor, b: torch.Tensor, zero_over_zero: float) -> torch.
 def block_metrics(records: list[BlockRecord]) -> list[list[BlockMetrics]]:
     """Metrics for every image of the batch and every block: ``result[image][block]``.
 
-    Computed in float64 so they can be checked against a hand computation to ~1e-12.
+    Computed in float64 so they can be checked against a hand computation to ~1e-12. Each tensor is
+    converted once (an identity shortcut's s is x's copy, so it is converted once for both) and each
+    block's scalars leave torch in one ``tolist``: the metrics cost ~2 ms a page, not ~5.
     """
     per_block = []
     for rec in records:
         f = rec.f.flatten(1).double()  # (B, C*H*W)
-        s = rec.s.flatten(1).double()
-        nf, ns = f.norm(dim=1), s.norm(dim=1)
-        dot = (f * s).sum(dim=1)
+        x = rec.x.flatten(1).double()
+        s = x if rec.s is rec.x else rec.s.flatten(1).double()
+        nf, ns = torch.linalg.vector_norm(f, dim=1), torch.linalg.vector_norm(s, dim=1)
+        nx = ns if s is x else torch.linalg.vector_norm(x, dim=1)
+        dot = torch.linalg.vecdot(f, s)
         cosine = torch.where((nf > 0) & (ns > 0), dot / (nf * ns).clamp_min(1e-300), torch.zeros_like(dot))
-        per_block.append(
-            dict(
-                ratio=_safe_div(nf, ns, 0.0),
-                cosine=cosine,
-                norm_x=rec.x.flatten(1).double().norm(dim=1),
-                norm_f=nf,
-                norm_y=rec.y.flatten(1).double().norm(dim=1),
-                active=(rec.y.flatten(1) > 0).double().mean(dim=1),
-                channel_f=rec.f.double().abs().mean(dim=(2, 3)),  # (B, C)
-            )
-        )
+        y = rec.y.flatten(1)
+        ny = torch.linalg.vector_norm(y, dim=1, dtype=torch.float64)
+        active = (y > 0).sum(dim=1, dtype=torch.float64) / y.shape[1]
+        # columns in METRIC_NAMES order: ratio, cosine, norm_x, norm_f, norm_y, active
+        scalars = torch.stack([_safe_div(nf, ns, 0.0), cosine, nx, nf, ny, active], dim=1).tolist()
+        channel_f = f.view(*rec.f.shape[:2], -1).abs().mean(dim=2).float().cpu().numpy()  # (B, C)
+        per_block.append((scalars, channel_f))
     batch = records[0].y.shape[0] if records else 0
     return [
         [
-            BlockMetrics(
-                rec.name,
-                rec.stage,
-                **{k: float(m[k][i]) for k in METRIC_NAMES},
-                channel_f=m["channel_f"][i].float().cpu().numpy(),
-            )
-            for rec, m in zip(records, per_block)
+            BlockMetrics(rec.name, rec.stage, *scalars[i], channel_f=channel_f[i])
+            for rec, (scalars, channel_f) in zip(records, per_block)
         ]
         for i in range(batch)
     ]

@@ -29,7 +29,7 @@ import torch
 
 from .capture import capture_forward
 from .checkpoints import WEIGHTS_DIR, load_model, tutorial_card
-from .explorer import Explorer, cpu_model
+from .explorer import Explorer, cpu_model, tune_malloc
 from .model import build_model
 from .present import build_page
 
@@ -92,7 +92,30 @@ def shipped_or_random(name: str = "cifar10_resnet") -> Explorer:
     return Explorer(model, card, "cpu")
 
 
+def graph_fns(ex: Explorer, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """What the GPU does once Python's per-layer launch cost is gone: the bare forward replayed from a
+    CUDA graph, and the Explorer's own graphed capture (its copy to the host included)."""
+    device = x.device
+    bare_graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode():
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                ex.model(x)
+        torch.cuda.current_stream(device).wait_stream(side)
+        with torch.cuda.graph(bare_graph):
+            ex.model(x)
+    graphed = ex._graph(tuple(x.shape))
+    if graphed is None:
+        raise RuntimeError("the Explorer could not record its capture as a CUDA graph (see the warning)")
+    host_x = x.cpu()  # requests arrive from the host
+    return {"bare_forward_graph": bare_graph.replay, "forward_with_capture_graph": lambda: graphed(host_x)}
+
+
 def bench_device(explorer: Explorer, device: torch.device, args) -> dict:
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the app sets it on a GPU
     ex = Explorer(explorer.model, explorer.card, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     size = ex.card.input_size
@@ -109,18 +132,27 @@ def bench_device(explorer: Explorer, device: torch.device, args) -> dict:
     def full():
         build_page(ex.analyze(str(args.image), k=5))
 
-    lat = interleaved({"bare_forward": bare, "forward_with_capture": captured}, args.runs, args.warmup, sync)
+    fns = {"bare_forward": bare, "forward_with_capture": captured}
+    if device.type == "cuda":
+        try:
+            fns.update(graph_fns(ex, x))
+        except RuntimeError as exc:  # report it and time the eager path
+            result["graph_error"] = f"{type(exc).__name__}: {exc}"
+    lat = interleaved(fns, args.runs, args.warmup, sync)
     result.update(lat)
     result["capture_overhead_pct"] = 100 * (lat["forward_with_capture"]["p50_ms"] / lat["bare_forward"]["p50_ms"] - 1)
     result["full_analysis"] = timed(full, args.runs, args.warmup, sync)
+    if device.type == "cuda":
+        eager = Explorer(ex.model, ex.card, device, cuda_graphs=False)
+        result["full_analysis_eager"] = timed(
+            lambda: build_page(eager.analyze(str(args.image), k=5)), args.runs, args.warmup, sync
+        )
 
     # Batch throughput is the offline-inference figure: on CUDA in bf16 with channels_last and cuDNN's
     # autotuner, the way a GPU serves batches; on the CPU in fp32, as the app runs there.
     throughput = {}
     amp = device.type == "cuda"
     fmt = torch.channels_last if amp else torch.contiguous_format
-    if amp:
-        torch.backends.cudnn.benchmark = True
     batch_model = copy.deepcopy(ex.model).to(memory_format=fmt)
     for bs in args.batch_sizes:
         xb = torch.randn(bs, ex.in_channels, size, size, device=device).to(memory_format=fmt)
@@ -170,10 +202,19 @@ def print_table(report: dict) -> None:
     print(f"machine: {report['machine']}")
     for r in report["results"]:
         print(f"\n== {r['model']} on {r['device']} ==")
-        for key in ("bare_forward", "forward_with_capture", "full_analysis"):
+        for key in (
+            "bare_forward",
+            "bare_forward_graph",
+            "forward_with_capture",
+            "forward_with_capture_graph",
+            "full_analysis",
+            "full_analysis_eager",
+        ):
             if key in r:
                 t = r[key]
                 print(f"  {key:<22} p50 {t['p50_ms']:8.2f} ms   p95 {t['p95_ms']:8.2f} ms")
+        if "graph_error" in r:
+            print(f"  CUDA graphs failed: {r['graph_error']}")
         if "capture_overhead_pct" in r:
             print(f"  {'capture overhead':<22} {r['capture_overhead_pct']:+.1f}% of the bare forward (p50)")
         for bs, t in r.get("throughput", {}).items():
@@ -193,12 +234,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resnet50", action="store_true", help="also time a torchvision ResNet-50 analysis")
     parser.add_argument("--threads", type=int, help="torch CPU threads (the app on a 2-core CPU uses 1 per request)")
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
+    parser.add_argument("--glibc-defaults", action="store_true",
+                        help="leave glibc's malloc settings alone (the app tunes them; see explorer.tune_malloc)")
     args = parser.parse_args(argv)
+    malloc_tuned = False if args.glibc_defaults else tune_malloc()
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = args.device or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     explorer = shipped_or_random()
-    report = {"machine": machine(), "results": [bench_device(explorer, torch.device(d), args) for d in devices]}
+    report = {"machine": {**machine(), "malloc_tuned": malloc_tuned},
+              "results": [bench_device(explorer, torch.device(d), args) for d in devices]}
     if args.resnet50:
         report["results"].append(bench_resnet50(args))
     print_table(report)

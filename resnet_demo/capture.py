@@ -11,6 +11,12 @@ and torchvision's ``BasicBlock`` / ``Bottleneck``. For each block three hooks ar
 Hooks exist only inside :func:`capture`, are removed in ``finally``, and act only for the thread that
 opened the capture: another thread running the same model at the same time is neither recorded nor
 lesioned, so concurrent requests on one shared model never mix.
+
+Recorded tensors are copies wherever the model could change them in place later in the pass
+(torchvision's blocks add the shortcut into F and apply an in-place ReLU). The project's own
+:class:`~resnet_demo.model.ResNet` never writes into a tensor it has produced, so for it the hooks
+keep the activations themselves: each pass allocates fresh outputs, and skipping 20 copies is a
+third of what capturing costs.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .model import ResidualBlock
+from .model import ResidualBlock, ResNet
 
 __all__ = ["BlockRecord", "BlockSpec", "Capture", "capture", "capture_forward", "find_blocks"]
 
@@ -43,7 +49,7 @@ class BlockSpec:
 
 @dataclass
 class BlockRecord:
-    """Detached copies of one block's tensors, each (B, C, H, W)."""
+    """One block's tensors, detached, each (B, C, H, W); the model never writes into them again."""
 
     name: str
     stage: int
@@ -108,6 +114,16 @@ def _copy(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone()
 
 
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    return t.detach()
+
+
+def _needs_copies(model: nn.Module) -> bool:
+    """False only for the project's ResNet itself (not a subclass, whose forward could differ), with
+    no in-place module in it: its forward creates a new tensor at every step."""
+    return type(model) is not ResNet or any(getattr(m, "inplace", False) for m in model.modules())
+
+
 @contextmanager
 def capture(
     model: nn.Module,
@@ -135,6 +151,7 @@ def capture(
     recorded = _select(specs, blocks, "capture") if record else []
     lesioned = {s.name for s in _select(specs, lesion, "lesion")}
     owner = threading.get_ident()
+    copy = _copy if _needs_copies(model) else _keep
     result = Capture(recorded, {s.name: BlockRecord(s.name, s.stage) for s in recorded})
     handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -145,7 +162,7 @@ def capture(
             if zero:
                 output = torch.zeros_like(output)
             if rec is not None:
-                rec.f = _copy(output)
+                rec.f = copy(output)
             return output if zero else None
 
         return hook
@@ -153,7 +170,7 @@ def capture(
     def on_shortcut(rec: BlockRecord):
         def hook(_module, _inputs, output):
             if threading.get_ident() == owner:
-                rec.s = _copy(output)
+                rec.s = copy(output)
 
         return hook
 
@@ -164,10 +181,10 @@ def capture(
         def hook(_module, inputs, output):
             if threading.get_ident() == owner:
                 x = inputs[0]
-                rec.x = previous[1] if x is previous[0] else _copy(x)
+                rec.x = previous[1] if x is previous[0] else copy(x)
                 if identity:
                     rec.s = rec.x
-                rec.y = _copy(output)
+                rec.y = copy(output)
                 previous[:] = [output, rec.y]
 
         return hook

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import math
 import platform
+import sys
+import threading
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +21,7 @@ from .capture import BlockRecord, capture_forward, find_blocks
 from .checkpoints import ModelCard, load_model
 from .preprocess import Prepared, prepare
 
-__all__ = ["Analysis", "Explorer", "cpu_model", "pick_device"]
+__all__ = ["Analysis", "Explorer", "cpu_model", "pack_records", "pick_device", "tune_malloc", "unpack_records"]
 
 
 def cpu_model() -> str:
@@ -28,6 +33,31 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
+
+
+def tune_malloc(mmap_mb: int = 16, trim_mb: int = 64) -> bool:
+    """Let glibc keep freed activation memory mapped for the next forward pass instead of returning it.
+
+    A forward pass allocates and frees dozens of activation tensors of a few hundred KB. With glibc's
+    defaults, blocks above the (dynamic) mmap threshold are mapped and unmapped on every pass and the
+    heap top is trimmed, so each pass page-faults fresh memory. That costs a few percent of a batch-1
+    forward on a small CPU, and more when a capture keeps 20 activations alive. Fixing the mmap
+    threshold at ``mmap_mb`` and trimming only above ``trim_mb`` keeps that memory in the heap for
+    reuse. Process-wide; the app and the benchmark call it at start.
+
+    Returns:
+        True if both settings were accepted; False (nothing changed) where the C library is not glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # musl and others
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_mb << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_mb << 20))
 
 
 def pick_device(preference: str | None = None) -> torch.device:
@@ -48,6 +78,83 @@ def pick_device(preference: str | None = None) -> torch.device:
     if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+# --- moving a capture off the device in one copy ----------------------------------------------------
+
+_FIELDS = ("x", "f", "s", "y")
+
+
+def pack_records(logits: torch.Tensor, records: list[BlockRecord]) -> tuple[torch.Tensor, list]:
+    """Flatten logits and every record's tensors into one float32 tensor on their device.
+
+    A tensor shared between fields (an identity shortcut's ``s`` is its ``x``; a block's ``x`` is
+    the previous block's ``y``) is stored once. Returns the flat tensor and the layout that
+    :func:`unpack_records` needs: ``[(shape of logits), [(name, stage, (slot of x, f, s, y)), ...],
+    [(offset, shape) of each slot]]``.
+    """
+    slots: dict[int, int] = {}
+    tensors: list[torch.Tensor] = []
+
+    def slot(t: torch.Tensor) -> int:
+        if id(t) not in slots:
+            slots[id(t)] = len(tensors)
+            tensors.append(t)
+        return slots[id(t)]
+
+    blocks = [(r.name, r.stage, tuple(slot(getattr(r, k)) for k in _FIELDS)) for r in records]
+    offsets, at = [], logits.numel()
+    for t in tensors:
+        offsets.append((at, tuple(t.shape)))
+        at += t.numel()
+    flat = torch.cat([logits.reshape(-1).float(), *(t.reshape(-1).float() for t in tensors)])
+    return flat, [tuple(logits.shape), blocks, offsets]
+
+
+def unpack_records(flat: torch.Tensor, layout: list) -> tuple[torch.Tensor, list[BlockRecord]]:
+    """Inverse of :func:`pack_records`: logits and records as views of ``flat``, sharing as before."""
+    logits_shape, blocks, offsets = layout
+    views = [flat[at : at + math.prod(shape)].view(shape) for at, shape in offsets]
+    records = [BlockRecord(name, stage, *(views[i] for i in idx)) for name, stage, idx in blocks]
+    return flat[: math.prod(logits_shape)].view(logits_shape), records
+
+
+_MAX_GRAPHS = 4  # recorded input shapes per explorer; the shipped models need one each
+
+
+class _GraphedCapture:
+    """The lesion-free capture forward of one input shape on CUDA, recorded once as a CUDA graph.
+
+    Eager PyTorch spends tens of microseconds of Python and launch work per layer, so on a fast GPU a
+    batch-1 forward of a small ResNet waits on the CPU, not the GPU. A graph replays every kernel,
+    the hooks' copies and the packing into one flat buffer included, from a single launch; a reply is
+    then one device-to-host copy. The buffers are shared, so replays take a lock (each is short).
+    """
+
+    def __init__(self, model: nn.Module, shape: tuple[int, ...], device: torch.device) -> None:
+        self.lock = threading.Lock()
+        self.x = torch.zeros(shape, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm-up outside the graph: cuDNN autotuning, lazy initialisation
+                self._forward(model)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: other threads' eager CUDA work during the recording is not an error
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.flat, self.layout = self._forward(model)
+
+    def _forward(self, model: nn.Module) -> tuple[torch.Tensor, list]:
+        logits, records = capture_forward(model, self.x)
+        return pack_records(logits, records)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, list[BlockRecord]]:
+        with self.lock:
+            self.x.copy_(x)
+            self.graph.replay()
+            flat = self.flat.cpu()  # waits for the replay; a new CPU tensor, so the lock can go
+        return unpack_records(flat, self.layout)
 
 
 @dataclass
@@ -78,15 +185,29 @@ class Explorer:
     capture's hooks act only for the thread that registered them) and never change the model.
     """
 
-    def __init__(self, model: nn.Module, card: ModelCard, device: str | torch.device | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        card: ModelCard,
+        device: str | torch.device | None = None,
+        *,
+        cuda_graphs: bool = True,
+    ) -> None:
+        """``cuda_graphs``: on CUDA, replay lesion-free batch-1 analyses from a recorded graph
+        (same numbers, a fraction of the launch cost); ignored elsewhere."""
         self.device = pick_device(device) if not isinstance(device, torch.device) else device
         self.model = model.eval().to(self.device)
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._graphs: dict[tuple[int, ...], _GraphedCapture | None] = {}
+        self._graphs_lock = threading.Lock()
         self.card = card
         self.blocks = find_blocks(self.model)
         if not self.blocks:
             raise ValueError(f"{type(model).__name__} has no residual blocks to explore")
         first = next(m for m in self.model.modules() if isinstance(m, nn.Conv2d))
         self.in_channels = first.in_channels
+        if self.cuda_graphs:  # record the common case now, before requests arrive from several threads
+            self._graph((1, self.in_channels, card.input_size, card.input_size))
 
     @classmethod
     def from_weights(
@@ -129,10 +250,14 @@ class Explorer:
             prepared = self.prepare(source, kind)
             x, kind = prepared.tensor, prepared.kind
         lesion = tuple(lesion)
-        logits, records = capture_forward(self.model, x.to(self.device), lesion=lesion)
-        if self.device.type != "cpu":
-            for r in records:
-                r.x, r.f, r.s, r.y = (t.float().cpu() for t in (r.x, r.f, r.s, r.y))
+        graph = self._graph(tuple(x.shape)) if not lesion else None
+        if graph is not None:
+            logits, records = graph(x)
+        else:
+            logits, records = capture_forward(self.model, x.to(self.device), lesion=lesion)
+            if self.device.type != "cpu":  # one device-to-host copy, not one per tensor
+                flat, layout = pack_records(logits, records)
+                logits, records = unpack_records(flat.cpu(), layout)
         logits = logits[0].float().cpu()
         return Analysis(
             card=self.card,
@@ -144,3 +269,20 @@ class Explorer:
             metrics=block_metrics(records)[0],
             lesioned=lesion,
         )
+
+    def _graph(self, shape: tuple[int, ...]) -> _GraphedCapture | None:
+        """The recorded graph for batch-1 inputs of ``shape``, made on first use; ``None`` to run eagerly."""
+        if not self.cuda_graphs or shape[0] != 1:
+            return None
+        with self._graphs_lock:
+            if shape not in self._graphs:
+                if len(self._graphs) >= _MAX_GRAPHS:  # inputs of ever new sizes: keep GPU memory bounded
+                    return None
+                try:
+                    self._graphs[shape] = _GraphedCapture(self.model, shape, self.device)
+                except RuntimeError as exc:  # a model whose forward cannot be recorded: say so, run it eagerly
+                    warnings.warn(
+                        f"CUDA graph capture failed for input {shape}, analysing eagerly: {exc}", stacklevel=3
+                    )
+                    self._graphs[shape] = None
+            return self._graphs[shape]

@@ -125,6 +125,25 @@ def _font(size: int):
         return ImageFont.load_default(size=size)
 
 
+@lru_cache(maxsize=1024)
+def _text_mask(text: str, size: int, anchor: str) -> tuple[Image.Image, int, int]:
+    """``text`` rendered once as an 8-bit mask, with the offset of its box from the anchor point."""
+    from PIL import ImageDraw
+
+    font = _font(size)
+    left, top, right, bottom = font.getbbox(text, anchor=anchor)
+    mask = Image.new("L", (max(1, right - left), max(1, bottom - top)), 0)
+    ImageDraw.Draw(mask).text((-left, -top), text, fill=255, font=font, anchor=anchor)
+    return mask, left, top
+
+
+def _text(img: Image.Image, xy: tuple[float, float], text: str, fill: str, size: int, anchor: str) -> None:
+    """Draw ``text`` like ``ImageDraw.text`` but from a cache: a chart's labels repeat from page to page,
+    and rasterising glyphs was most of a chart's cost."""
+    mask, left, top = _text_mask(text, size, anchor)
+    img.paste(fill, (round(xy[0]) + left, round(xy[1]) + top), mask)
+
+
 def residual_chart(
     metrics: list[BlockMetrics],
     *,
@@ -151,7 +170,6 @@ def residual_chart(
     left, right, top, bottom = 62 * k, 62 * k, 46 * k, 44 * k
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
-    f_small, f_mid = _font(11 * k), _font(12 * k)
     ref = (bands or {}).get("ratio", {})
     finite = [m.ratio for m in metrics if math.isfinite(m.ratio)]
     peak = max(finite + [ref[m.name]["p95"] for m in metrics if m.name in ref] + [1e-3])
@@ -169,10 +187,10 @@ def residual_chart(
     while tick <= ymax + 1e-9:
         y = ry(tick)
         d.line([(x0, y), (x1, y)], fill="#e6e6e6", width=k)
-        d.text((x0 - 6 * k, y), f"{tick:g}", fill="#333333", font=f_small, anchor="rm")
+        _text(img, (x0 - 6 * k, y), f"{tick:g}", "#333333", 11 * k, "rm")
         tick += ystep
     for c in (-1, -0.5, 0, 0.5, 1):
-        d.text((x1 + 6 * k, cy(c)), f"{c:g}", fill="#333333", font=f_small, anchor="lm")
+        _text(img, (x1 + 6 * k, cy(c)), f"{c:g}", "#333333", 11 * k, "lm")
     for i, m in enumerate(metrics):
         cx = x0 + slot * (i + 0.5)
         if m.name in ref:
@@ -187,8 +205,8 @@ def residual_chart(
         if m.name in ref and math.isfinite(m.ratio):
             rank = percentile_rank(m.ratio, ref[m.name])
             if rank >= 95 or rank <= 5:
-                d.text((cx, ry(m.ratio) - 3 * k), "▲" if rank >= 95 else "▼", fill="#b00020", font=f_mid, anchor="mb")
-        d.text((cx, y1 + 8 * k), m.name, fill="#222222", font=f_small if slot > 52 * k else _font(9 * k), anchor="mt")
+                _text(img, (cx, ry(m.ratio) - 3 * k), "▲" if rank >= 95 else "▼", "#b00020", 12 * k, "mb")
+        _text(img, (cx, y1 + 8 * k), m.name, "#222222", (11 if slot > 52 * k else 9) * k, "mt")
     d.line([(cx_, cy(0)) for cx_ in (x0, x1)], fill="#999999", width=k)  # cosine = 0
     points = [(x0 + slot * (i + 0.5), cy(max(-1.0, min(1.0, m.cosine)))) for i, m in enumerate(metrics)]
     if len(points) > 1:
@@ -196,11 +214,11 @@ def residual_chart(
     for x, y in points:
         d.ellipse([x - 3 * k, y - 3 * k, x + 3 * k, y + 3 * k], fill="black")
     d.rectangle([x0, y0, x1, y1], outline="#888888", width=k)
-    d.text((x0, y0 - 24 * k), title, fill="#111111", font=f_mid, anchor="ls")
+    _text(img, (x0, y0 - 24 * k), title, "#111111", 12 * k, "ls")
     legend = "bars: ‖F(x)‖/‖s(x)‖ (left axis)   ●—● cosine(F, s) (right axis)"
     if ref:
         legend += "   grey: test-set 5–95 / 25–75 %"
-    d.text((x0, y0 - 7 * k), legend, fill="#444444", font=f_small, anchor="ls")
+    _text(img, (x0, y0 - 7 * k), legend, "#444444", 11 * k, "ls")
     return img.reduce(k)  # box-filter downsampling: the antialiasing, at a fraction of LANCZOS's cost
 
 

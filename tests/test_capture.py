@@ -8,6 +8,7 @@ from conftest import TINY_PROJ, randomise_bn
 
 from resnet_demo.analysis import block_metrics, topk
 from resnet_demo.capture import capture, capture_forward, find_blocks
+from resnet_demo.explorer import pack_records, unpack_records
 from resnet_demo.model import build_model
 
 
@@ -191,3 +192,46 @@ def test_lesion_nothing_gives_intact_logits_and_lesion_equals_hand_forward(seed_
     with torch.inference_mode():
         assert torch.equal(seed_model(x), intact)
     assert hook_count(seed_model) == 0
+
+
+def test_pack_and_unpack_move_a_capture_in_one_tensor_and_keep_its_sharing(tiny_model):
+    # The GPU path packs logits and every record into one tensor for a single device-to-host copy.
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 16, 16)
+    logits, records = capture_forward(tiny_model, x)
+    flat, layout = pack_records(logits, records)
+    unique = {id(t) for r in records for t in (r.x, r.f, r.s, r.y)}
+    assert flat.ndim == 1 and flat.numel() == logits.numel() + sum(
+        t.numel() for t in {id(t): t for r in records for t in (r.x, r.f, r.s, r.y)}.values()
+    )
+    assert len(unique) < 4 * len(records)  # identity shortcuts and chained blocks share copies
+    logits2, records2 = unpack_records(flat.clone(), layout)
+    assert torch.equal(logits2, logits)
+    for a, b in zip(records, records2, strict=True):
+        assert (a.name, a.stage) == (b.name, b.stage)
+        for k in ("x", "f", "s", "y"):
+            assert torch.equal(getattr(a, k), getattr(b, k)), (a.name, k)
+        assert (a.s is a.x) == (b.s is b.x)
+    for prev, nxt in zip(records2, records2[1:]):
+        same = next(r for r in records if r.name == nxt.name).x is next(r for r in records if r.name == prev.name).y
+        assert (nxt.x is prev.y) == same
+    assert block_metrics(records2)[1][0].ratio == block_metrics(records)[1][0].ratio
+
+
+def test_a_module_that_writes_in_place_after_a_block_does_not_change_its_record(tiny_model):
+    # The project's ResNet is recorded without copies (it never writes into its outputs); any model
+    # with an in-place module gets copies, so a later in-place write cannot reach a record.
+    class AddOneInPlace(torch.nn.Module):
+        inplace = True
+
+        def forward(self, t):
+            return t.add_(1.0)
+
+    torch.manual_seed(2)
+    x = torch.randn(1, 3, 16, 16)
+    _, plain = capture_forward(tiny_model, x)
+    tiny_model.stages[1].transition = torch.nn.Sequential(AddOneInPlace(), tiny_model.stages[1].transition)
+    _, records = capture_forward(tiny_model, x)
+    last_of_stage1 = records[1]  # TINY: stage 1 has blocks res1, res2
+    assert torch.equal(last_of_stage1.y, plain[1].y)
+    assert torch.equal(last_of_stage1.y, F.relu(last_of_stage1.f + last_of_stage1.s))
