@@ -25,6 +25,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -120,21 +121,32 @@ def compute_bands(
 def percentile_rank(value: float, band: dict[str, float]) -> float:
     """Where ``value`` falls among the data set, in percent, by linear interpolation between the stored
     percentiles; clamped to the outermost ones (a value above ``p95`` ranks 95)."""
-    qs = sorted((float(k[1:]), float(v)) for k, v in band.items() if k.startswith("p"))
-    if not qs:
+    table = _rank_table(tuple((k, float(v)) for k, v in band.items() if k.startswith("p")))
+    if table is None:
         raise ValueError(f"band {band} holds no percentiles")
+    unique, mid, lowest, highest = table
+    if value > unique[-1]:
+        return highest
+    if value < unique[0]:
+        return lowest
+    if len(unique) == 1:
+        return float(mid[0])
+    return float(np.interp(value, unique, mid))
+
+
+@lru_cache(maxsize=256)
+def _rank_table(percentiles: tuple[tuple[str, float], ...]):
+    """A band's distinct levels, the rank of each, and its outermost ranks; cached, since a page ranks
+    ~20 values against the same few bands."""
+    qs = sorted((float(k[1:]), v) for k, v in percentiles)
+    if not qs:
+        return None
     ranks = np.array([q for q, _ in qs])
     levels = np.maximum.accumulate(np.array([v for _, v in qs]))
     # Tied percentiles (a metric that is constant over part of the data) share their middle rank.
     unique = np.unique(levels)
     mid = np.array([ranks[levels == u].mean() for u in unique])
-    if len(unique) == 1:
-        return float(mid[0]) if value == unique[0] else float(ranks[-1] if value > unique[0] else ranks[0])
-    if value > unique[-1]:
-        return float(ranks[-1])
-    if value < unique[0]:
-        return float(ranks[0])
-    return float(np.interp(value, unique, mid))
+    return unique, mid, float(ranks[0]), float(ranks[-1])
 
 
 def where(

@@ -72,18 +72,38 @@ def feature_grid(
         levels = (maps / scale * 127.5 + 127.5).clip(0, 255)
     else:
         levels = (np.maximum(maps, 0) / scale * 255.0).clip(0, 255)
-    rgb = _lut("RdBu_r" if signed else "magma")[levels.astype(np.uint8)]  # (n, H, W, 3)
+    codes = np.empty(n * h * w + 1, dtype=np.int16)  # colour-map entry of every pixel, then the padding's
+    codes[:-1] = levels.astype(np.uint8).ravel()
+    codes[-1] = 256
     rep = max(1, cell // max(h, w))
-    rgb = rgb.repeat(rep, axis=1).repeat(rep, axis=2)
+    # Two gathers build the canvas, upscaling and padding included: a few times faster than tiling.
+    lut = _lut_padded("RdBu_r" if signed else "magma")
+    canvas = np.take(lut, np.take(codes, _grid_index(n, h, w, rep, pad)), axis=0)
+    return Image.fromarray(canvas)
+
+
+@cache
+def _lut_padded(name: str) -> np.ndarray:
+    """The colour map's 256 entries and white for the padding: (257, 3)."""
+    return np.concatenate([_lut(name), np.full((1, 3), 255, dtype=np.uint8)])
+
+
+@lru_cache(maxsize=64)
+def _grid_index(n: int, h: int, w: int, rep: int, pad: int) -> np.ndarray:
+    """For every canvas pixel of a grid of ``n`` (h, w) tiles enlarged ``rep`` times (nearest neighbour)
+    with ``pad`` pixels between them, the index of its source pixel in the flattened tiles; ``n*h*w``
+    (the padding) elsewhere. Tiles fill a near-square grid row by row."""
     th, tw = h * rep, w * rep
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    canvas = np.full((rows * (th + pad) + pad, cols * (tw + pad) + pad, 3), 255, dtype=np.uint8)
+    index = np.full((rows * (th + pad) + pad, cols * (tw + pad) + pad), n * h * w, dtype=np.intp)
+    tile = (np.arange(th) // rep)[:, None] * w + (np.arange(tw) // rep)[None, :]
     for i in range(n):
         r, c = divmod(i, cols)
         y0, x0 = pad + r * (th + pad), pad + c * (tw + pad)
-        canvas[y0 : y0 + th, x0 : x0 + tw] = rgb[i]
-    return Image.fromarray(canvas)
+        index[y0 : y0 + th, x0 : x0 + tw] = i * h * w + tile
+    index.flags.writeable = False
+    return index
 
 
 def input_image(tensor: torch.Tensor, card: ModelCard, size: int = 160) -> Image.Image:
