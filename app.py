@@ -350,7 +350,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    tune_malloc()  # keep freed activation memory for the next request (a few % of every forward)
     registry = build_registry(args)
     for line in registry.status():
         print(line)
@@ -366,6 +365,9 @@ def main(argv: list[str] | None = None) -> None:
     # analyses run at once, so the cores are shared out between concurrent requests instead (on a GPU
     # machine too: decoding, metrics and drawing stay on the CPU).
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // concurrency))
+    # Keep freed activation memory for the next request (a few % of every forward), in one malloc
+    # arena per concurrent analysis rather than one per pool thread (RSS).
+    tune_malloc(arenas=max(2, concurrency))
     if gpu_present:
         torch.backends.cudnn.benchmark = True  # inputs have a fixed size per model: autotune once
     demo.queue(default_concurrency_limit=concurrency, max_size=256)

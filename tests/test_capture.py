@@ -1,3 +1,5 @@
+import platform
+import sys
 import threading
 
 import numpy as np
@@ -8,7 +10,7 @@ from conftest import TINY_PROJ, randomise_bn
 
 from resnet_demo.analysis import block_metrics, topk
 from resnet_demo.capture import capture, capture_forward, find_blocks
-from resnet_demo.explorer import pack_records, unpack_records
+from resnet_demo.explorer import pack_records, tune_malloc, unpack_records
 from resnet_demo.model import build_model
 
 
@@ -235,3 +237,20 @@ def test_a_module_that_writes_in_place_after_a_block_does_not_change_its_record(
     last_of_stage1 = records[1]  # TINY: stage 1 has blocks res1, res2
     assert torch.equal(last_of_stage1.y, plain[1].y)
     assert torch.equal(last_of_stage1.y, F.relu(last_of_stage1.f + last_of_stage1.s))
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"), reason="glibc only")
+def test_tune_malloc_applies_on_glibc_and_changes_nothing_elsewhere(monkeypatch):
+    import resnet_demo.explorer as explorer
+
+    assert tune_malloc() is True
+    calls = []
+
+    def no_such_library(name):
+        calls.append(name)
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(explorer.ctypes, "CDLL", no_such_library)
+    assert tune_malloc() is False and calls == ["libc.so.6"]  # musl & co.: no libc.so.6, nothing changed
+    monkeypatch.setattr(explorer.sys, "platform", "darwin")
+    assert tune_malloc() is False and calls == ["libc.so.6"]  # not even looked up off Linux
