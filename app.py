@@ -104,6 +104,10 @@ class PhotoInput(gr.Image):
 
 
 N_OUTPUTS = 12
+# Gradio keeps every session's page state (~150 KB here: a copy of the page's component configs)
+# until this many newer sessions have come; its default, 10,000, would let a public demo grow by
+# ~1.5 GB. A session evicted while its tab is still open loses only the tools' memory of its image.
+SESSIONS = 1000
 SELECT_BRUSH_JS = """() => { setTimeout(() => {
   const b = document.querySelector('#sketchpad button[aria-label="Brush"]'); if (b) b.click(); }, 150); }"""
 
@@ -345,6 +349,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--classes", help="with --arch: a file of class names, one per line, for a fine-tuned model")
     parser.add_argument("--concurrency", type=int, default=None,
                         help="analyses run at once (default: 2 on a CPU, 4 on a GPU)")
+    parser.add_argument("--sessions", type=int, default=SESSIONS,
+                        help=f"browser sessions whose page state is kept, most recent first (default {SESSIONS})")
     return parser.parse_args(argv)
 
 
@@ -372,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cudnn.benchmark = True  # inputs have a fixed size per model: autotune once
     demo.queue(default_concurrency_limit=concurrency, max_size=256)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD,
-                theme=THEME, footer_links=["api"])
+                theme=THEME, footer_links=["api"], state_session_capacity=args.sessions)
 
 
 if __name__ == "__main__":

@@ -197,3 +197,22 @@ def test_a_lesion_before_any_image_is_a_clear_error(server):
     fresh = Client(client.src, verbose=False)
     with pytest.raises(AppError, match="Analyse an image first"):
         fresh.predict("auto", 5, [], api_name="/lesion")
+
+
+def test_main_bounds_the_sessions_gradio_keeps(monkeypatch):
+    # Gradio holds every session's page state until `state_session_capacity` newer ones arrive.
+    import gradio as gr
+    import torch
+
+    import app
+
+    launched = []
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: launched.append(kw))
+    threads = torch.get_num_threads()
+    try:
+        app.main(["--port", "7861"])
+        app.main(["--port", "7861", "--sessions", "50"])
+    finally:
+        torch.set_num_threads(threads)  # main shares the cores out between requests; not for later tests
+    assert [kw["state_session_capacity"] for kw in launched] == [app.SESSIONS, 50]
+    assert app.SESSIONS == 1000 and launched[0]["max_file_size"] == app.MAX_UPLOAD
