@@ -356,6 +356,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if torch.cuda.is_available() and not (args.device or "").startswith(("cpu", "mps")):
+        # Inputs have a fixed size per model: autotune once. Set before the models load, since each
+        # Explorer records its CUDA graph (and so picks its kernels) as it is made.
+        torch.backends.cudnn.benchmark = True
     registry = build_registry(args)
     for line in registry.status():
         print(line)
@@ -374,8 +378,6 @@ def main(argv: list[str] | None = None) -> None:
     # Keep freed activation memory for the next request (a few % of every forward), in one malloc
     # arena per concurrent analysis rather than one per pool thread (RSS).
     tune_malloc(arenas=max(2, concurrency))
-    if gpu_present:
-        torch.backends.cudnn.benchmark = True  # inputs have a fixed size per model: autotune once
     demo.queue(default_concurrency_limit=concurrency, max_size=256)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD,
                 theme=THEME, footer_links=["api"], state_session_capacity=args.sessions)

@@ -29,7 +29,7 @@ import torch
 
 from .capture import capture_forward
 from .checkpoints import WEIGHTS_DIR, load_model, tutorial_card
-from .explorer import Explorer, cpu_model, tune_malloc
+from .explorer import Explorer, cpu_model, record_cuda_graph, tune_malloc
 from .model import build_model
 from .present import build_page
 
@@ -95,17 +95,8 @@ def shipped_or_random(name: str = "cifar10_resnet") -> Explorer:
 def graph_fns(ex: Explorer, x: torch.Tensor) -> dict[str, Callable[[], object]]:
     """What the GPU does once Python's per-layer launch cost is gone: the bare forward replayed from a
     CUDA graph, and the Explorer's own graphed capture (its copy to the host included)."""
-    device = x.device
-    bare_graph = torch.cuda.CUDAGraph()
     with torch.inference_mode():
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                ex.model(x)
-        torch.cuda.current_stream(device).wait_stream(side)
-        with torch.cuda.graph(bare_graph):
-            ex.model(x)
+        bare_graph, _ = record_cuda_graph(lambda: ex.model(x), x.device)
     graphed = ex._graph(tuple(x.shape))
     if graphed is None:
         raise RuntimeError("the Explorer could not record its capture as a CUDA graph (see the warning)")

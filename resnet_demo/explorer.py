@@ -8,7 +8,7 @@ import platform
 import sys
 import threading
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,8 @@ from .capture import BlockRecord, capture_forward, find_blocks
 from .checkpoints import ModelCard, load_model
 from .preprocess import Prepared, prepare
 
-__all__ = ["Analysis", "Explorer", "cpu_model", "pack_records", "pick_device", "tune_malloc", "unpack_records"]
+__all__ = ["Analysis", "Explorer", "cpu_model", "pack_records", "pick_device", "record_cuda_graph", "tune_malloc",
+           "unpack_records"]
 
 
 def cpu_model() -> str:
@@ -125,6 +126,27 @@ def unpack_records(flat: torch.Tensor, layout: list) -> tuple[torch.Tensor, list
 _MAX_GRAPHS = 4  # recorded input shapes per explorer; the shipped models need one each
 
 
+def record_cuda_graph(
+    fn: Callable[[], Any], device: torch.device, warmup: int = 3
+) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Record one call of ``fn`` as a CUDA graph; returns the graph and that call's output.
+
+    ``fn`` first runs ``warmup`` times on a side stream, so cuDNN autotuning and lazy initialisation
+    happen outside the graph. Every replay overwrites the output's tensors in place.
+    """
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: other threads' eager CUDA work during the recording is not an error
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        output = fn()
+    return graph, output
+
+
 class _GraphedCapture:
     """The lesion-free capture forward of one input shape on CUDA, recorded once as a CUDA graph.
 
@@ -137,20 +159,9 @@ class _GraphedCapture:
     def __init__(self, model: nn.Module, shape: tuple[int, ...], device: torch.device) -> None:
         self.lock = threading.Lock()
         self.x = torch.zeros(shape, device=device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(3):  # warm-up outside the graph: cuDNN autotuning, lazy initialisation
-                self._forward(model)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads' eager CUDA work during the recording is not an error
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.flat, self.layout = self._forward(model)
-
-    def _forward(self, model: nn.Module) -> tuple[torch.Tensor, list]:
-        logits, records = capture_forward(model, self.x)
-        return pack_records(logits, records)
+        self.graph, (self.flat, self.layout) = record_cuda_graph(
+            lambda: pack_records(*capture_forward(model, self.x)), device
+        )
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, list[BlockRecord]]:
         with self.lock:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from functools import cache
 
 import numpy as np
 import torch
@@ -30,6 +29,7 @@ from torch import nn
 
 from .analysis import Prediction, topk
 from .capture import BlockRecord, capture, capture_forward, find_blocks
+from .render import colour_lut
 
 __all__ = [
     "LesionResult",
@@ -373,19 +373,12 @@ def gradcam(model: nn.Module, x: torch.Tensor, block: str, class_index: int | No
     return cam.cpu().numpy().astype(np.float32)
 
 
-@cache
-def _lut(name: str) -> np.ndarray:
-    import matplotlib
-
-    return (matplotlib.colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)  # (256, 3)
-
-
 def overlay(cam: np.ndarray, base_image: Image.Image, alpha: float = 0.45, cmap: str = "turbo") -> Image.Image:
     """Colour ``cam`` (values in [0, 1]) and blend it over ``base_image`` at the base image's size."""
     base = base_image.convert("RGB")
     heat = Image.fromarray(np.asarray(cam, dtype=np.float32), mode="F").resize(base.size, Image.BILINEAR)
     levels = (np.clip(np.asarray(heat), 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
-    coloured = Image.fromarray(_lut(cmap)[levels])  # (H, W) -> (H, W, 3)
+    coloured = Image.fromarray(colour_lut(cmap)[levels])  # (H, W) -> (H, W, 3)
     return Image.blend(base, coloured, float(alpha))
 
 

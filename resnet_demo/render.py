@@ -20,7 +20,7 @@ from PIL import Image
 from .analysis import BlockMetrics
 from .checkpoints import ModelCard
 
-__all__ = ["VIEWS", "feature_grid", "figure_to_image", "input_image", "rank_channels", "residual_chart"]
+__all__ = ["VIEWS", "colour_lut", "feature_grid", "figure_to_image", "input_image", "rank_channels", "residual_chart"]
 
 # Which tensor of a block to show; F(x) is signed, x and y are post-ReLU (non-negative).
 VIEWS = {"x": "block input x", "f": "residual branch F(x)", "y": "block output y"}
@@ -28,7 +28,8 @@ STAGE_COLOURS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3")
 
 
 @cache
-def _lut(name: str) -> np.ndarray:
+def colour_lut(name: str) -> np.ndarray:
+    """A matplotlib colour map as a (256, 3) uint8 look-up table."""
     import matplotlib
 
     return (matplotlib.colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)  # (256, 3)
@@ -85,7 +86,7 @@ def feature_grid(
 @cache
 def _lut_padded(name: str) -> np.ndarray:
     """The colour map's 256 entries and white for the padding: (257, 3)."""
-    return np.concatenate([_lut(name), np.full((1, 3), 255, dtype=np.uint8)])
+    return np.concatenate([colour_lut(name), np.full((1, 3), 255, dtype=np.uint8)])
 
 
 @lru_cache(maxsize=64)

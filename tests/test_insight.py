@@ -19,7 +19,7 @@ from resnet_demo.data import Normalise
 from resnet_demo.explorer import Explorer
 from resnet_demo.export import decode_float, export_zip, jsonable
 from resnet_demo.model import build_model
-from resnet_demo.render import figure_to_image, input_image, residual_chart
+from resnet_demo.render import colour_lut, figure_to_image, input_image, residual_chart
 
 CLASSES = list(CIFAR10_CLASSES)
 
@@ -253,7 +253,7 @@ def test_overlay_is_drawn_at_the_display_size(seed_model):
     assert over.size == base.size == (160, 160) and over.mode == "RGB"
     assert np.array_equal(np.asarray(insight.overlay(cam, base, alpha=0.0)), np.asarray(base.convert("RGB")))
     pure = np.asarray(insight.overlay(np.ones((32, 32), np.float32), base, alpha=1.0))
-    assert (pure == insight._lut("turbo")[255]).all()
+    assert (pure == colour_lut("turbo")[255]).all()
 
 
 # --- torchvision ---------------------------------------------------------------------------------
