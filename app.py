@@ -3,6 +3,10 @@
     python app.py                      # http://127.0.0.1:7860
     python app.py --weights my_net.pth # also explore your own checkpoint of the tutorial's Net
     python app.py --arch resnet50 --weights resnet50.pth
+
+The page is built tab by tab: each function below lays out one part of the page and wires its own
+events. Handlers return typed results (``resnet_demo.view.page``) whose fields are mapped to
+components by name. This file talks to ``resnet_demo.view`` only, and to the core's error types.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import functools
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 # Nothing may leave the machine: no analytics, no version check, no hub lookups.
@@ -20,12 +25,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
-import torch  # noqa: E402
 
-from resnet_demo import present  # noqa: E402
-from resnet_demo.checkpoints import WEIGHTS_DIR, WeightsError  # noqa: E402
-from resnet_demo.explorer import Explorer, tune_malloc  # noqa: E402
-from resnet_demo.render import VIEWS  # noqa: E402
+from resnet_demo.core.cards import WeightsError  # noqa: E402
+from resnet_demo.view import page as pages_mod  # noqa: E402
+from resnet_demo.view.page import METRIC_COLUMNS, SWEEP_COLUMNS, AnalysisView, Pages, Settings  # noqa: E402
+from resnet_demo.view.registry import (  # noqa: E402
+    AUTO,
+    CUSTOM,
+    Registry,
+    default_registry,
+    example_caption,
+    example_kind,
+    prepare_process,
+    start_serving,
+)
+from resnet_demo.view.render import VIEWS  # noqa: E402
 
 try:  # Hugging Face Spaces with ZeroGPU: the decorated function gets a GPU for its duration.
     import spaces
@@ -44,6 +58,12 @@ THEME = gr.themes.Default(  # system fonts: the default theme would fetch Google
     font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
 )
 VIEW_CHOICES = [(f"{label} ({key})", key) for key, label in VIEWS.items()]
+# Gradio keeps every session's page state (~150 KB here: a copy of the page's component configs)
+# until this many newer sessions have come; its default, 10,000, would let a public demo grow by
+# ~1.5 GB. A session evicted while its tab is still open loses only the tools' memory of its image.
+SESSIONS = 1000
+SELECT_BRUSH_JS = """() => { setTimeout(() => {
+  const b = document.querySelector('#sketchpad button[aria-label="Brush"]'); if (b) b.click(); }, 150); }"""
 
 HOW_TO_READ = {
     "predictions": "The model's top-k classes with softmax probabilities. The small image is the input "
@@ -94,115 +114,224 @@ class PhotoInput(gr.Image):
         try:
             return super().preprocess(payload)
         except Exception:  # noqa: BLE001 - PIL raises many types for hostile files
-            from resnet_demo.preprocess import InputError, load_image
-
-            try:
-                load_image(payload.path)
-            except InputError as exc:
-                raise gr.Error(str(exc), print_exception=False) from None
-            raise gr.Error("The upload could not be read as an image.", print_exception=False) from None
+            raise gr.Error(pages_mod.upload_error(payload.path), print_exception=False) from None
 
 
-N_OUTPUTS = 12
-# Gradio keeps every session's page state (~150 KB here: a copy of the page's component configs)
-# until this many newer sessions have come; its default, 10,000, would let a public demo grow by
-# ~1.5 GB. A session evicted while its tab is still open loses only the tools' memory of its image.
-SESSIONS = 1000
-SELECT_BRUSH_JS = """() => { setTimeout(() => {
-  const b = document.querySelector('#sketchpad button[aria-label="Brush"]'); if (b) b.click(); }, 150); }"""
+# --- the parts of the page, each laid out (and, for the tools, wired) by a function of its own --------
 
 
-def make_demo(registry: present.Registry, default_model: str = present.AUTO) -> gr.Blocks:
-    model_choices = [("Auto (photo → CIFAR-10, drawing → MNIST)", present.AUTO)] + [
-        (c.label, c.key) for c in registry.choices.values()
-    ]
+@dataclass
+class Controls:
+    """What every handler reads: the session's state and the model and top-k chosen."""
 
-    @gpu
-    def run(source, kind: str, model_key: str, k: int, view: str, detail: str | None):
-        """Analyse with the model chosen for this input; the model's card decides the preprocessing."""
-        explorer = registry.get(registry.resolve(model_key, kind))
-        analysis = explorer.analyze(source, k=int(k))
-        names = [m.name for m in analysis.metrics]
-        chosen = detail if detail in names else names[-1]
-        return present.build_page(analysis, view=view, detail_block=chosen), names, chosen
+    state: gr.State
+    model_key: gr.Dropdown
+    k: gr.Slider
+
+
+@dataclass
+class InputsPanel:
+    photo: gr.Image
+    sketch: gr.Sketchpad
+    webcam: gr.Image
+    gallery: gr.Gallery
+
+
+def inputs_panel() -> InputsPanel:
+    with gr.Tabs():
+        with gr.Tab("Photo", id="photo"):
+            photo = PhotoInput(sources=["upload", "clipboard", "webcam"], type="filepath", image_mode=None,
+                               label="Upload, paste or snap", height=260, elem_id="photo")
+        with gr.Tab("Draw", id="draw") as draw_tab:
+            sketch = gr.Sketchpad(
+                label="Draw a digit (updates while you draw)", type="numpy", image_mode="RGBA",
+                canvas_size=(280, 280), brush=gr.Brush(default_size=18, colors=["#000000"], color_mode="fixed"),
+                elem_id="sketchpad",
+            )
+        with gr.Tab("Live webcam", id="webcam"):
+            webcam = gr.Image(sources=["webcam"], streaming=True, type="pil", label="Webcam stream")
+        with gr.Tab("Examples", id="examples"):
+            gallery = gr.Gallery(value=[(str(p), example_caption(p)) for p in EXAMPLES], columns=6, height=260,
+                                 object_fit="contain", allow_preview=False, label="Test-set examples")
+    # The sketchpad starts with no tool selected; pick the brush so the user can draw at once.
+    draw_tab.select(None, None, None, js=SELECT_BRUSH_JS)
+    return InputsPanel(photo, sketch, webcam, gallery)
+
+
+@dataclass
+class ResultsPanel:
+    predictions: gr.Label
+    model_input: gr.Image
+    summary: gr.Markdown
+
+    def show(self, view: AnalysisView) -> dict:
+        return {self.predictions: view.page.predictions, self.model_input: view.page.model_input,
+                self.summary: view.page.summary}
+
+
+def results_panel() -> ResultsPanel:
+    with gr.Row():
+        predictions = gr.Label(label="Predictions", num_top_classes=10, elem_id="predictions")
+        model_input = gr.Image(label="Input as the model saw it", height=180, interactive=False, format="png")
+    summary = gr.Markdown(elem_id="summary")
+    gr.Markdown(HOW_TO_READ["predictions"])
+    return ResultsPanel(predictions, model_input, summary)
+
+
+@dataclass
+class FeatureMapsTab:
+    view: gr.Radio
+    grids: gr.Gallery
+    detail_block: gr.Dropdown
+    detail: gr.Image
+
+    def show(self, view: AnalysisView) -> dict:
+        return {self.grids: view.page.grids, self.detail: view.page.detail,
+                self.detail_block: gr.update(choices=view.blocks, value=view.detail_block)}
+
+
+def feature_maps_tab() -> FeatureMapsTab:
+    with gr.Tab("Feature maps"):
+        view = gr.Radio(VIEW_CHOICES, value="f", label="Show")
+        grids = gr.Gallery(label="Blocks (most active channels)", columns=9, height=220, object_fit="contain",
+                           elem_id="block-grids", format="png")
+        gr.Markdown(HOW_TO_READ["maps"])
+        detail_block = gr.Dropdown([], label="Block to enlarge", allow_custom_value=True)
+        detail = gr.Image(label="All channels of the chosen block", interactive=False, height=480, format="png")
+    return FeatureMapsTab(view, grids, detail_block, detail)
+
+
+@dataclass
+class ResidualTab:
+    chart: gr.Image
+    table: gr.Dataframe
+
+    def show(self, view: AnalysisView) -> dict:
+        return {self.chart: view.page.chart, self.table: view.page.table}
+
+
+def residual_tab() -> ResidualTab:
+    with gr.Tab("Residual magnitudes"):
+        chart = gr.Image(label="‖F(x)‖ / ‖s(x)‖ and cosine per block", interactive=False, format="png")
+        gr.Markdown(HOW_TO_READ["residual"])
+        table = gr.Dataframe(headers=METRIC_COLUMNS, label="Per-block metrics", interactive=False,
+                             elem_id="metrics-table")
+    return ResidualTab(chart, table)
+
+
+def settings_of(model_key, k, view="f", detail_block=None, lesion_blocks=None) -> Settings:
+    return Settings(model_key, int(k), view, detail_block, tuple(lesion_blocks or ()))
+
+
+@dataclass
+class LesionsTab:
+    blocks: gr.CheckboxGroup
+
+    def show(self, view: AnalysisView) -> dict:
+        return {self.blocks: gr.update(choices=view.blocks, value=view.lesion_blocks)}
+
+
+def lesions_tab(pages: Pages, c: Controls) -> LesionsTab:
+    with gr.Tab("Lesions"):
+        gr.Markdown(HOW_TO_READ["lesions"])
+        with gr.Row():
+            blocks = gr.CheckboxGroup([], label="Remove the residual branch of these blocks")
+            lesion_btn = gr.Button("Lesion", variant="primary", scale=0)
+        with gr.Row():
+            preds = gr.Label(label="Predictions with the lesion", num_top_classes=10)
+            text = gr.Markdown()
+        sweep_btn = gr.Button("Lesion each block alone")
+        sweep_chart = gr.Image(label="Each block lesioned alone", interactive=False)
+        sweep_table = gr.Dataframe(headers=SWEEP_COLUMNS, interactive=False)
 
     @to_gr_error
-    def analyze(source, kind, model_key, k, view, detail, lesioned=None):
-        if source is None:
-            raise ValueError("No image yet: upload, paste, photograph or draw one, or pick an example.")
-        page, names, chosen = run(source, kind, model_key, k, view, detail)
-        return (
-            page.predictions,
-            page.model_input,
-            page.grids,
-            page.chart,
-            page.table,
-            page.summary,
-            page.detail,
-            gr.update(choices=names, value=chosen),
-            gr.update(choices=names, value=[name for name in (lesioned or []) if name in names]),
-            gr.update(choices=names, value=chosen),
-            gr.update(choices=["", *page.analysis.card.classes], value=""),
-            (source, kind),
-        )
-
-    def current(state, model_key, k):
-        """The explorer and analysis of the image on the page (recomputed: a forward pass is cheap)."""
-        if state is None:
-            raise ValueError("Analyse an image first: upload, paste, photograph or draw one, or pick an example.")
-        source, kind = state
-        explorer = registry.get(registry.resolve(model_key, kind))
-        return explorer, explorer.analyze(source, k=int(k))
+    @gpu
+    def lesion(state, model_key, k, chosen):
+        v = pages.lesion(state, settings_of(model_key, k, lesion_blocks=chosen))
+        return {c.state: v.state, preds: v.predictions, text: v.text}
 
     @to_gr_error
     @gpu
-    def do_lesion(state, model_key, k, blocks):
-        explorer, analysis = current(state, model_key, k)
-        _, preds, text = present.lesion_view(explorer, analysis, blocks or [], int(k))
-        return preds, text
+    def sweep(state, model_key, k):
+        v = pages.sweep(state, settings_of(model_key, k))
+        return {c.state: v.state, sweep_chart: v.chart, sweep_table: v.rows}
+
+    lesion_btn.click(lesion, [c.state, c.model_key, c.k, blocks], [preds, text, c.state], api_name="lesion")
+    sweep_btn.click(sweep, [c.state, c.model_key, c.k], [sweep_chart, sweep_table, c.state], api_name="lesion_sweep")
+    return LesionsTab(blocks)
+
+
+def readout_tab(pages: Pages, c: Controls) -> None:
+    with gr.Tab("Readout"):
+        gr.Markdown(HOW_TO_READ["readout"])
+        button = gr.Button("Read out every block", variant="primary")
+        chart = gr.Image(label="The classifier head applied after each block", interactive=False)
+        text = gr.Markdown()
 
     @to_gr_error
     @gpu
-    def do_sweep(state, model_key, k):
-        explorer, analysis = current(state, model_key, k)
-        _, chart, rows = present.sweep_view(explorer, analysis)
-        return chart, rows
+    def readout(state, model_key, k):
+        v = pages.readout(state, settings_of(model_key, k))
+        return {c.state: v.state, chart: v.chart, text: v.text}
+
+    button.click(readout, [c.state, c.model_key, c.k], [chart, text, c.state], api_name="readout")
+
+
+@dataclass
+class GradcamTab:
+    block: gr.Dropdown
+    label: gr.Dropdown
+
+    def show(self, view: AnalysisView) -> dict:
+        return {self.block: gr.update(choices=view.blocks, value=view.detail_block),
+                self.label: gr.update(choices=["", *view.classes], value="")}
+
+
+def gradcam_tab(pages: Pages, c: Controls) -> GradcamTab:
+    with gr.Tab("Grad-CAM"):
+        gr.Markdown(HOW_TO_READ["gradcam"])
+        with gr.Row():
+            block = gr.Dropdown([], label="Block", allow_custom_value=True)
+            label = gr.Dropdown([], label="Class (empty: the predicted one)", allow_custom_value=True)
+            button = gr.Button("Explain", variant="primary", scale=0)
+        image = gr.Image(label="Grad-CAM", interactive=False, height=300)
 
     @to_gr_error
     @gpu
-    def do_readout(state, model_key, k):
-        explorer, analysis = current(state, model_key, k)
-        _, chart, text = present.readout_view(explorer, analysis)
-        return chart, text
+    def gradcam(state, model_key, k, chosen_block, chosen_label):
+        v = pages.gradcam(state, settings_of(model_key, k), chosen_block or None, chosen_label or None)
+        return {c.state: v.state, image: gr.update(value=v.image, label=v.label)}
+
+    button.click(gradcam, [c.state, c.model_key, c.k, block, label], [image, c.state], api_name="gradcam")
+    return GradcamTab(block, label)
+
+
+def export_tab(pages: Pages, c: Controls, lesion_blocks: gr.CheckboxGroup) -> None:
+    with gr.Tab("Export"):
+        gr.Markdown(HOW_TO_READ["export"])
+        button = gr.Button("Build the ZIP", variant="primary")
+        file = gr.File(label="Analysis (JSON + PNG images)", interactive=False)
 
     @to_gr_error
     @gpu
-    def do_gradcam(state, model_key, k, block, label):
-        explorer, analysis = current(state, model_key, k)
-        image, label = present.gradcam_view(explorer, analysis, block or analysis.metrics[-1].name, label or None)
-        return gr.update(value=image, label=f"Grad-CAM for “{label}” at {block or analysis.metrics[-1].name}")
-
-    @to_gr_error
-    @gpu
-    def do_export(state, model_key, k, blocks, request: gr.Request):
-        explorer, analysis = current(state, model_key, k)
+    def export(state, model_key, k, blocks, request: gr.Request):
         folder = Path(tempfile.gettempdir()) / "residual-block-explorer" / (request.session_hash or "anon")
         for old in folder.glob("*.zip"):  # one export per session on disk; Gradio serves its own copy
             old.unlink(missing_ok=True)
-        return str(present.export_view(explorer, analysis, blocks or [], folder))
+        state, path = pages.export(state, settings_of(model_key, k, lesion_blocks=blocks), folder)
+        return {c.state: state, file: str(path)}
 
-    def reanalyze(state, *settings):
-        if state is None:
-            return (gr.skip(),) * N_OUTPUTS
-        return analyze(*state, *settings)
+    button.click(export, [c.state, c.model_key, c.k, lesion_blocks], [file, c.state], api_name="export")
 
-    def block_clicked(evt: gr.SelectData):
-        return evt.value["caption"].split(" · ")[0]
 
-    def example_selected(evt: gr.SelectData, *settings):
-        path = EXAMPLES[evt.index]
-        return analyze(str(path), "drawing" if path.name.startswith("mnist") else "photo", *settings)
+# --- the whole page ----------------------------------------------------------------------------------
 
+
+def make_demo(registry: Registry, default_model: str = AUTO) -> gr.Blocks:
+    pages = Pages(registry)
+    model_choices = [("Auto (photo → CIFAR-10, drawing → MNIST)", AUTO)] + [
+        (c.label, c.key) for c in registry.choices.values()
+    ]
     # Every response writes its images to Gradio's cache: sweep files older than an hour every 10 minutes.
     with gr.Blocks(title="Residual Block Explorer", analytics_enabled=False, delete_cache=(600, 3600)) as demo:
         gr.Markdown(
@@ -215,120 +344,71 @@ def make_demo(registry: present.Registry, default_model: str = present.AUTO) -> 
         state = gr.State(None)
         with gr.Row():
             with gr.Column(scale=4):
-                with gr.Tabs():
-                    with gr.Tab("Photo", id="photo"):
-                        photo = PhotoInput(
-                            sources=["upload", "clipboard", "webcam"], type="filepath", image_mode=None,
-                            label="Upload, paste or snap", height=260, elem_id="photo",
-                        )
-                    with gr.Tab("Draw", id="draw") as draw_tab:
-                        sketch = gr.Sketchpad(
-                            label="Draw a digit (updates while you draw)", type="numpy", image_mode="RGBA",
-                            canvas_size=(280, 280), brush=gr.Brush(default_size=18, colors=["#000000"],
-                                                                  color_mode="fixed"),
-                            elem_id="sketchpad",
-                        )
-                    with gr.Tab("Live webcam", id="webcam"):
-                        webcam = gr.Image(sources=["webcam"], streaming=True, type="pil", label="Webcam stream")
-                    with gr.Tab("Examples", id="examples"):
-                        gallery = gr.Gallery(
-                            value=[(str(p), f"{p.stem.split('-')[1]} (true label)") for p in EXAMPLES],
-                            columns=6, height=260, object_fit="contain", allow_preview=False, label="Test-set examples",
-                        )
+                inputs = inputs_panel()
                 with gr.Row():
                     model_key = gr.Dropdown(model_choices, value=default_model, label="Model")
                     k = gr.Slider(1, 10, value=5, step=1, label="Top-k")
             with gr.Column(scale=5):
-                with gr.Row():
-                    predictions = gr.Label(label="Predictions", num_top_classes=10, elem_id="predictions")
-                    model_input = gr.Image(label="Input as the model saw it", height=180, interactive=False,
-                                           format="png")
-                summary = gr.Markdown(elem_id="summary")
-                gr.Markdown(HOW_TO_READ["predictions"])
+                results = results_panel()
+        controls = Controls(state, model_key, k)
         with gr.Tabs():
-            with gr.Tab("Feature maps"):
-                view = gr.Radio(VIEW_CHOICES, value="f", label="Show")
-                grids = gr.Gallery(label="Blocks (most active channels)", columns=9, height=220,
-                                   object_fit="contain", elem_id="block-grids", format="png")
-                gr.Markdown(HOW_TO_READ["maps"])
-                detail_block = gr.Dropdown([], label="Block to enlarge", allow_custom_value=True)
-                detail = gr.Image(label="All channels of the chosen block", interactive=False, height=480, format="png")
-            with gr.Tab("Residual magnitudes"):
-                chart = gr.Image(label="‖F(x)‖ / ‖s(x)‖ and cosine per block", interactive=False, format="png")
-                gr.Markdown(HOW_TO_READ["residual"])
-                table = gr.Dataframe(headers=present.METRIC_COLUMNS, label="Per-block metrics", interactive=False,
-                                     elem_id="metrics-table")
-
-            with gr.Tab("Lesions"):
-                gr.Markdown(HOW_TO_READ["lesions"])
-                with gr.Row():
-                    lesion_blocks = gr.CheckboxGroup([], label="Remove the residual branch of these blocks")
-                    lesion_btn = gr.Button("Lesion", variant="primary", scale=0)
-                with gr.Row():
-                    lesion_preds = gr.Label(label="Predictions with the lesion", num_top_classes=10)
-                    lesion_text = gr.Markdown()
-                sweep_btn = gr.Button("Lesion each block alone")
-                sweep_chart = gr.Image(label="Each block lesioned alone", interactive=False)
-                sweep_table = gr.Dataframe(headers=present.SWEEP_COLUMNS, interactive=False)
-            with gr.Tab("Readout"):
-                gr.Markdown(HOW_TO_READ["readout"])
-                readout_btn = gr.Button("Read out every block", variant="primary")
-                readout_chart = gr.Image(label="The classifier head applied after each block", interactive=False)
-                readout_text = gr.Markdown()
-            with gr.Tab("Grad-CAM"):
-                gr.Markdown(HOW_TO_READ["gradcam"])
-                with gr.Row():
-                    cam_block = gr.Dropdown([], label="Block", allow_custom_value=True)
-                    cam_class = gr.Dropdown([], label="Class (empty: the predicted one)", allow_custom_value=True)
-                    cam_btn = gr.Button("Explain", variant="primary", scale=0)
-                cam_image = gr.Image(label="Grad-CAM", interactive=False, height=300)
-            with gr.Tab("Export"):
-                gr.Markdown(HOW_TO_READ["export"])
-                export_btn = gr.Button("Build the ZIP", variant="primary")
-                export_file = gr.File(label="Analysis (JSON + PNG images)", interactive=False)
-
-        outputs = [predictions, model_input, grids, chart, table, summary, detail, detail_block, lesion_blocks,
-                   cam_block, cam_class, state]
-        settings = [model_key, k, view, detail_block, lesion_blocks]
-        photo.change(lambda img, *s: analyze(img, "photo", *s) if img is not None else (gr.skip(),) * N_OUTPUTS,
-                     [photo, *settings], outputs, api_name="analyze_photo", trigger_mode="always_last")
-        sketch.change(lambda v, *s: analyze(v, "drawing", *s), [sketch, *settings], outputs,
-                      api_name="analyze_drawing", trigger_mode="always_last", show_progress="hidden")
-        webcam.stream(lambda img, *s: analyze(img, "photo", *s), [webcam, *settings], outputs,
-                      api_name="analyze_webcam", stream_every=0.2, time_limit=60, show_progress="hidden")
-        gallery.select(example_selected, settings, outputs, api_name="analyze_example")
-        for control in (model_key, k, view, detail_block):
-            control.input(reanalyze, [state, *settings], outputs, api_visibility="private",
-                          trigger_mode="always_last", show_progress="hidden")
-        lesion_btn.click(do_lesion, [state, model_key, k, lesion_blocks], [lesion_preds, lesion_text],
-                         api_name="lesion")
-        sweep_btn.click(do_sweep, [state, model_key, k], [sweep_chart, sweep_table], api_name="lesion_sweep")
-        readout_btn.click(do_readout, [state, model_key, k], [readout_chart, readout_text], api_name="readout")
-        cam_btn.click(do_gradcam, [state, model_key, k, cam_block, cam_class], cam_image, api_name="gradcam")
-        export_btn.click(do_export, [state, model_key, k, lesion_blocks], export_file, api_name="export")
-        # The sketchpad starts with no tool selected; pick the brush so the user can draw at once.
-        draw_tab.select(None, None, None, js=SELECT_BRUSH_JS)
-        grids.select(block_clicked, None, detail_block, api_visibility="private").then(
-            reanalyze, [state, *settings], outputs, api_visibility="private", show_progress="hidden")
-
+            maps = feature_maps_tab()
+            residual = residual_tab()
+            lesions = lesions_tab(pages, controls)
+            readout_tab(pages, controls)
+            cam = gradcam_tab(pages, controls)
+            export_tab(pages, controls, lesions.blocks)
+        wire_analysis(pages, registry, inputs, controls, results, maps, residual, lesions, cam)
     return demo
 
 
-def build_registry(args: argparse.Namespace) -> present.Registry:
-    registry = present.default_registry(args.device, args.weights_dir)
-    if args.weights or args.arch:
-        if args.arch and args.arch != "tutorial":
-            from resnet_demo.tv import load_torchvision
+def wire_analysis(pages: Pages, registry: Registry, inputs: InputsPanel, c: Controls, results: ResultsPanel,
+                  maps: FeatureMapsTab, residual: ResidualTab, lesions: LesionsTab, cam: GradcamTab) -> None:
+    """Every way to analyse an image (or re-analyse it with new settings) updates the same components."""
+    # The order of the outputs is the order of the API's return values (gradio_client).
+    outputs = [results.predictions, results.model_input, maps.grids, residual.chart, residual.table,
+               results.summary, maps.detail, maps.detail_block, lesions.blocks, cam.block, cam.label, c.state]
+    settings = [c.model_key, c.k, maps.view, maps.detail_block, lesions.blocks]
+    run = gpu(pages.analyze)
 
-            load = lambda: Explorer(  # noqa: E731
-                *load_torchvision(args.arch, args.weights, download=args.download_weights, classes=args.classes),
-                device=args.device,
-            )
-            label = f"{args.arch} ({Path(args.weights).name if args.weights else 'torchvision weights'})"
-        else:
-            load = lambda: Explorer.from_weights(args.weights, args.device)  # noqa: E731
-            label = f"Your checkpoint ({Path(args.weights).name})"
-        registry.choices["custom"] = present.ModelChoice("custom", label, load)
+    @to_gr_error
+    def analyze(source, kind, model_key, k, view, detail, lesioned):
+        v = run(source, kind, settings_of(model_key, k, view, detail, lesioned))
+        return {c.state: v.state, **results.show(v), **maps.show(v), **residual.show(v), **lesions.show(v),
+                **cam.show(v)}
+
+    def reanalyze(state, *s):
+        return analyze(state.source, state.kind, *s) if state is not None else {}
+
+    def example_selected(evt: gr.SelectData, *s):
+        path = EXAMPLES[evt.index]
+        return analyze(str(path), example_kind(registry, path), *s)
+
+    def block_clicked(evt: gr.SelectData):  # a click on a grid enlarges that block; its caption starts with the name
+        return evt.value["caption"].split(" · ")[0]
+
+    inputs.photo.change(lambda img, *s: analyze(img, "photo", *s) if img is not None else {},
+                        [inputs.photo, *settings], outputs, api_name="analyze_photo", trigger_mode="always_last")
+    inputs.sketch.change(lambda v, *s: analyze(v, "drawing", *s), [inputs.sketch, *settings], outputs,
+                         api_name="analyze_drawing", trigger_mode="always_last", show_progress="hidden")
+    inputs.webcam.stream(lambda img, *s: analyze(img, "photo", *s), [inputs.webcam, *settings], outputs,
+                         api_name="analyze_webcam", stream_every=0.2, time_limit=60, show_progress="hidden")
+    inputs.gallery.select(example_selected, settings, outputs, api_name="analyze_example")
+    for control in (c.model_key, c.k, maps.view, maps.detail_block):
+        control.input(reanalyze, [c.state, *settings], outputs, api_visibility="private",
+                      trigger_mode="always_last", show_progress="hidden")
+    maps.grids.select(block_clicked, None, maps.detail_block, api_visibility="private").then(
+        reanalyze, [c.state, *settings], outputs, api_visibility="private", show_progress="hidden")
+
+
+# --- command line --------------------------------------------------------------------------------------
+
+
+def build_registry(args: argparse.Namespace) -> Registry:
+    registry = default_registry(args.device, args.weights_dir)
+    if args.weights or args.arch:
+        registry.add_custom(args.weights, args.arch, device=args.device, download=args.download_weights,
+                            classes=args.classes)
     registry.load_all()
     return registry
 
@@ -341,7 +421,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
     parser.add_argument("--weights", help="your own checkpoint: a tutorial Net state dict, a project .safetensors, "
                         "or with --arch a torchvision ResNet state dict")
-    parser.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR,
+    parser.add_argument("--weights-dir", type=Path, default=None,
                         help="folder holding cifar10_resnet.* and mnist_resnet.* (default: the shipped weights/)")
     parser.add_argument("--arch", help="tutorial (default) or a torchvision ResNet: resnet18/34/50/101/152")
     parser.add_argument("--download-weights", action="store_true",
@@ -356,28 +436,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if torch.cuda.is_available() and not (args.device or "").startswith(("cpu", "mps")):
-        # Inputs have a fixed size per model: autotune once. Set before the models load, since each
-        # Explorer records its CUDA graph (and so picks its kernels) as it is made.
-        torch.backends.cudnn.benchmark = True
+    prepare_process(args.device)
     registry = build_registry(args)
     for line in registry.status():
         print(line)
-    custom = registry.choices.get("custom")
-    if custom is not None and custom.explorer is None:
-        sys.exit(f"error: {custom.error}")
-    if all(c.explorer is None for c in registry.choices.values()):
+    if CUSTOM in registry.failed:
+        sys.exit(f"error: {registry.failed[CUSTOM]}")
+    if not registry.loaded:
         sys.exit("error: no model could be loaded; see the lines above for where the weights should be.")
-    demo = make_demo(registry, default_model="custom" if custom is not None else present.AUTO)
-    gpu_present = any(c.explorer is not None and c.explorer.device.type == "cuda" for c in registry.choices.values())
-    concurrency = args.concurrency or (4 if gpu_present else 2)
-    # Requests are single images: intra-op threads buy little and fight each other when several
-    # analyses run at once, so the cores are shared out between concurrent requests instead (on a GPU
-    # machine too: decoding, metrics and drawing stay on the CPU).
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // concurrency))
-    # Keep freed activation memory for the next request (a few % of every forward), in one malloc
-    # arena per concurrent analysis rather than one per pool thread (RSS).
-    tune_malloc(arenas=max(2, concurrency))
+    demo = make_demo(registry, default_model=CUSTOM if CUSTOM in registry.choices else AUTO)
+    concurrency = start_serving(registry, args.concurrency)
     demo.queue(default_concurrency_limit=concurrency, max_size=256)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD,
                 theme=THEME, footer_links=["api"], state_session_capacity=args.sessions)

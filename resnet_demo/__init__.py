@@ -1,14 +1,24 @@
-"""Residual Block Explorer: see what each residual block of a ResNet does to an image."""
+"""Residual Block Explorer: see what each residual block of a ResNet does to an image.
 
-__version__ = "0.1.0"
+The package is in four layers, each a folder (the rules are import-linter contracts in ``.importlinter``):
 
-# The capture context manager stays at resnet_demo.capture.capture: exporting it here would
-# shadow the submodule of the same name.
-from .capture import capture_forward, find_blocks
-from .checkpoints import ModelCard, WeightsError, load_model
-from .explorer import Analysis, Explorer, pick_device
-from .model import TUTORIAL_CONFIG, ResNet, ResNetConfig, build_model
-from .preprocess import InputError
+- :mod:`resnet_demo.core` -- the computation: model, capture, metrics, preprocessing, cards, weights,
+  insight tools and :class:`Explorer`, the one service object. No gradio, no drawing.
+- :mod:`resnet_demo.view` -- what the page shows: pictures, charts, words, the model registry, export.
+- :mod:`resnet_demo.training` -- data sets, training, evaluation and the commands that fill model cards.
+- :mod:`resnet_demo.tools` -- measuring the product (benchmark, load test); never imported by it.
+"""
+
+__version__ = "0.2.0"
+
+# The capture context manager stays at resnet_demo.core.capture.capture.
+from .core.capture import capture_forward, find_blocks
+from .core.cards import ModelCard, WeightsError
+from .core.explorer import Analysis, Explorer
+from .core.load import load_model
+from .core.model import TUTORIAL_CONFIG, ResNet, ResNetConfig, build_model
+from .core.preprocess import InputError
+from .core.runtime import pick_device
 
 __all__ = [
     "TUTORIAL_CONFIG",

@@ -12,6 +12,6 @@ $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_capture.py >"
 echo "pytest exited with $?"; tail -25 "$OUT/pytest.log"
 # --threads 4: the app's setting on a 16-core GPU machine (4 analyses at once, the cores shared out)
 for i in 1 2; do
-    timeout 150 $PY -m resnet_demo.bench --device cuda --threads 4 --runs 300 --warmup 30 \
+    timeout 150 $PY -m resnet_demo.tools.bench --device cuda --threads 4 --runs 300 --warmup 30 \
         --batch-sizes 1 32 256 1024 --json "$OUT/bench$i.json" || echo "bench $i failed (rc $?)"
 done

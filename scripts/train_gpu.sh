@@ -20,17 +20,17 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 $PY -c "import torch, torchvision, safetensors; print('torch', torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name(0))" || exit 1
 
 t0=$SECONDS
-$PY -m resnet_demo.train --data "$DATA" --name smoke --config tiny --epochs 1 --limit 2048 --eval-limit 1000 \
+$PY -m resnet_demo.training.train --data "$DATA" --name smoke --config tiny --epochs 1 --limit 2048 --eval-limit 1000 \
     --cutout 12 --ema 0.999 --device cuda --out-dir /tmp/smoke --no-progress >"$OUT/smoke.log" 2>&1 \
     || { echo "smoke run failed:"; tail -40 "$OUT/smoke.log"; exit 1; }
 echo "smoke run ok in $((SECONDS - t0)) s (includes decoding the data set once into data/cache)"
 
-timeout 120 $PY -m resnet_demo.bench --device cuda --runs 200 --warmup 20 --batch-sizes 1 32 256 1024 \
+timeout 120 $PY -m resnet_demo.tools.bench --device cuda --runs 200 --warmup 20 --batch-sizes 1 32 256 1024 \
     --json "$OUT/bench.json" >"$OUT/bench.log" 2>&1 || echo "bench failed or timed out (rc $?)"
 cat "$OUT/bench.log"
 
 t0=$SECONDS
-timeout "${TRAIN_TIMEOUT:-420}" $PY -m resnet_demo.train --data "$DATA" --name cifar10_resnet --device cuda \
+timeout "${TRAIN_TIMEOUT:-420}" $PY -m resnet_demo.training.train --data "$DATA" --name cifar10_resnet --device cuda \
     --epochs "$EPOCHS" --batch-size 512 --lr 0.4 --wd 5e-4 --label-smoothing 0.2 --cutout 12 --ema 0.999 \
     --seed 0 --out-dir "$OUT/final" --no-progress >"$OUT/train.log" 2>&1
 rc=$?

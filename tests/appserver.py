@@ -6,8 +6,8 @@ import socket
 from contextlib import contextmanager
 from pathlib import Path
 
-from resnet_demo.checkpoints import WEIGHTS_DIR
-from resnet_demo.loadtest import write_untrained_weights
+from resnet_demo.core.cards import WEIGHTS_DIR
+from resnet_demo.tools.loadtest import write_untrained_weights
 
 SHIPPED = ("cifar10_resnet", "mnist_resnet")
 
@@ -28,9 +28,9 @@ def weights_dir(tmp: Path) -> Path:
 @contextmanager
 def running_app(wdir: Path, concurrency: int = 2):
     import app
-    from resnet_demo import present
+    from resnet_demo.view.registry import default_registry
 
-    registry = present.default_registry("cpu", wdir)
+    registry = default_registry("cpu", wdir)
     registry.load_all()
     demo = app.make_demo(registry)
     demo.queue(default_concurrency_limit=concurrency, max_size=512)

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from resnet_demo.model import ResNetConfig, build_model  # noqa: E402
+from resnet_demo.core.model import ResNetConfig, build_model  # noqa: E402
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 TINY = ResNetConfig(widths=(8, 16), blocks=(2, 1), name="tiny")

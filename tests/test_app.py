@@ -93,9 +93,9 @@ def test_bad_inputs_get_a_clear_message_and_the_server_keeps_serving(server, tmp
 
 
 def test_missing_weights_are_reported_not_replaced(tmp_path):
-    from resnet_demo import present
+    from resnet_demo.view.registry import default_registry
 
-    registry = present.default_registry("cpu", tmp_path)
+    registry = default_registry("cpu", tmp_path)
     registry.load_all()
     status = "\n".join(registry.status())
     assert f"{tmp_path}/cifar10_resnet.safetensors not found" in status
@@ -160,7 +160,7 @@ def test_insight_tools_through_the_server(server):
     import json
     import zipfile
 
-    from resnet_demo.insight import lesion, readout
+    from resnet_demo.core.insight import lesion, readout
 
     client, registry = server
     path = cifar_example()

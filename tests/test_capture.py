@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_PROJ, randomise_bn
 
-from resnet_demo.analysis import block_metrics, topk
-from resnet_demo.capture import capture, capture_forward, find_blocks
-from resnet_demo.explorer import pack_records, tune_malloc, unpack_records
-from resnet_demo.model import build_model
+from resnet_demo.core.capture import capture, capture_forward, find_blocks
+from resnet_demo.core.metrics import block_metrics, topk
+from resnet_demo.core.model import build_model
+from resnet_demo.core.runtime import pack_records, tune_malloc, unpack_records
 
 
 def hook_count(model):
@@ -145,7 +145,7 @@ def test_metrics_equal_a_hand_computation(seed_model):
 
 
 def test_metrics_of_a_known_tiny_tensor():
-    from resnet_demo.capture import BlockRecord
+    from resnet_demo.core.capture import BlockRecord
 
     f = torch.tensor([3.0, 0.0, -4.0, 0.0]).view(1, 1, 2, 2)
     s = torch.tensor([0.0, 5.0, 0.0, 0.0]).view(1, 1, 2, 2)
@@ -241,7 +241,7 @@ def test_a_module_that_writes_in_place_after_a_block_does_not_change_its_record(
 
 @pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"), reason="glibc only")
 def test_tune_malloc_applies_on_glibc_and_changes_nothing_elsewhere(monkeypatch):
-    import resnet_demo.explorer as explorer
+    import resnet_demo.core.runtime as explorer
 
     assert tune_malloc() is True
     calls = []

@@ -30,26 +30,19 @@ from appserver import free_port, running_app, weights_dir
 from conftest import ROOT
 from PIL import Image
 
-from resnet_demo.checkpoints import (
-    MNIST_MEAN,
-    MNIST_STD,
-    ModelCard,
-    WeightsError,
-    load_model,
-    load_state_dict_file,
-    save_weights,
-    tutorial_card,
-)
-from resnet_demo.explorer import Explorer
-from resnet_demo.model import ResNetConfig, build_model
-from resnet_demo.preprocess import MAX_PIXELS, InputError, load_image, prepare
+from resnet_demo.core.cards import MNIST, ModelCard, WeightsError, tutorial_card
+from resnet_demo.core.explorer import Explorer
+from resnet_demo.core.load import load_model
+from resnet_demo.core.model import ResNetConfig, build_model
+from resnet_demo.core.preprocess import MAX_PIXELS, InputError, load_image, prepare
+from resnet_demo.core.weights import load_state_dict_file, save_weights
 
 LIMIT = f"the limit is {MAX_PIXELS / 1e6:.0f} MP"
 # Text that means a Python error leaked to the user instead of a sentence written for them.
 LEAKS = ("Traceback", "NoneType", "cannot identify image file", "object has no attribute", "Errno",
          "decompression bomb DOS attack", "weights_only", "KeyError", "TypeError", "AttributeError")
-MNIST_CARD = ModelCard(name="mnist", classes=[str(i) for i in range(10)], mean=list(MNIST_MEAN) * 3,
-                       std=list(MNIST_STD) * 3, colour_mode="gray", input_kind="drawing")
+MNIST_CARD = ModelCard(name="mnist", classes=[str(i) for i in range(10)], mean=list(MNIST.mean) * 3,
+                       std=list(MNIST.std) * 3, colour_mode="gray", input_kind="drawing")
 
 
 def assert_clear(message: str, fragment: str) -> None:

@@ -9,17 +9,26 @@ import torch
 from conftest import TINY, randomise_bn
 from PIL import Image
 
-from resnet_demo import insight
-from resnet_demo.analysis import block_metrics
-from resnet_demo.bands import bands_from_values, compute_bands, describe, percentile_rank, where
-from resnet_demo.bands import main as bands_main
-from resnet_demo.capture import capture_forward, find_blocks
-from resnet_demo.checkpoints import CIFAR10_CLASSES, ModelCard, file_sha256, load_model, save_weights, tutorial_card
-from resnet_demo.data import Normalise
-from resnet_demo.explorer import Explorer
-from resnet_demo.export import decode_float, export_zip, jsonable
-from resnet_demo.model import build_model
-from resnet_demo.render import colour_lut, figure_to_image, input_image, residual_chart
+from resnet_demo.core import insight
+from resnet_demo.core.bands import bands_from_values, compute_bands, describe, percentile_rank, where
+from resnet_demo.core.capture import capture_forward, find_blocks
+from resnet_demo.core.cards import CIFAR10_CLASSES, ModelCard, tutorial_card
+from resnet_demo.core.explorer import Explorer
+from resnet_demo.core.load import load_model
+from resnet_demo.core.metrics import block_metrics
+from resnet_demo.core.model import build_model
+from resnet_demo.core.weights import file_sha256, save_weights
+from resnet_demo.training.bands import main as bands_main
+from resnet_demo.training.data import Normalise
+from resnet_demo.view.export import decode_float, export_zip, jsonable
+from resnet_demo.view.render import (
+    colour_lut,
+    input_image,
+    lesion_sweep_chart,
+    overlay,
+    readout_chart,
+    residual_chart,
+)
 
 CLASSES = list(CIFAR10_CLASSES)
 
@@ -108,7 +117,7 @@ def test_lesion_sweep_lesions_each_block_alone_and_charts(seed_model):
         assert torch.equal(r.logits, hand_forward(seed_model, x, r.lesioned))
         assert r.kl == pytest.approx(hand_kl(intact, r.logits), rel=1e-9)
     assert torch.equal(insight.lesion(seed_model, x, "res3", CLASSES).logits, sweep[2].logits)  # one name
-    img = figure_to_image(insight.lesion_sweep_chart(sweep))
+    img = lesion_sweep_chart(sweep)
     assert img.size[0] > 300 and hook_count(seed_model) == 0
 
 
@@ -161,7 +170,7 @@ def test_readout_of_the_last_block_equals_the_models_logits(seed_model):
     first = next(i for i in range(len(agrees)) if all(agrees[i:]))
     assert ro.settles_at == ro[first].name and ro.final.index == int(ro[-1].logits.argmax())
     assert ro[-1].p_final == ro.final.prob
-    assert figure_to_image(insight.readout_chart(ro)).size[0] > 200
+    assert readout_chart(ro).size[0] > 200
 
 
 def test_readout_from_records_and_from_an_analysis_agree(seed_model):
@@ -249,10 +258,10 @@ def test_overlay_is_drawn_at_the_display_size(seed_model):
     x = image(10)
     base = input_image(x, card, size=160)
     cam = insight.gradcam(seed_model, x, "res9")
-    over = insight.overlay(cam, base)
+    over = overlay(cam, base)
     assert over.size == base.size == (160, 160) and over.mode == "RGB"
-    assert np.array_equal(np.asarray(insight.overlay(cam, base, alpha=0.0)), np.asarray(base.convert("RGB")))
-    pure = np.asarray(insight.overlay(np.ones((32, 32), np.float32), base, alpha=1.0))
+    assert np.array_equal(np.asarray(overlay(cam, base, alpha=0.0)), np.asarray(base.convert("RGB")))
+    pure = np.asarray(overlay(np.ones((32, 32), np.float32), base, alpha=1.0))
     assert (pure == colour_lut("turbo")[255]).all()
 
 
@@ -398,7 +407,7 @@ def test_export_round_trip(seed_model, tmp_path):
     sweep = insight.lesion_sweep(seed_model, x, CLASSES, intact_logits=analysis.logits)
     ro = insight.readout(seed_model, analysis, CLASSES)
     base = input_image(analysis.input, card)
-    images = {"input": base, "Grad-CAM res9": insight.overlay(insight.gradcam(seed_model, x, "res9"), base),
+    images = {"input": base, "Grad-CAM res9": overlay(insight.gradcam(seed_model, x, "res9"), base),
               "residual chart": residual_chart(analysis.metrics, bands=card.reference_bands)}
     data = export_zip(analysis, images=images, lesion=les, sweep=sweep, readout=ro)
     zf = zipfile.ZipFile(io.BytesIO(data))

@@ -9,7 +9,7 @@ import pytest
 from appserver import weights_dir
 from PIL import Image
 
-from resnet_demo.loadtest import Expected, check_answer, make_images, percentile, run_loadtest
+from resnet_demo.tools.loadtest import Expected, check_answer, make_images, percentile, run_loadtest
 
 
 def test_images_are_distinct_and_deterministic(tmp_path):

@@ -5,12 +5,12 @@ import pytest
 import torch
 from PIL import Image
 
-from resnet_demo.checkpoints import MNIST_MEAN, MNIST_STD, ModelCard, tutorial_card
-from resnet_demo.preprocess import InputError, drawing_array, load_image, photo_array, prepare, sketch_image
+from resnet_demo.core.cards import MNIST, ModelCard, tutorial_card
+from resnet_demo.core.preprocess import InputError, drawing_array, load_image, photo_array, prepare, sketch_image
 
 CIFAR = tutorial_card()
 MNIST = ModelCard(
-    name="mnist", classes=[str(i) for i in range(10)], mean=list(MNIST_MEAN) * 3, std=list(MNIST_STD) * 3,
+    name="mnist", classes=[str(i) for i in range(10)], mean=list(MNIST.mean) * 3, std=list(MNIST.std) * 3,
     colour_mode="gray", input_kind="drawing",
 )
 
@@ -108,7 +108,7 @@ def test_bad_bytes_raise_input_error(data, message):
 
 
 def test_huge_image_is_refused_before_decoding(monkeypatch):
-    import resnet_demo.preprocess as pre
+    import resnet_demo.core.preprocess as pre
 
     monkeypatch.setattr(pre, "MAX_PIXELS", 100 * 100)
     with pytest.raises(InputError, match=r"101×100 pixels .* the limit is"):
@@ -148,7 +148,7 @@ def test_drawing_replicated_to_three_channels_with_mnist_normalisation():
     t = prepare(draw_stroke(), MNIST).tensor
     assert t.shape == (1, 3, 32, 32)
     assert torch.equal(t[0, 0], t[0, 1]) and torch.equal(t[0, 1], t[0, 2])
-    assert t[0, 0, 0, 0].item() == pytest.approx(-MNIST_MEAN[0] / MNIST_STD[0], abs=1e-6)
+    assert t[0, 0, 0, 0].item() == pytest.approx(-MNIST.mean[0] / MNIST.std[0], abs=1e-6)
 
 
 def test_sketch_dict_with_transparent_stroke_layer():

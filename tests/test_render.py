@@ -1,9 +1,9 @@
 import numpy as np
 import torch
 
-from resnet_demo.analysis import BlockMetrics
-from resnet_demo.checkpoints import tutorial_card
-from resnet_demo.render import feature_grid, input_image, rank_channels, residual_chart
+from resnet_demo.core.cards import tutorial_card
+from resnet_demo.core.metrics import BlockMetrics
+from resnet_demo.view.render import feature_grid, input_image, rank_channels, residual_chart
 
 
 def test_channels_ranked_by_mean_absolute_value():

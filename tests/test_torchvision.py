@@ -12,19 +12,20 @@ import torchvision
 from conftest import randomise_bn
 from PIL import Image
 
-from resnet_demo.analysis import block_metrics
-from resnet_demo.capture import capture_forward, find_blocks
-from resnet_demo.checkpoints import WeightsError, load_model, save_weights
-from resnet_demo.explorer import Explorer
-from resnet_demo.tv import (
+from resnet_demo.core.capture import capture_forward, find_blocks
+from resnet_demo.core.cards import WeightsError, imagenet_classes
+from resnet_demo.core.explorer import Explorer
+from resnet_demo.core.load import load_model
+from resnet_demo.core.metrics import block_metrics
+from resnet_demo.core.tv import (
     SUPPORTED_ARCHS,
     TORCHVISION_ARCHS,
     build_torchvision,
     guess_arch,
     imagenet_card,
-    imagenet_classes,
     load_torchvision,
 )
+from resnet_demo.core.weights import save_weights
 
 
 def hook_count(model):

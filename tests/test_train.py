@@ -17,23 +17,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from resnet_demo import data as data_mod
-from resnet_demo.checkpoints import (
-    CIFAR10_CLASSES,
-    MNIST_CLASSES,
-    ModelCard,
-    WeightsError,
-    file_sha256,
-    load_model,
-    load_state_dict_file,
-    save_weights,
-)
-from resnet_demo.data import ImageSet, Normalise, list_imagefolder, load_data, load_evalset, load_imagefolder
-from resnet_demo.evaluate import evaluate
-from resnet_demo.evaluate import main as evaluate_main
-from resnet_demo.model import TUTORIAL_CONFIG, ResNetConfig, build_model, count_parameters
-from resnet_demo.train import TrainConfig, crop_flip, cutout, lr_factor, random_crop_flip, train
-from resnet_demo.train import main as train_main
+from resnet_demo.core.cards import CIFAR10_CLASSES, MNIST_CLASSES, ModelCard, WeightsError
+from resnet_demo.core.load import load_model
+from resnet_demo.core.model import TUTORIAL_CONFIG, ResNetConfig, build_model, count_parameters
+from resnet_demo.core.weights import file_sha256, load_state_dict_file, save_weights
+from resnet_demo.training import data as data_mod
+from resnet_demo.training.data import ImageSet, Normalise, list_imagefolder, load_data, load_evalset, load_imagefolder
+from resnet_demo.training.evaluate import evaluate
+from resnet_demo.training.evaluate import main as evaluate_main
+from resnet_demo.training.train import TrainConfig, crop_flip, cutout, lr_factor, random_crop_flip, train
+from resnet_demo.training.train import main as train_main
 
 REPO = Path(__file__).resolve().parent.parent
 WEIGHTS = REPO / "weights"
@@ -252,7 +245,7 @@ def test_train_cli_writes_weights_and_a_card_that_round_trips(tmp_path, capsys):
     assert ModelCard.from_dict(json.loads(read.to_json())) == read
     assert read.classes == ["blue", "red"] and read.colour_mode == "rgb" and read.input_kind == "photo"
     assert len(read.mean) == len(read.std) == 3 and read.input_size == 32
-    assert read.training["command"] == "python -m resnet_demo.train " + " ".join(argv)
+    assert read.training["command"] == "python -m resnet_demo.training.train " + " ".join(argv)
     assert read.training["seed"] == 3 and read.training["epochs"] == 2 and read.training["flip"] is True
     assert {"wall_time_s", "hardware", "torch_version", "batch_size", "lr"} <= set(read.training)
     assert read.metrics["test_images"] == 16 and 0 <= read.metrics["test_acc_tta"] <= 1
@@ -317,7 +310,7 @@ def test_wrong_architecture_names_the_file(tiny_weights):
 
 
 def test_training_modules_do_not_import_gradio():
-    code = "import sys, resnet_demo.train, resnet_demo.evaluate, resnet_demo.make_evalset\n"
+    code = "import sys, resnet_demo.training.train, resnet_demo.training.evaluate, resnet_demo.training.evalset\n"
     code += "assert 'gradio' not in sys.modules, 'the training modules must run where gradio is not installed'"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
 
@@ -354,7 +347,7 @@ def test_shipped_weights_are_what_their_card_says(name, evalset, metric, card_me
     path = WEIGHTS / f"{name}.safetensors"
     if not path.is_file():
         pytest.skip(
-            f"{path.relative_to(REPO)} is not present: train it with python -m resnet_demo.train (see the README)"
+            f"{path.relative_to(REPO)} is not present: train it with python -m resnet_demo.training.train (see the README)"
         )
     assert path.stat().st_size < 10 * 2**20
     model, card = load_model(path)  # checks the card's sha256: the file as shipped
@@ -376,7 +369,7 @@ def test_evalset_rebuilds_from_the_shared_archive(tmp_path):
     archive = SHARED_DATASETS / "mnist-png.tar.gz"
     if not archive.is_file():
         pytest.skip(f"{archive} is not present (the offline data sets are not part of the project)")
-    from resnet_demo.make_evalset import build_evalset
+    from resnet_demo.training.evalset import build_evalset
 
     info = build_evalset(archive, tmp_path / "mnist_test500.npz", per_class=50, seed=0)
     rebuilt, shipped = load_evalset(info["file"]), load_evalset("mnist_test500")

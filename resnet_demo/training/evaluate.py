@@ -1,9 +1,9 @@
 """Accuracy of a weights file on a data set: plain and with flip test-time augmentation, per class, confusion matrix.
 
-    python -m resnet_demo.evaluate --weights weights/cifar10_resnet.safetensors \\
+    python -m resnet_demo.training.evaluate --weights weights/cifar10_resnet.safetensors \\
         --data ../shared/datasets/cifar10-jpeg.tar.gz [--split test] [--out runs/confusion.png]
 
-``--data`` takes what :func:`resnet_demo.data.load_data` takes, e.g. ``evalset:cifar10_test500`` for the
+``--data`` takes what :func:`resnet_demo.training.data.load_data` takes, e.g. ``evalset:cifar10_test500`` for the
 small set shipped in ``weights/evalset/``. Flip TTA averages the logits of each image and its mirror.
 """
 
@@ -17,13 +17,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoints import ModelCard, WeightsError, load_model
+from ..core.cards import ModelCard, WeightsError
+from ..core.load import load_model
+from ..core.runtime import pick_device
 from .data import DEFAULT_CACHE_DIR, DataError, Normalise, load_data, subset
-from .explorer import pick_device
 
 __all__ = ["confusion_figure", "evaluate", "predict_logits", "save_confusion_png"]
 
-REPO_DIR = Path(__file__).resolve().parent.parent
+REPO_DIR = Path(__file__).resolve().parents[2]
 
 
 @torch.inference_mode()
@@ -149,7 +150,7 @@ def _check_classes(data_classes: list[str], card: ModelCard, spec: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m resnet_demo.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m resnet_demo.training.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", required=True, help="weights/<name>.safetensors (its card <name>.json beside it)")
     p.add_argument(
         "--data", required=True, help="ImageFolder dir or .tar.gz, torchvision:cifar10|mnist, evalset:<name>"
@@ -203,7 +204,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             tta="horizontal flip: mean of the logits of the image and its mirror" if flip
             else "none: the model was trained without flips",
             per_class_acc={c: round(v, 4) for c, v in result["per_class"].items()},
-            measured_by="python -m resnet_demo.evaluate " + " ".join(argv if argv is not None else sys.argv[1:]),
+            measured_by="python -m resnet_demo.training.evaluate "
+            + " ".join(argv if argv is not None else sys.argv[1:]),
         )
         card_path = Path(args.weights).with_suffix(".json")
         card.write(card_path)

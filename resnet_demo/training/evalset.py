@@ -1,9 +1,9 @@
 """Build the small evaluation sets shipped in ``weights/evalset/`` from the offline data-set archives.
 
-    python -m resnet_demo.make_evalset [--datasets ../shared/datasets] [--out weights/evalset]
+    python -m resnet_demo.training.evalset [--datasets ../shared/datasets] [--out weights/evalset]
 
 Each set holds ``--per-class`` images of every class of a test split, chosen by a seeded draw, stored as
-uint8 exactly as :func:`resnet_demo.data.load_imagefolder` decodes them (MNIST padded to 32x32, one channel).
+uint8 exactly as :func:`resnet_demo.training.data.load_imagefolder` decodes them (MNIST padded to 32x32, one channel).
 The tests check the shipped weights against these sets on the CPU in a few seconds.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoints import file_sha256
+from ..core.weights import file_sha256
 from .data import EVALSET_DIR, REPO_DIR, list_imagefolder, load_imagefolder
 
 __all__ = ["SETS", "build_evalset", "content_sha256", "main"]
@@ -79,11 +79,12 @@ def _readme(infos: dict[str, dict], per_class: int, seed: int) -> str:
         "# Shipped evaluation sets",
         "",
         "Small held-out sets for the tests (`tests/test_train.py`) and for a quick check of a weights file:",
-        "`python -m resnet_demo.evaluate --weights weights/<name>.safetensors --data evalset:<set>`.",
+        "`python -m resnet_demo.training.evaluate --weights weights/<name>.safetensors --data evalset:<set>`.",
         f"Each holds {per_class} images of every class drawn from the test split (seeded, seed {seed}),",
-        "stored as uint8 `(N, C, 32, 32)` arrays exactly as `resnet_demo.data.load_imagefolder` decodes them,",
-        "with `labels`, `classes` and the source `files`. Load one with `resnet_demo.data.load_evalset(name)`.",
-        "Built by `python -m resnet_demo.make_evalset` from the archives described in `../shared/datasets/README.md`.",
+        "stored as uint8 `(N, C, 32, 32)` arrays exactly as `resnet_demo.training.data.load_imagefolder`",
+        "decodes them, with `labels`, `classes` and the source `files`. Load one with",
+        "`resnet_demo.training.data.load_evalset(name)`. Built by `python -m resnet_demo.training.evalset`",
+        "from the archives described in `../shared/datasets/README.md`.",
         "",
         "| set | source | images | array shape | arrays sha256 | archive sha256 |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -103,7 +104,7 @@ def _readme(infos: dict[str, dict], per_class: int, seed: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
-    p = argparse.ArgumentParser(prog="python -m resnet_demo.make_evalset", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m resnet_demo.training.evalset", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--datasets", default=str(REPO_DIR.parent / "shared" / "datasets"), help="folder holding the archives"
     )

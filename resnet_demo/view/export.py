@@ -10,7 +10,7 @@
 - ``blocks``: every block's metrics (``ratio``, ``cosine``, ``norm_x``, ``norm_f``, ``norm_y``,
   ``active``, ``channel_f`` as a list) and, when the card has reference bands, each metric's percentile
   rank among the reference images;
-- ``lesion``, ``lesion_sweep``, ``readout``: the results of :mod:`resnet_demo.insight`, when given;
+- ``lesion``, ``lesion_sweep``, ``readout``: the results of :mod:`resnet_demo.core.insight`, when given;
 - ``images``: the PNG file names in the archive.
 
 Numbers are written with Python's shortest round-trip repr, so reading them back gives the library's
@@ -81,7 +81,7 @@ def jsonable(obj: Any) -> Any:
 def _version() -> str | None:
     import importlib
 
-    return getattr(importlib.import_module(__package__), "__version__", None)
+    return getattr(importlib.import_module(__package__.partition(".")[0]), "__version__", None)
 
 
 def _model_ref(card) -> dict:
@@ -106,7 +106,7 @@ def _block_dict(m, bands: dict | None) -> dict:
     d = m.row()
     d["channel_f"] = np.asarray(m.channel_f).tolist()
     if bands:
-        from .bands import BAND_METRICS, percentile_rank
+        from ..core.bands import BAND_METRICS, percentile_rank
 
         ranks = {}
         for metric in BAND_METRICS:
@@ -119,7 +119,7 @@ def _block_dict(m, bands: dict | None) -> dict:
 
 
 def analysis_dict(analysis, *, lesion=None, sweep=None, readout=None, images: list[str] | None = None) -> dict:
-    """The content of ``analysis.json`` for an :class:`~resnet_demo.explorer.Analysis` (JSON types only)."""
+    """The content of ``analysis.json`` for an :class:`~resnet_demo.core.explorer.Analysis` (JSON types only)."""
     card = analysis.card
     bands = card.reference_bands or None
     d: dict[str, Any] = {
@@ -180,12 +180,12 @@ def export_zip(
     """Pack an analysis into a ZIP: ``analysis.json`` plus one PNG per entry of ``images``.
 
     Args:
-        analysis: an :class:`~resnet_demo.explorer.Analysis`.
+        analysis: an :class:`~resnet_demo.core.explorer.Analysis`.
         images: display name -> PIL image (or uint8 array, or matplotlib Figure); file names are the
             names made safe, with ``.png``.
-        lesion: a :class:`~resnet_demo.insight.LesionResult`.
-        sweep: the list from :func:`~resnet_demo.insight.lesion_sweep`.
-        readout: a :class:`~resnet_demo.insight.Readout`.
+        lesion: a :class:`~resnet_demo.core.insight.LesionResult`.
+        sweep: the list from :func:`~resnet_demo.core.insight.lesion_sweep`.
+        readout: a :class:`~resnet_demo.core.insight.Readout`.
         path: where to write the ZIP; without it the ZIP's bytes are returned.
 
     Returns:

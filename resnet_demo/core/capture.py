@@ -1,6 +1,6 @@
 """Forward-hook capture of every residual block's x, F(x), s(x) and y.
 
-Blocks are found by walking ``named_modules()``: the project's :class:`~resnet_demo.model.ResidualBlock`
+Blocks are found by walking ``named_modules()``: the project's :class:`~resnet_demo.core.model.ResidualBlock`
 and torchvision's ``BasicBlock`` / ``Bottleneck``. For each block three hooks are registered:
 
 - on the module whose output is F(x) (the project's ``branch``; torchvision's last BN). torchvision
@@ -14,7 +14,7 @@ lesioned, so concurrent requests on one shared model never mix.
 
 Recorded tensors are copies wherever the model could change them in place later in the pass
 (torchvision's blocks add the shortcut into F and apply an in-place ReLU). The project's own
-:class:`~resnet_demo.model.ResNet` never writes into a tensor it has produced, so for it the hooks
+:class:`~resnet_demo.core.model.ResNet` never writes into a tensor it has produced, so for it the hooks
 keep the activations themselves: each pass allocates fresh outputs, and skipping 20 copies is a
 third of what capturing costs.
 """

@@ -1,6 +1,6 @@
 """torchvision ResNets (ResNet-18 ... 152, Wide ResNet, ResNeXt) with the user's own weights.
 
-The capture needs nothing from this module: :func:`~resnet_demo.capture.find_blocks` recognises
+The capture needs nothing from this module: :func:`~resnet_demo.core.capture.find_blocks` recognises
 torchvision's ``BasicBlock`` and ``Bottleneck`` by walking ``named_modules()``. This module builds the
 networks (never downloading anything unless asked to), reads a user's weights file (a
 ``torch.save(state_dict)`` file or a safetensors file), checks that it fits the chosen architecture and
@@ -13,21 +13,18 @@ fetches torchvision's published ImageNet weights (the ``DEFAULT`` tag) through t
 
 from __future__ import annotations
 
-import json
 import re
-from functools import cache, lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoints import ModelCard, WeightsError, file_sha256, load_state_dict_file, load_weights_into
+from .cards import IMAGENET, ModelCard, WeightsError, imagenet_classes, read_class_names
+from .weights import file_sha256, load_state_dict_file, load_weights_into
 
 __all__ = [
     "EXTRA_ARCHS",
-    "IMAGENET_CLASSES_FILE",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "SUPPORTED_ARCHS",
     "TORCHVISION_ARCHS",
     "build_torchvision",
@@ -35,9 +32,7 @@ __all__ = [
     "fit_torchvision_weights",
     "guess_arch",
     "imagenet_card",
-    "imagenet_classes",
     "load_torchvision",
-    "read_class_names",
 ]
 
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -45,9 +40,6 @@ TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152
 EXTRA_ARCHS = ("wide_resnet50_2", "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d")
 SUPPORTED_ARCHS = TORCHVISION_ARCHS + EXTRA_ARCHS
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGENET_CLASSES_FILE = Path(__file__).resolve().parent / "imagenet_classes.txt"
 
 
 def _normalise_arch(arch: str) -> str:
@@ -71,75 +63,14 @@ def build_torchvision(arch: str, num_classes: int = 1000) -> nn.Module:
     return tvm.get_model(arch, weights=None, num_classes=int(num_classes)).eval()
 
 
-# --- class names and the model card ----------------------------------------------------------------
-
-
-def read_class_names(path: str | Path) -> list[str]:
-    """Class names from a text file (one per line) or a JSON file (a list, or a model card's ``classes``).
-
-    Raises:
-        WeightsError: the file is missing, unreadable, empty, or has a blank line among the names.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise WeightsError(f"class-names file {path} not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise WeightsError(f"class-names file {path} could not be read ({exc})") from None
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise WeightsError(f"class-names file {path} is not valid JSON ({exc})") from None
-        if isinstance(data, dict):
-            data = data.get("classes")
-        if not isinstance(data, list) or not all(isinstance(c, str) for c in data):
-            raise WeightsError(
-                f"class-names file {path} must hold a JSON list of strings (or an object with 'classes')"
-            )
-        names = [c.strip() for c in data]
-    else:
-        names = [line.strip() for line in text.splitlines()]
-        while names and not names[-1]:
-            names.pop()
-    if not names:
-        raise WeightsError(f"class-names file {path} holds no class names")
-    blank = [i + 1 for i, n in enumerate(names) if not n]
-    if blank:
-        raise WeightsError(f"class-names file {path}: entry {blank[0]} is blank (one class name per line, none empty)")
-    return names
-
-
-@lru_cache(maxsize=1)
-def _imagenet_classes() -> tuple[str, ...]:
-    names = read_class_names(IMAGENET_CLASSES_FILE)
-    if len(names) != 1000:
-        raise WeightsError(f"{IMAGENET_CLASSES_FILE} should hold 1000 ImageNet class names, found {len(names)}")
-    return tuple(names)
-
-
-def imagenet_classes() -> list[str]:
-    """The 1000 ImageNet-1k class names, in torchvision's index order."""
-    return list(_imagenet_classes())
+# --- the model card ---------------------------------------------------------------------------------
 
 
 def imagenet_card(arch: str, name: str | None = None, *, trained: bool = True) -> ModelCard:
-    """The card of a torchvision ResNet trained on ImageNet-1k: resize 256, crop 224, ImageNet mean/std."""
+    """The card of a torchvision ResNet trained on ImageNet-1k (the :data:`~.cards.IMAGENET` preset)."""
     arch = _normalise_arch(arch)
-    return ModelCard(
-        name=name or arch,
-        classes=imagenet_classes(),
-        mean=list(IMAGENET_MEAN),
-        std=list(IMAGENET_STD),
-        arch=arch,
-        config=None,
-        input_size=224,
-        resize=256,
-        colour_mode="rgb",
-        input_kind="photo",
-        dataset="ImageNet-1k",
-        trained=trained,
+    return ModelCard.from_preset(
+        IMAGENET, name or arch, classes=imagenet_classes(), arch=arch, config=None, trained=trained
     )
 
 

@@ -17,10 +17,22 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .analysis import BlockMetrics
-from .checkpoints import ModelCard
+from ..core.cards import ModelCard
+from ..core.insight import LesionResult, Readout
+from ..core.metrics import BlockMetrics
 
-__all__ = ["VIEWS", "colour_lut", "feature_grid", "figure_to_image", "input_image", "rank_channels", "residual_chart"]
+__all__ = [
+    "VIEWS",
+    "colour_lut",
+    "feature_grid",
+    "figure_to_image",
+    "input_image",
+    "lesion_sweep_chart",
+    "overlay",
+    "rank_channels",
+    "readout_chart",
+    "residual_chart",
+]
 
 # Which tensor of a block to show; F(x) is signed, x and y are post-ReLU (non-negative).
 VIEWS = {"x": "block input x", "f": "residual branch F(x)", "y": "block output y"}
@@ -182,7 +194,7 @@ def residual_chart(
     """
     from PIL import ImageDraw
 
-    from .bands import percentile_rank
+    from ..core.bands import percentile_rank
 
     n = len(metrics)
     width = width or max(640, 64 * n + 130)
@@ -252,3 +264,67 @@ def figure_to_image(fig) -> Image.Image:
     canvas.print_png(buf)
     buf.seek(0)
     return Image.open(buf).convert("RGB")
+
+
+def overlay(cam: np.ndarray, base_image: Image.Image, alpha: float = 0.45, cmap: str = "turbo") -> Image.Image:
+    """Colour ``cam`` (values in [0, 1]) and blend it over ``base_image`` at the base image's size."""
+    base = base_image.convert("RGB")
+    heat = Image.fromarray(np.asarray(cam, dtype=np.float32), mode="F").resize(base.size, Image.BILINEAR)
+    levels = (np.clip(np.asarray(heat), 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+    coloured = Image.fromarray(colour_lut(cmap)[levels])  # (H, W) -> (H, W, 3)
+    return Image.blend(base, coloured, float(alpha))
+
+
+# --- charts ----------------------------------------------------------------------------------------
+
+
+def lesion_sweep_chart(
+    results: Sequence[LesionResult], *, title: str = "Remove one block's branch at a time"
+) -> Image.Image:
+    """Bars of KL(intact || lesioned) per block, with the change in the original top-1's probability."""
+    from matplotlib.figure import Figure
+
+    names = [", ".join(r.lesioned) for r in results]
+    xs = np.arange(len(results))
+    fig = Figure(figsize=(max(6.0, 0.45 * len(results) + 2), 3.2), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    colours = ["#C44E52" if r.top1_changed else "#4C72B0" for r in results]
+    ax.bar(xs, [r.kl for r in results], width=0.55, color=colours, zorder=3)
+    ax.set_ylabel("KL(intact ‖ lesioned) [nats]")
+    rotate = len(names) > 12
+    ax.set_xticks(xs, names, rotation=45 if rotate else 0, ha="right" if rotate else "center")
+    ax.set_ylim(bottom=0)
+    ax.grid(axis="y", alpha=0.3)
+    orig = results[0].orig_label if results else ""
+    ax.set_title(f"{title} (red: top-1 changes)", fontsize=10)
+    ax2 = ax.twinx()
+    ax2.plot(xs, [r.delta for r in results], "k.-", lw=1, label=f"Δ p({orig})", zorder=4)
+    ax2.axhline(0, color="k", lw=0.5, ls=":")
+    ax2.set_ylim(-1, 1)
+    ax2.set_ylabel(f"Δ p({orig})")
+    ax2.legend(loc="upper right", fontsize=8, frameon=False)
+    return figure_to_image(fig)
+
+
+def readout_chart(result: Readout, *, title: str = "The head applied to each block") -> Image.Image:
+    """Probability of the final top-1 class per block, with each readout's own top-1 written on top."""
+    from matplotlib.figure import Figure
+
+    names = [r.name for r in result]
+    xs = np.arange(len(names))
+    fig = Figure(figsize=(max(4.0, 0.6 * len(names) + 2), 3.0), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    colours = ["#55A868" if r.agrees else "#999999" for r in result]
+    ax.bar(xs, [r.p_final for r in result], width=0.55, color=colours, zorder=3)
+    for i, r in enumerate(result):
+        ax.text(i, min(r.p_final, 0.9) + 0.03, r.top1.label, ha="center", fontsize=7, zorder=4)
+    if result.settles_at is not None:
+        i = names.index(result.settles_at)
+        ax.axvline(i - 0.4, color="k", lw=1, ls="--")
+    ax.set_xticks(xs, names)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(f"p({result.final.label})")
+    settles = f"; settles at {result.settles_at}" if result.settles_at else ""
+    ax.set_title(f"{title}{settles}", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    return figure_to_image(fig)

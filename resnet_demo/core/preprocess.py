@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .checkpoints import ModelCard
+from .cards import ModelCard
 
 __all__ = ["InputError", "MAX_PIXELS", "Prepared", "load_image", "prepare", "drawing_array", "photo_array"]
 

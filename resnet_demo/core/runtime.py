@@ -1,28 +1,37 @@
-"""The one object the UI, the benchmark and the command line call: a loaded model and its analyses."""
+"""Where and how the model runs: device choice, the machine's description, malloc tuning, CUDA graphs.
+
+Process-level settings that the service (:mod:`.explorer`), the training command and the benchmark
+share. Nothing here touches CUDA unless called on a CUDA device.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import math
+import os
 import platform
 import sys
 import threading
-import warnings
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .analysis import BlockMetrics, Prediction, block_metrics, topk
-from .capture import BlockRecord, capture_forward, find_blocks
-from .checkpoints import ModelCard, load_model
-from .preprocess import Prepared, prepare
+from .capture import BlockRecord, capture_forward
 
-__all__ = ["Analysis", "Explorer", "cpu_model", "pack_records", "pick_device", "record_cuda_graph", "tune_malloc",
-           "unpack_records"]
+__all__ = [
+    "GraphedCapture",
+    "cpu_model",
+    "device_name",
+    "machine",
+    "pack_records",
+    "pick_device",
+    "record_cuda_graph",
+    "tune_malloc",
+    "unpack_records",
+]
 
 
 def cpu_model() -> str:
@@ -34,6 +43,25 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    """One line naming the hardware ``device`` runs on, for model cards and benchmark reports."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    if device.type == "mps":
+        return f"Apple MPS ({platform.machine()})"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cpu_model()}, {cores} cores, {torch.get_num_threads()} torch threads"
+
+
+def machine() -> dict[str, Any]:
+    """The machine as the benchmark reports it: CPU, cores, torch threads, versions, and the GPU if any."""
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # mallopt parameters, glibc's malloc.h
@@ -123,9 +151,6 @@ def unpack_records(flat: torch.Tensor, layout: list) -> tuple[torch.Tensor, list
     return flat[: math.prod(logits_shape)].view(logits_shape), records
 
 
-_MAX_GRAPHS = 4  # recorded input shapes per explorer; the shipped models need one each
-
-
 def record_cuda_graph(
     fn: Callable[[], Any], device: torch.device, warmup: int = 3
 ) -> tuple[torch.cuda.CUDAGraph, Any]:
@@ -147,7 +172,7 @@ def record_cuda_graph(
     return graph, output
 
 
-class _GraphedCapture:
+class GraphedCapture:
     """The lesion-free capture forward of one input shape on CUDA, recorded once as a CUDA graph.
 
     Eager PyTorch spends tens of microseconds of Python and launch work per layer, so on a fast GPU a
@@ -171,132 +196,28 @@ class _GraphedCapture:
         return unpack_records(flat, self.layout)
 
 
-@dataclass
-class Analysis:
-    """One image through the network: its input, predictions, every block's tensors and metrics.
 
-    Tensors are on the CPU and hold only this image (batch dimension 1).
+
+def enable_cudnn_autotuning(preference: str | None = None) -> bool:
+    """Turn on cuDNN autotuning when the models will run on CUDA; call before they load.
+
+    Inputs have a fixed size per model, so autotuning pays once. It must be set before the models
+    load, since each :class:`~resnet_demo.core.explorer.Explorer` records its CUDA graph (and so picks
+    its kernels) as it is made. Returns whether it was turned on.
     """
-
-    card: ModelCard
-    input: torch.Tensor  # (1, C, H, W), normalised, as the model saw it
-    kind: str
-    logits: torch.Tensor  # (classes,)
-    predictions: list[Prediction]
-    blocks: list[BlockRecord]
-    metrics: list[BlockMetrics]
-    lesioned: tuple[str, ...] = ()
-
-    @property
-    def probs(self) -> torch.Tensor:
-        return torch.softmax(self.logits.float(), dim=0)
+    if torch.cuda.is_available() and not (preference or "").startswith(("cpu", "mps")):
+        torch.backends.cudnn.benchmark = True
+        return True
+    return False
 
 
-class Explorer:
-    """A model on a device, with its card, ready to analyse images.
+def share_cores(concurrency: int) -> None:
+    """Share the CPU's cores out between ``concurrency`` analyses running at once.
 
-    Thread-safe: concurrent :meth:`analyze` calls on one explorer get their own results (the
-    capture's hooks act only for the thread that registered them) and never change the model.
+    Requests are single images: intra-op threads buy little and fight each other when several analyses
+    run at once (on a GPU machine too: decoding, metrics and drawing stay on the CPU). Also keeps freed
+    activation memory for the next request, in one malloc arena per concurrent analysis (see
+    :func:`tune_malloc`).
     """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        card: ModelCard,
-        device: str | torch.device | None = None,
-        *,
-        cuda_graphs: bool = True,
-    ) -> None:
-        """``cuda_graphs``: on CUDA, replay lesion-free batch-1 analyses from a recorded graph
-        (same numbers, a fraction of the launch cost); ignored elsewhere."""
-        self.device = pick_device(device) if not isinstance(device, torch.device) else device
-        self.model = model.eval().to(self.device)
-        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self._graphs: dict[tuple[int, ...], _GraphedCapture | None] = {}
-        self._graphs_lock = threading.Lock()
-        self.card = card
-        self.blocks = find_blocks(self.model)
-        if not self.blocks:
-            raise ValueError(f"{type(model).__name__} has no residual blocks to explore")
-        first = next(m for m in self.model.modules() if isinstance(m, nn.Conv2d))
-        self.in_channels = first.in_channels
-        if self.cuda_graphs:  # record the common case now, before requests arrive from several threads
-            self._graph((1, self.in_channels, card.input_size, card.input_size))
-
-    @classmethod
-    def from_weights(
-        cls, path: str | Path, device: str | torch.device | None = None, card: ModelCard | None = None
-    ) -> Explorer:
-        model, card = load_model(path, card=card)
-        return cls(model, card, device)
-
-    @property
-    def block_names(self) -> list[str]:
-        return [b.name for b in self.blocks]
-
-    def prepare(self, source: Any, kind: str | None = None) -> Prepared:
-        return prepare(source, self.card, kind=kind, channels=self.in_channels)
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Bare forward pass of a prepared batch; logits on the CPU."""
-        with torch.inference_mode():
-            return self.model(x.to(self.device)).float().cpu()
-
-    def analyze(
-        self,
-        source: Any,
-        *,
-        kind: str | None = None,
-        k: int = 5,
-        lesion: Iterable[str] = (),
-    ) -> Analysis:
-        """Preprocess ``source``, run one forward pass with capture, and compute top-k and metrics.
-
-        Args:
-            source: anything :func:`~resnet_demo.preprocess.prepare` takes, or a prepared tensor.
-            kind: ``"photo"`` or ``"drawing"``; the card's ``input_kind`` by default.
-            k: how many predictions to return.
-            lesion: blocks whose residual branch is removed for this analysis only.
-        """
-        if isinstance(source, torch.Tensor):
-            x, kind = (source if source.ndim == 4 else source.unsqueeze(0)), kind or self.card.input_kind
-        else:
-            prepared = self.prepare(source, kind)
-            x, kind = prepared.tensor, prepared.kind
-        lesion = tuple(lesion)
-        graph = self._graph(tuple(x.shape)) if not lesion else None
-        if graph is not None:
-            logits, records = graph(x)
-        else:
-            logits, records = capture_forward(self.model, x.to(self.device), lesion=lesion)
-            if self.device.type != "cpu":  # one device-to-host copy, not one per tensor
-                flat, layout = pack_records(logits, records)
-                logits, records = unpack_records(flat.cpu(), layout)
-        logits = logits[0].float().cpu()
-        return Analysis(
-            card=self.card,
-            input=x.cpu(),
-            kind=kind,
-            logits=logits,
-            predictions=topk(logits, self.card.classes, k),
-            blocks=records,
-            metrics=block_metrics(records)[0],
-            lesioned=lesion,
-        )
-
-    def _graph(self, shape: tuple[int, ...]) -> _GraphedCapture | None:
-        """The recorded graph for batch-1 inputs of ``shape``, made on first use; ``None`` to run eagerly."""
-        if not self.cuda_graphs or shape[0] != 1:
-            return None
-        with self._graphs_lock:
-            if shape not in self._graphs:
-                if len(self._graphs) >= _MAX_GRAPHS:  # inputs of ever new sizes: keep GPU memory bounded
-                    return None
-                try:
-                    self._graphs[shape] = _GraphedCapture(self.model, shape, self.device)
-                except RuntimeError as exc:  # a model whose forward cannot be recorded: say so, run it eagerly
-                    warnings.warn(
-                        f"CUDA graph capture failed for input {shape}, analysing eagerly: {exc}", stacklevel=3
-                    )
-                    self._graphs[shape] = None
-            return self._graphs[shape]
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // concurrency))
+    tune_malloc(arenas=max(2, concurrency))

@@ -44,7 +44,7 @@ __all__ = [
     "subset",
 ]
 
-REPO_DIR = Path(__file__).resolve().parent.parent
+REPO_DIR = Path(__file__).resolve().parents[2]
 DEFAULT_CACHE_DIR = REPO_DIR / "data" / "cache"
 TORCHVISION_ROOT = REPO_DIR / "data" / "torchvision"
 EVALSET_DIR = REPO_DIR / "weights" / "evalset"
@@ -311,7 +311,7 @@ def load_evalset(name: str | Path) -> ImageSet:
     if path.suffix != ".npz":
         path = EVALSET_DIR / f"{name}.npz"
     if not path.is_file():
-        raise DataError(f"evaluation set {path} not found (build it with python -m resnet_demo.make_evalset)")
+        raise DataError(f"evaluation set {path} not found (build it with python -m resnet_demo.training.evalset)")
     try:
         with np.load(path, allow_pickle=False) as z:
             return ImageSet(

@@ -1,8 +1,8 @@
 """Train a model config on an image data set and write ``weights/<name>.safetensors`` with its model card.
 
-    python -m resnet_demo.train --data ../shared/datasets/cifar10-jpeg.tar.gz --name cifar10_resnet --epochs 30
-    python -m resnet_demo.train --data ../shared/datasets/mnist-png.tar.gz --name mnist_resnet --epochs 8
-    python -m resnet_demo.train --data torchvision:cifar10 --download --name cifar10_resnet
+    python -m resnet_demo.training.train --data ../shared/datasets/cifar10-jpeg.tar.gz --name cifar10_resnet --epochs 30
+    python -m resnet_demo.training.train --data ../shared/datasets/mnist-png.tar.gz --name mnist_resnet --epochs 8
+    python -m resnet_demo.training.train --data torchvision:cifar10 --download --name cifar10_resnet
 
 Written the way the fastest CIFAR-10 trainers are (airbench): the decoded data set lives on the device as
 uint8; each batch is cropped (4-pixel reflect padding), flipped and normalised on the device by index
@@ -11,14 +11,13 @@ weight decay on conv/linear weights only, linear warm-up then linear decay to ze
 optional cutout and an exponential moving average of the weights. The same code runs on the CPU.
 
 The card's accuracy figures come from the file as written (fp16 weights, fp32 BN statistics), reloaded with
-:func:`resnet_demo.checkpoints.load_model`, never from the in-memory model.
+:func:`resnet_demo.core.load.load_model`, never from the in-memory model.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import platform
 import shlex
 import sys
@@ -30,23 +29,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoints import (
-    CIFAR10_CLASSES,
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    MNIST_CLASSES,
-    MNIST_MEAN,
-    MNIST_STD,
-    WEIGHTS_DIR,
-    ModelCard,
-    WeightsError,
-    load_model,
-    save_weights,
-)
-from .data import DEFAULT_CACHE_DIR, DataError, Normalise, load_data, subset
+from ..core.cards import CIFAR10, WEIGHTS_DIR, ModelCard, Preset, WeightsError, preset_for
+from ..core.load import load_model
+from ..core.model import TUTORIAL_CONFIG, ResNetConfig, build_model, count_parameters
+from ..core.runtime import device_name, pick_device
+from ..core.weights import save_weights
+from .data import DEFAULT_CACHE_DIR, DataError, ImageSet, Normalise, load_data, subset
 from .evaluate import evaluate
-from .explorer import cpu_model, pick_device
-from .model import TUTORIAL_CONFIG, ResNetConfig, build_model, count_parameters
 
 __all__ = [
     "CONFIGS",
@@ -86,8 +75,8 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False  # torch.compile the training forward/backward
     seed: int = 0
-    mean: tuple[float, ...] = CIFAR10_MEAN
-    std: tuple[float, ...] = CIFAR10_STD
+    mean: tuple[float, ...] = CIFAR10.mean
+    std: tuple[float, ...] = CIFAR10.std
     progress: bool = True
     log_every: int = 20  # steps between progress-bar updates (each one waits for the device)
 
@@ -350,45 +339,6 @@ def train(
 # --- command line -------------------------------------------------------------------------------
 
 
-def hardware_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    if device.type == "mps":
-        return f"Apple MPS ({platform.machine()})"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{cpu_model()}, {cores} cores, {torch.get_num_threads()} torch threads"
-
-
-def _preset(classes: list[str], channels: int) -> dict:
-    """Card fields for the two data sets the project ships models for; a generic photo preset otherwise."""
-    if classes == CIFAR10_CLASSES and channels == 3:
-        return {
-            "kind": "cifar10",
-            "dataset": "CIFAR-10",
-            "mean": CIFAR10_MEAN,
-            "std": CIFAR10_STD,
-            "colour_mode": "rgb",
-            "input_kind": "photo",
-        }
-    if classes == MNIST_CLASSES and channels == 1:
-        return {
-            "kind": "mnist",
-            "dataset": "MNIST",
-            "mean": MNIST_MEAN,
-            "std": MNIST_STD,
-            "colour_mode": "gray",
-            "input_kind": "drawing",
-        }
-    return {
-        "kind": "other",
-        "dataset": "",
-        "mean": None,
-        "std": None,
-        "colour_mode": "rgb" if channels == 3 else "gray",
-        "input_kind": "photo",
-    }
-
-
 def _data_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:20000]
     x = images[pick].float().div(255).transpose(0, 1).flatten(1)  # (N, C, H, W) -> (C, N*H*W)
@@ -397,7 +347,7 @@ def _data_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m resnet_demo.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m resnet_demo.training.train", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--data", required=True, help="ImageFolder dir or .tar.gz (train/ and test/ inside), torchvision:cifar10|mnist"
     )
@@ -448,11 +398,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@dataclass
+class _Run:
+    """One training run as the command line describes it: data, model config, recipe and where it goes."""
+
+    train_set: ImageSet
+    test_set: ImageSet
+    test_split: str
+    full_train: int  # training images available before --limit
+    config: ResNetConfig
+    recipe: TrainConfig
+    preset: Preset | None
+    dataset: str  # as written in the card
+    device: torch.device
+
+
 def main(argv: Sequence[str] | None = None) -> ModelCard:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = build_parser()
     args = p.parse_args(argv)
-    command = "python -m resnet_demo.train " + shlex.join(argv)
+    command = "python -m resnet_demo.training.train " + shlex.join(argv)
     t_start = time.perf_counter()
     try:
         import safetensors  # noqa: F401 - checked now rather than after the training
@@ -461,69 +426,70 @@ def main(argv: Sequence[str] | None = None) -> ModelCard:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        device = pick_device(args.device)
-    except ValueError as exc:
+        run = _plan(args)
+    except (DataError, ValueError) as exc:
         p.exit(2, f"error: {exc}\n")
-
+    torch.manual_seed(args.seed)
+    model = build_model(run.config)
+    print(
+        f"training {args.config} ({count_parameters(model):,} parameters) on {run.dataset}: "
+        f"{len(run.train_set.labels)} of {run.full_train} training images, {run.recipe.epochs} epochs, "
+        f"batch {run.recipe.batch_size}, lr {run.recipe.lr}, on {run.device}",
+        file=sys.stderr,
+    )
+    history = train(model, run.train_set.images, run.train_set.labels, run.recipe, run.device)
+    out = Path(args.out_dir) / f"{args.name}.safetensors"
+    card = save_weights(model, _card(args.name, run, _training_record(run, history, command, args.data)), out)
     try:
-        train_set = load_data(args.data, "train", cache_dir=args.cache_dir, download=args.download)
-        test_set = load_data(args.data, args.test_split, cache_dir=args.cache_dir, download=args.download)
-    except DataError as exc:
-        p.exit(2, f"error: {exc}\n")
-    if train_set.classes != test_set.classes:
-        p.exit(
-            2, f"error: train classes {train_set.classes} differ from {args.test_split} classes {test_set.classes}\n"
-        )
-    full_train = len(train_set.labels)
-    train_set = subset(train_set, args.limit)
-    test_set = subset(test_set, args.eval_limit)
-    classes, channels = train_set.classes, train_set.images.shape[1]
+        _judge(card, out, run)
+    except WeightsError as exc:
+        p.exit(1, f"error: the weights just written do not load back: {exc}\n")
+    card.training["total_wall_time_s"] = round(time.perf_counter() - t_start, 2)
+    card.write(out.with_suffix(".json"))  # the weights are unchanged, so is their sha256
+    return card
 
-    preset = _preset(classes, channels)
-    mean, std = (preset["mean"], preset["std"]) if preset["mean"] else _data_stats(train_set.images)
-    base = CONFIGS[args.config]
-    config = dataclasses.replace(base, num_classes=len(classes))
+
+def _plan(args: argparse.Namespace) -> _Run:
+    """Read the data and decide the model config, the recipe and the card's data-set name.
+
+    Raises:
+        DataError: the data cannot be read, or its splits disagree on the classes.
+        ValueError: the device is not available.
+    """
+    device = pick_device(args.device)
+    train_set = load_data(args.data, "train", cache_dir=args.cache_dir, download=args.download)
+    test_set = load_data(args.data, args.test_split, cache_dir=args.cache_dir, download=args.download)
+    if train_set.classes != test_set.classes:
+        raise DataError(f"train classes {train_set.classes} differ from {args.test_split} classes {test_set.classes}")
+    full_train = len(train_set.labels)
+    train_set, test_set = subset(train_set, args.limit), subset(test_set, args.eval_limit)
+    classes, channels = train_set.classes, train_set.images.shape[1]
+    preset = preset_for(classes, channels)
+    mean, std = (preset.mean, preset.std) if preset else _data_stats(train_set.images)
+    config = dataclasses.replace(CONFIGS[args.config], num_classes=len(classes))
     if len(mean) == 1 and config.in_channels > 1:
         mean, std = mean * config.in_channels, std * config.in_channels  # gray replicated to every input channel
-    flip = args.flip if args.flip is not None else preset["input_kind"] == "photo"
-    cfg = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        momentum=args.momentum,
-        wd=args.wd,
-        label_smoothing=args.label_smoothing,
-        warmup=args.warmup,
-        flip=flip,
-        crop_pad=args.crop_pad,
-        cutout=args.cutout,
-        ema=args.ema,
-        amp=args.amp,
-        compile=args.compile,
-        seed=args.seed,
-        mean=tuple(mean),
-        std=tuple(std),
-        progress=not args.no_progress,
+    photo = preset is None or preset.input_kind == "photo"
+    recipe = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, wd=args.wd,
+        label_smoothing=args.label_smoothing, warmup=args.warmup, flip=photo if args.flip is None else args.flip,
+        crop_pad=args.crop_pad, cutout=args.cutout, ema=args.ema, amp=args.amp, compile=args.compile,
+        seed=args.seed, mean=tuple(mean), std=tuple(std), progress=not args.no_progress,
     )
     if args.dataset_name:
         dataset = args.dataset_name
     elif args.data.startswith("torchvision:"):
-        dataset = preset["dataset"] or args.data
+        dataset = preset.dataset if preset else args.data
     else:
         source = Path(args.data).name
-        dataset = f"{preset['dataset']} ({source})" if preset["dataset"] else source
+        dataset = f"{preset.dataset} ({source})" if preset else source
+    return _Run(train_set, test_set, args.test_split, full_train, config, recipe, preset, dataset, device)
 
-    torch.manual_seed(args.seed)
-    model = build_model(config)
-    print(
-        f"training {args.config} ({count_parameters(model):,} parameters) on {dataset}: {len(train_set.labels)} of "
-        f"{full_train} training images, {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}, on {device}",
-        file=sys.stderr,
-    )
-    history = train(model, train_set.images, train_set.labels, cfg, device)
 
-    out = Path(args.out_dir) / f"{args.name}.safetensors"
-    training = {
+def _training_record(run: _Run, history: dict, command: str, data: str) -> dict:
+    """The card's ``training`` field: the recipe, what it cost, where it ran and the command that repeats it."""
+    cfg, epochs = run.recipe, history["epochs"]
+    return {
         "epochs": cfg.epochs,
         "batch_size": history["batch_size"],
         "lr": cfg.lr,
@@ -541,63 +507,67 @@ def main(argv: Sequence[str] | None = None) -> ModelCard:
         "channels_last": cfg.channels_last,
         "compile": cfg.compile,
         "seed": cfg.seed,
-        "train_images": len(train_set.labels),
-        "train_images_available": full_train,
+        "train_images": len(run.train_set.labels),
+        "train_images_available": run.full_train,
         "steps": history["steps"],
-        "final_train_loss": history["epochs"][-1]["loss"] if history["epochs"] else None,
-        "final_train_acc": history["epochs"][-1]["acc"] if history["epochs"] else None,
+        "final_train_loss": epochs[-1]["loss"] if epochs else None,
+        "final_train_acc": epochs[-1]["acc"] if epochs else None,
         "wall_time_s": round(history["train_seconds"], 2),
         "images_per_s": round(history["images_per_s"], 1),
-        "hardware": hardware_name(device),
-        "device": str(device),
+        "hardware": device_name(run.device),
+        "device": str(run.device),
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "command": command,
-        "data": args.data,
+        "data": data,
     }
-    card = ModelCard(
-        name=args.name,
-        classes=list(classes),
-        mean=[float(v) for v in mean],
-        std=[float(v) for v in std],
+
+
+def _card(name: str, run: _Run, training: dict) -> ModelCard:
+    size = int(run.train_set.images.shape[-1])
+    channels = run.train_set.images.shape[1]
+    return ModelCard(
+        name=name,
+        classes=list(run.train_set.classes),
+        mean=[float(v) for v in run.recipe.mean],
+        std=[float(v) for v in run.recipe.std],
         arch="resnet",
-        config=config.to_dict(),
-        input_size=int(train_set.images.shape[-1]),
-        resize=int(train_set.images.shape[-1]),
-        colour_mode=preset["colour_mode"],
-        input_kind=preset["input_kind"],
-        dataset=dataset,
+        config=run.config.to_dict(),
+        input_size=size,
+        resize=size,
+        colour_mode=run.preset.colour_mode if run.preset else ("rgb" if channels == 3 else "gray"),
+        input_kind=run.preset.input_kind if run.preset else "photo",
+        dataset=run.dataset,
         trained=True,
         training=training,
     )
-    card = save_weights(model, card, out, half=True)
 
-    # Judge the file as shipped: fp16 weights and fp32 BN statistics, read back through load_model.
-    try:
-        shipped, _ = load_model(out)
-    except WeightsError as exc:
-        p.exit(1, f"error: the weights just written do not load back: {exc}\n")
-    # Flip test-time augmentation only for a model trained with flips: a mirrored digit is another glyph.
-    result = evaluate(shipped, test_set.images, test_set.labels, card, device, tta=cfg.flip)
+
+def _judge(card: ModelCard, out: Path, run: _Run) -> None:
+    """Fill the card's test metrics from the file as shipped: fp16 weights and fp32 BN statistics, read back.
+
+    Raises:
+        WeightsError: the file just written does not load back.
+    """
+    shipped, _ = load_model(out)
+    flip = run.recipe.flip  # flip TTA only for a model trained with flips: a mirrored digit is another glyph
+    result = evaluate(shipped, run.test_set.images, run.test_set.labels, card, run.device, tta=flip)
     card.metrics = {
         "test_acc": round(result["accuracy"], 5),
-        "test_acc_tta": round(result["accuracy_tta"], 5) if cfg.flip else None,
+        "test_acc_tta": round(result["accuracy_tta"], 5) if flip else None,
         "test_images": result["n"],
-        "test_split": args.test_split,
-        "tta": "horizontal flip: mean of the logits of the image and its mirror" if cfg.flip
+        "test_split": run.test_split,
+        "tta": "horizontal flip: mean of the logits of the image and its mirror" if flip
         else "none: the model was trained without flips",
         "per_class_acc": {c: round(v, 4) for c, v in result["per_class"].items()},
     }
-    card.training["total_wall_time_s"] = round(time.perf_counter() - t_start, 2)
-    card.write(out.with_suffix(".json"))  # the weights are unchanged, so is their sha256
     print(
         f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB) and {out.with_suffix('.json').name}: "
         f"test accuracy {100 * result['accuracy']:.2f}%"
-        + (f", flip TTA {100 * result['accuracy_tta']:.2f}%" if cfg.flip else "")
-        + f" on {result['n']} images; training {history['train_seconds']:.1f} s",
+        + (f", flip TTA {100 * result['accuracy_tta']:.2f}%" if flip else "")
+        + f" on {result['n']} images; training {card.training['wall_time_s']:.1f} s",
         file=sys.stderr,
     )
-    return card
 
 
 if __name__ == "__main__":

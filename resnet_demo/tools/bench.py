@@ -1,8 +1,8 @@
 """Benchmark: how fast one analysis is, what capturing costs, throughput and memory.
 
-    python -m resnet_demo.bench                 # CPU, and CUDA when present
-    python -m resnet_demo.bench --json out.json
-    python -m resnet_demo.bench --resnet50      # also a torchvision ResNet-50 (random weights, 224x224)
+    python -m resnet_demo.tools.bench                 # CPU, and CUDA when present
+    python -m resnet_demo.tools.bench --json out.json
+    python -m resnet_demo.tools.bench --resnet50      # also a torchvision ResNet-50 (random weights, 224x224)
 
 Latencies are wall-clock per call after warm-up; p50 and p95 over ``--runs`` calls. "capture overhead"
 compares the medians of the forward pass with and without hooks. "full analysis" is what the page
@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
 import resource
 import statistics
 import sys
@@ -27,13 +25,15 @@ from pathlib import Path
 
 import torch
 
-from .capture import capture_forward
-from .checkpoints import WEIGHTS_DIR, load_model, tutorial_card
-from .explorer import Explorer, cpu_model, record_cuda_graph, tune_malloc
-from .model import build_model
-from .present import build_page
+from ..core.capture import capture_forward
+from ..core.cards import WEIGHTS_DIR, tutorial_card
+from ..core.explorer import Explorer
+from ..core.load import load_model
+from ..core.model import build_model
+from ..core.runtime import machine, record_cuda_graph, tune_malloc
+from ..view.page import build_page
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cifar10-cat-0.jpg"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "cifar10-cat-0.jpg"
 
 
 def timed(fn: Callable[[], object], runs: int, warmup: int, sync: Callable[[], None]) -> dict[str, float]:
@@ -166,7 +166,7 @@ def bench_device(explorer: Explorer, device: torch.device, args) -> dict:
 
 
 def bench_resnet50(args) -> dict:
-    from .tv import build_torchvision, imagenet_card
+    from ..core.tv import build_torchvision, imagenet_card
 
     ex = Explorer(build_torchvision("resnet50").eval(), imagenet_card("resnet50"), "cpu")
     from PIL import Image
@@ -179,14 +179,6 @@ def bench_resnet50(args) -> dict:
     runs = max(5, args.runs // 10)
     return {"device": "cpu", "model": "torchvision resnet50 (random weights)", "blocks": len(ex.blocks),
             "full_analysis": timed(full, runs, 2, lambda: None), "peak_rss_mb": peak_rss_mb()}
-
-
-def machine() -> dict:
-    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def print_table(report: dict) -> None:

@@ -11,8 +11,8 @@
   capture's, acts only for the calling thread and is removed in ``finally``; gradients are taken with
   :func:`torch.autograd.grad`, so no parameter's ``.grad`` is touched.
 
-All functions work for any model :func:`~resnet_demo.capture.find_blocks` understands: the project's
-:class:`~resnet_demo.model.ResNet` and torchvision's ResNets.
+All functions work for any model :func:`~resnet_demo.core.capture.find_blocks` understands: the project's
+:class:`~resnet_demo.core.model.ResNet` and torchvision's ResNets.
 """
 
 from __future__ import annotations
@@ -24,12 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
-from .analysis import Prediction, topk
 from .capture import BlockRecord, capture, capture_forward, find_blocks
-from .render import colour_lut
+from .metrics import Prediction, topk
 
 __all__ = [
     "LesionResult",
@@ -40,10 +38,7 @@ __all__ = [
     "head_width",
     "lesion",
     "lesion_sweep",
-    "lesion_sweep_chart",
-    "overlay",
     "readout",
-    "readout_chart",
 ]
 
 
@@ -283,7 +278,7 @@ def readout(
     Args:
         model: the model the records came from (its head is used; it is not modified).
         source: a prepared input (B, C, H, W) or (C, H, W), run once with capture; or the records of a
-            capture; or an :class:`~resnet_demo.explorer.Analysis` (its records and logits are used).
+            capture; or an :class:`~resnet_demo.core.explorer.Analysis` (its records and logits are used).
         classes: class names, in logit order.
         logits: the network's logits for the image, when ``source`` is records; by default the last
             eligible block's readout stands for them.
@@ -371,65 +366,3 @@ def gradcam(model: nn.Module, x: torch.Tensor, block: str, class_index: int | No
     if peak > 0:
         cam = cam / peak
     return cam.cpu().numpy().astype(np.float32)
-
-
-def overlay(cam: np.ndarray, base_image: Image.Image, alpha: float = 0.45, cmap: str = "turbo") -> Image.Image:
-    """Colour ``cam`` (values in [0, 1]) and blend it over ``base_image`` at the base image's size."""
-    base = base_image.convert("RGB")
-    heat = Image.fromarray(np.asarray(cam, dtype=np.float32), mode="F").resize(base.size, Image.BILINEAR)
-    levels = (np.clip(np.asarray(heat), 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
-    coloured = Image.fromarray(colour_lut(cmap)[levels])  # (H, W) -> (H, W, 3)
-    return Image.blend(base, coloured, float(alpha))
-
-
-# --- charts ----------------------------------------------------------------------------------------
-
-
-def lesion_sweep_chart(results: Sequence[LesionResult], *, title: str = "Remove one block's branch at a time"):
-    """Bars of KL(intact || lesioned) per block, with the change in the original top-1's probability."""
-    from matplotlib.figure import Figure
-
-    names = [", ".join(r.lesioned) for r in results]
-    xs = np.arange(len(results))
-    fig = Figure(figsize=(max(6.0, 0.45 * len(results) + 2), 3.2), dpi=100, layout="constrained")
-    ax = fig.add_subplot()
-    colours = ["#C44E52" if r.top1_changed else "#4C72B0" for r in results]
-    ax.bar(xs, [r.kl for r in results], width=0.55, color=colours, zorder=3)
-    ax.set_ylabel("KL(intact ‖ lesioned) [nats]")
-    rotate = len(names) > 12
-    ax.set_xticks(xs, names, rotation=45 if rotate else 0, ha="right" if rotate else "center")
-    ax.set_ylim(bottom=0)
-    ax.grid(axis="y", alpha=0.3)
-    orig = results[0].orig_label if results else ""
-    ax.set_title(f"{title} (red: top-1 changes)", fontsize=10)
-    ax2 = ax.twinx()
-    ax2.plot(xs, [r.delta for r in results], "k.-", lw=1, label=f"Δ p({orig})", zorder=4)
-    ax2.axhline(0, color="k", lw=0.5, ls=":")
-    ax2.set_ylim(-1, 1)
-    ax2.set_ylabel(f"Δ p({orig})")
-    ax2.legend(loc="upper right", fontsize=8, frameon=False)
-    return fig
-
-
-def readout_chart(result: Readout, *, title: str = "The head applied to each block"):
-    """Probability of the final top-1 class per block, with each readout's own top-1 written on top."""
-    from matplotlib.figure import Figure
-
-    names = [r.name for r in result]
-    xs = np.arange(len(names))
-    fig = Figure(figsize=(max(4.0, 0.6 * len(names) + 2), 3.0), dpi=100, layout="constrained")
-    ax = fig.add_subplot()
-    colours = ["#55A868" if r.agrees else "#999999" for r in result]
-    ax.bar(xs, [r.p_final for r in result], width=0.55, color=colours, zorder=3)
-    for i, r in enumerate(result):
-        ax.text(i, min(r.p_final, 0.9) + 0.03, r.top1.label, ha="center", fontsize=7, zorder=4)
-    if result.settles_at is not None:
-        i = names.index(result.settles_at)
-        ax.axvline(i - 0.4, color="k", lw=1, ls="--")
-    ax.set_xticks(xs, names)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel(f"p({result.final.label})")
-    settles = f"; settles at {result.settles_at}" if result.settles_at else ""
-    ax.set_title(f"{title}{settles}", fontsize=10)
-    ax.grid(axis="y", alpha=0.3)
-    return fig

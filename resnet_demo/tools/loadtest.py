@@ -1,9 +1,9 @@
 """Load test: many browser-like sessions on the running app at once, every answer checked against its own image.
 
-    python -m resnet_demo.loadtest --spawn                          # start app.py on a free port, shipped weights
-    python -m resnet_demo.loadtest --spawn --weights-dir DIR --json out.json
-    python -m resnet_demo.loadtest --url http://127.0.0.1:7860/     # a server you started (same weights!)
-    python -m resnet_demo.loadtest --spawn --untrained              # random weights, for a machine without any
+    python -m resnet_demo.tools.loadtest --spawn                          # start app.py on a free port, shipped weights
+    python -m resnet_demo.tools.loadtest --spawn --weights-dir DIR --json out.json
+    python -m resnet_demo.tools.loadtest --url http://127.0.0.1:7860/     # a server you started (same weights!)
+    python -m resnet_demo.tools.loadtest --spawn --untrained              # random weights, for a machine without any
 
 What it does:
 
@@ -49,9 +49,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .checkpoints import WEIGHTS_DIR
+from ..core.cards import WEIGHTS_DIR
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PHOTO_WEIGHTS = "cifar10_resnet.safetensors"
 SIZES = ((32, 32), (48, 40))  # (width, height), alternating
 PROB_TOL = 1e-5
@@ -98,8 +98,8 @@ def expected_results(paths: list[Path], weights_dir: Path, k: int = 5) -> list[E
     """The library's answer for each image, computed in this process (the reference for cross-talk)."""
     import torch
 
-    from .explorer import Explorer
-    from .present import metrics_table
+    from ..core.explorer import Explorer
+    from ..view.page import metrics_table
 
     explorer = Explorer.from_weights(Path(weights_dir) / PHOTO_WEIGHTS, "cpu")
     out = []
@@ -472,17 +472,18 @@ def write_untrained_weights(folder: Path, seed: int = 0) -> Path:
     """Random (untrained) tutorial Nets for both shipped names: a load test needs weights, not good ones."""
     import torch
 
-    from .checkpoints import MNIST_MEAN, MNIST_STD, save_weights, tutorial_card
-    from .model import build_model
+    from ..core.cards import SHIPPED, ModelCard
+    from ..core.model import TUTORIAL_CONFIG, build_model
+    from ..core.weights import save_weights
 
     torch.manual_seed(seed)
-    for name in ("cifar10_resnet", "mnist_resnet"):
-        card = tutorial_card(name, trained=False)
-        if name.startswith("mnist"):
-            card.classes = [str(d) for d in range(10)]
-            card.mean, card.std = list(MNIST_MEAN) * 3, list(MNIST_STD) * 3
-            card.colour_mode, card.input_kind, card.dataset = "gray", "drawing", "MNIST"
-        save_weights(build_model(), card, folder / f"{name}.safetensors")
+    for shipped in SHIPPED.values():
+        preset = shipped.preset
+        card = ModelCard.from_preset(preset, shipped.name, config=TUTORIAL_CONFIG.to_dict(), trained=False)
+        # the tutorial's Net takes 3 channels: a gray preset's statistics are replicated to each
+        reps = TUTORIAL_CONFIG.in_channels // len(preset.mean)
+        card.mean, card.std = list(preset.mean) * reps, list(preset.std) * reps
+        save_weights(build_model(), card, folder / f"{shipped.name}.safetensors")
     return folder
 
 

@@ -1,4 +1,4 @@
-"""Model cards, weights files and the import of the tutorial's own checkpoints.
+"""Weights files: read them safely, fit them to a model (the tutorial's key names included), save them.
 
 Shipped weights are ``weights/<name>.safetensors`` with the model card ``weights/<name>.json`` beside
 them. A user's checkpoint may also be a ``torch.save(state_dict)`` file: it is read with
@@ -8,139 +8,24 @@ them. A user's checkpoint may also be a ``torch.save(state_dict)`` file: it is r
 from __future__ import annotations
 
 import hashlib
-import json
 import pickle
 import re
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from .model import TUTORIAL_CONFIG, ResNetConfig, build_model
+from .cards import ModelCard, WeightsError
+from .model import TUTORIAL_CONFIG, ResNetConfig
 
 __all__ = [
-    "CIFAR10_CLASSES",
-    "MNIST_CLASSES",
-    "ModelCard",
-    "WeightsError",
-    "WEIGHTS_DIR",
     "file_sha256",
     "from_tutorial_keys",
-    "load_model",
+    "is_tutorial_state_dict",
     "load_state_dict_file",
     "load_weights_into",
     "save_weights",
-    "tutorial_card",
 ]
-
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-MNIST_CLASSES = [str(d) for d in range(10)]
-# Per-channel statistics of the CIFAR-10 train split (JPEG copy); MNIST's in [0, 1] after padding to 32x32.
-CIFAR10_MEAN, CIFAR10_STD = (0.4913, 0.4821, 0.4465), (0.2452, 0.2428, 0.2606)
-MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
-
-
-# The bars the shipped models are held to, on the full test split, with the metric that judges each.
-TARGETS = {"cifar10_resnet": ("test_acc_tta", 0.93), "mnist_resnet": ("test_acc", 0.995)}
-
-
-class WeightsError(ValueError):
-    """A weights file that cannot be read or does not fit the model; the message names the file."""
-
-
-@dataclass
-class ModelCard:
-    """Everything needed to use a weights file: architecture, classes and preprocessing.
-
-    ``input_kind`` is ``"photo"`` (resize the short side to ``resize``, centre-crop ``input_size``)
-    or ``"drawing"`` (MNIST-style: invert, crop to the ink, centre by mass, pad to ``input_size``).
-    ``colour_mode`` ``"gray"`` means one intensity channel, replicated to the model's input channels.
-    """
-
-    name: str
-    classes: list[str]
-    mean: list[float]
-    std: list[float]
-    arch: str = "resnet"
-    config: dict | None = None
-    input_size: int = 32
-    resize: int = 32
-    colour_mode: str = "rgb"
-    input_kind: str = "photo"
-    dataset: str = ""
-    trained: bool = True
-    metrics: dict[str, Any] = field(default_factory=dict)
-    training: dict[str, Any] = field(default_factory=dict)
-    weights_sha256: str = ""
-    reference_bands: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelCard:
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        missing = [k for k in ("name", "classes", "mean", "std") if k not in known]
-        if missing:
-            raise WeightsError(f"model card lacks required field(s) {missing}")
-        return cls(**known)
-
-    @classmethod
-    def read(cls, path: str | Path) -> ModelCard:
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise WeightsError(f"model card {path} not found: it should sit beside the weights file") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise WeightsError(f"model card {path} is not valid JSON ({exc})") from None
-        if not isinstance(d, dict):
-            raise WeightsError(f"model card {path} must hold a JSON object")
-        try:
-            return cls.from_dict(d)
-        except WeightsError as exc:
-            raise WeightsError(f"model card {path}: {exc}") from None
-
-    def write(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json())
-
-    def headline(self) -> tuple[str, float] | None:
-        """The accuracy that judges this model: its target's metric, else flip-TTA accuracy, else plain."""
-        metric = TARGETS[self.name][0] if self.name in TARGETS else "test_acc_tta"
-        for key in (metric, "test_acc_tta", "test_acc"):
-            if isinstance(self.metrics.get(key), (int, float)):
-                return key, float(self.metrics[key])
-        return None
-
-    def target(self) -> tuple[str, float, bool] | None:
-        """(metric, bar, met) for a shipped model with a target, else ``None``."""
-        if self.name not in TARGETS:
-            return None
-        metric, bar = TARGETS[self.name]
-        value = self.metrics.get(metric)
-        return metric, bar, isinstance(value, (int, float)) and value >= bar
-
-    @property
-    def resnet_config(self) -> ResNetConfig:
-        return ResNetConfig.from_dict(self.config or {})
-
-
-def tutorial_card(name: str = "tutorial", *, trained: bool = True) -> ModelCard:
-    """Card for a checkpoint of the tutorial's ``Net`` trained on CIFAR-10 (the tutorial's own task)."""
-    return ModelCard(
-        name=name,
-        classes=list(CIFAR10_CLASSES),
-        mean=list(CIFAR10_MEAN),
-        std=list(CIFAR10_STD),
-        config=TUTORIAL_CONFIG.to_dict(),
-        dataset="CIFAR-10",
-        trained=trained,
-    )
-
 
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
@@ -295,33 +180,3 @@ def save_weights(model: nn.Module, card: ModelCard, path: str | Path, *, half: b
     card.weights_sha256 = file_sha256(path)
     card.write(path.with_suffix(".json"))
     return card
-
-
-def load_model(path: str | Path, *, card: ModelCard | None = None, verify: bool = True) -> tuple[nn.Module, ModelCard]:
-    """Load a weights file and its card; returns the model in eval mode on the CPU.
-
-    ``path`` is a project ``.safetensors`` file (its card sits beside it as ``.json``) or a user's
-    checkpoint (a tutorial ``Net`` state dict, or a project state dict). Without a card beside it a
-    checkpoint is taken to be the tutorial's ``Net`` trained on CIFAR-10, its task in the tutorial.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file {path} not found")
-    card_path = path.with_suffix(".json")
-    if card is None:
-        card = ModelCard.read(card_path) if card_path.is_file() else tutorial_card(path.stem)
-    if verify and card.weights_sha256 and file_sha256(path) != card.weights_sha256:
-        raise WeightsError(
-            f"weights file {path} does not match the sha256 in its card {card_path}: "
-            "the file is corrupt, truncated or was replaced without updating the card"
-        )
-    sd = load_state_dict_file(path)
-    if card.arch != "resnet":
-        from .tv import build_torchvision, fit_torchvision_weights
-
-        model = build_torchvision(card.arch, num_classes=len(card.classes))
-        fit_torchvision_weights(model, sd, card.arch, source=f"weights file {path}")
-    else:
-        model = build_model(card.resnet_config)
-        load_weights_into(model, sd, source=f"weights file {path}")
-    return model.eval(), card

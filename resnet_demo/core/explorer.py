@@ -1,0 +1,210 @@
+"""The one service object the page, the benchmark and the command line call: a loaded model and its analyses.
+
+Everything the page shows is asked of an :class:`Explorer`: the analysis of one image, and the
+insight tools on it (lesions, the sweep, the readout, Grad-CAM). Callers never touch its model or device.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import insight
+from .capture import BlockRecord, capture_forward, find_blocks
+from .cards import ModelCard
+from .load import load_model
+from .metrics import BlockMetrics, Prediction, block_metrics, topk
+from .preprocess import Prepared, prepare
+from .runtime import GraphedCapture, pack_records, pick_device, unpack_records
+
+__all__ = ["Analysis", "Explorer"]
+
+_MAX_GRAPHS = 4  # recorded input shapes per explorer; the shipped models need one each
+
+
+@dataclass
+class Analysis:
+    """One image through the network: its input, predictions, every block's tensors and metrics.
+
+    Tensors are on the CPU and hold only this image (batch dimension 1).
+    """
+
+    card: ModelCard
+    input: torch.Tensor  # (1, C, H, W), normalised, as the model saw it
+    kind: str
+    logits: torch.Tensor  # (classes,)
+    predictions: list[Prediction]
+    blocks: list[BlockRecord]
+    metrics: list[BlockMetrics]
+    lesioned: tuple[str, ...] = ()
+
+    @property
+    def probs(self) -> torch.Tensor:
+        return torch.softmax(self.logits.float(), dim=0)
+
+
+class Explorer:
+    """A model on a device, with its card, ready to analyse images.
+
+    Thread-safe: concurrent :meth:`analyze` calls on one explorer get their own results (the
+    capture's hooks act only for the thread that registered them) and never change the model.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        card: ModelCard,
+        device: str | torch.device | None = None,
+        *,
+        cuda_graphs: bool = True,
+    ) -> None:
+        """``cuda_graphs``: on CUDA, replay lesion-free batch-1 analyses from a recorded graph
+        (same numbers, a fraction of the launch cost); ignored elsewhere."""
+        self.device = pick_device(device) if not isinstance(device, torch.device) else device
+        self.model = model.eval().to(self.device)
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._graphs: dict[tuple[int, ...], GraphedCapture | None] = {}
+        self._graphs_lock = threading.Lock()
+        self.card = card
+        self.blocks = find_blocks(self.model)
+        if not self.blocks:
+            raise ValueError(f"{type(model).__name__} has no residual blocks to explore")
+        first = next(m for m in self.model.modules() if isinstance(m, nn.Conv2d))
+        self.in_channels = first.in_channels
+        if self.cuda_graphs:  # record the common case now, before requests arrive from several threads
+            self._graph((1, self.in_channels, card.input_size, card.input_size))
+
+    @classmethod
+    def from_weights(
+        cls, path: str | Path, device: str | torch.device | None = None, card: ModelCard | None = None
+    ) -> Explorer:
+        model, card = load_model(path, card=card)
+        return cls(model, card, device)
+
+    @property
+    def block_names(self) -> list[str]:
+        return [b.name for b in self.blocks]
+
+    def prepare(self, source: Any, kind: str | None = None) -> Prepared:
+        return prepare(source, self.card, kind=kind, channels=self.in_channels)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Bare forward pass of a prepared batch; logits on the CPU."""
+        with torch.inference_mode():
+            return self.model(x.to(self.device)).float().cpu()
+
+    def analyze(
+        self,
+        source: Any,
+        *,
+        kind: str | None = None,
+        k: int = 5,
+        lesion: Iterable[str] = (),
+    ) -> Analysis:
+        """Preprocess ``source``, run one forward pass with capture, and compute top-k and metrics.
+
+        Args:
+            source: anything :func:`~resnet_demo.core.preprocess.prepare` takes, or a prepared tensor.
+            kind: ``"photo"`` or ``"drawing"``; the card's ``input_kind`` by default.
+            k: how many predictions to return.
+            lesion: blocks whose residual branch is removed for this analysis only.
+        """
+        if isinstance(source, torch.Tensor):
+            x, kind = (source if source.ndim == 4 else source.unsqueeze(0)), kind or self.card.input_kind
+        else:
+            prepared = self.prepare(source, kind)
+            x, kind = prepared.tensor, prepared.kind
+        lesion = tuple(lesion)
+        graph = self._graph(tuple(x.shape)) if not lesion else None
+        if graph is not None:
+            logits, records = graph(x)
+        else:
+            logits, records = capture_forward(self.model, x.to(self.device), lesion=lesion)
+            if self.device.type != "cpu":  # one device-to-host copy, not one per tensor
+                flat, layout = pack_records(logits, records)
+                logits, records = unpack_records(flat.cpu(), layout)
+        logits = logits[0].float().cpu()
+        return Analysis(
+            card=self.card,
+            input=x.cpu(),
+            kind=kind,
+            logits=logits,
+            predictions=topk(logits, self.card.classes, k),
+            blocks=records,
+            metrics=block_metrics(records)[0],
+            lesioned=lesion,
+        )
+
+    # --- about the model, for the page -----------------------------------------------------------
+
+    @property
+    def where(self) -> str:
+        """The device the model runs on, as text (``cpu``, ``cuda:0``)."""
+        return str(self.device)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def classes(self) -> list[str]:
+        return self.card.classes
+
+    # --- the insight tools, on an analysis this explorer made ----------------------------------------
+
+    def lesion(self, analysis: Analysis, blocks: Sequence[str], k: int = 5) -> insight.LesionResult:
+        """The image of ``analysis`` with the branches of ``blocks`` removed (``y = relu(s(x))``), for this call only.
+
+        Raises:
+            ValueError: no block chosen. KeyError: a name that is not one of this model's blocks.
+        """
+        if not blocks:
+            raise ValueError("Choose at least one block to lesion.")
+        return insight.lesion(self.model, analysis.input, blocks, self.classes, k, intact_logits=analysis.logits)
+
+    def sweep(self, analysis: Analysis, k: int = 5) -> list[insight.LesionResult]:
+        """Each block lesioned alone, in forward order."""
+        return insight.lesion_sweep(self.model, analysis.input, self.classes, k, intact_logits=analysis.logits)
+
+    def readout(self, analysis: Analysis) -> insight.Readout:
+        """The classifier head applied to every block as wide as the head.
+
+        Raises:
+            ValueError: no block has the head's width, or the model has no usable head.
+        """
+        return insight.readout(self.model, analysis, self.classes)
+
+    def gradcam(self, analysis: Analysis, block: str | None = None, class_index: int | None = None) -> np.ndarray:
+        """Grad-CAM at ``block`` (the last by default) for ``class_index`` (the predicted class by default).
+
+        Returns:
+            (H, W) float32 map over the model's input, in [0, 1].
+        """
+        block = block or analysis.metrics[-1].name
+        index = analysis.predictions[0].index if class_index is None else class_index
+        return insight.gradcam(self.model, analysis.input, block, index)
+
+    def _graph(self, shape: tuple[int, ...]) -> GraphedCapture | None:
+        """The recorded graph for batch-1 inputs of ``shape``, made on first use; ``None`` to run eagerly."""
+        if not self.cuda_graphs or shape[0] != 1:
+            return None
+        with self._graphs_lock:
+            if shape not in self._graphs:
+                if len(self._graphs) >= _MAX_GRAPHS:  # inputs of ever new sizes: keep GPU memory bounded
+                    return None
+                try:
+                    self._graphs[shape] = GraphedCapture(self.model, shape, self.device)
+                except RuntimeError as exc:  # a model whose forward cannot be recorded: say so, run it eagerly
+                    warnings.warn(
+                        f"CUDA graph capture failed for input {shape}, analysing eagerly: {exc}", stacklevel=3
+                    )
+                    self._graphs[shape] = None
+            return self._graphs[shape]

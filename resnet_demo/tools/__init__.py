@@ -1,0 +1,2 @@
+"""Measuring the product: the benchmark and the load test. Never imported by the product.
+"""

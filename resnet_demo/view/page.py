@@ -1,0 +1,339 @@
+"""What the page shows, computed without Gradio: one analysis and each tool's result as typed values.
+
+``app.py`` lays out components and maps these results' fields to them by name; everything here can be
+tested and benchmarked without a server. The page asks the core's :class:`~resnet_demo.core.explorer.Explorer`
+for every number and only turns results into pictures and words.
+
+A browser session remembers a :class:`PageState`: the image, the model it was analysed with, and the
+results of the tools already run on it, so that the export packs what the page has shown instead of
+computing it again. It holds no tensors (Gradio keeps one per session).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..core.bands import describe
+from ..core.explorer import Analysis, Explorer
+from ..core.insight import LesionResult, Readout
+from ..core.metrics import METRIC_NAMES
+from ..core.preprocess import InputError, load_image
+from .export import export_zip
+from .registry import Registry
+from .render import VIEWS, feature_grid, input_image, lesion_sweep_chart, overlay, readout_chart, residual_chart
+
+__all__ = [
+    "METRIC_COLUMNS",
+    "SWEEP_COLUMNS",
+    "AnalysisView",
+    "GradcamView",
+    "LesionView",
+    "Page",
+    "PageState",
+    "Pages",
+    "ReadoutView",
+    "Settings",
+    "SweepView",
+    "build_page",
+    "metrics_table",
+    "upload_error",
+]
+
+METRIC_COLUMNS = ["block", "stage", *METRIC_NAMES]
+SWEEP_COLUMNS = ["lesioned block", "new top-1", "p(original top-1)", "Δp", "KL (nats)"]
+CAM_SIZE = 256  # pixels of the Grad-CAM overlay
+
+
+# --- one analysis as pictures and words ------------------------------------------------------------
+
+
+@dataclass
+class Page:
+    """Every output of one analysis, ready for the page's components."""
+
+    analysis: Analysis
+    predictions: dict[str, float]
+    model_input: Image.Image
+    grids: list[tuple[Image.Image, str]]
+    chart: Image.Image
+    table: list[list]
+    summary: str
+    detail: Image.Image | None = None
+
+
+def metrics_table(analysis: Analysis, digits: int = 4) -> list[list]:
+    return [[m.name, m.stage, *(round(getattr(m, k), digits) for k in METRIC_NAMES)] for m in analysis.metrics]
+
+
+def block_tensor(analysis: Analysis, block: str, view: str):
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {list(VIEWS)}, got {view!r}")
+    for rec in analysis.blocks:
+        if rec.name == block:
+            return getattr(rec, view)[0]
+    raise KeyError(f"unknown block {block!r}; this model's blocks are {[r.name for r in analysis.blocks]}")
+
+
+def block_detail(analysis: Analysis, block: str, view: str = "f", max_channels: int = 256) -> Image.Image:
+    """All channels of one block (up to ``max_channels``), each scaled to its own range, most active first."""
+    fmap = block_tensor(analysis, block, view)
+    n = min(fmap.shape[0], max_channels)
+    return feature_grid(fmap, signed=view == "f", max_channels=n, cell=40, per_channel_scale=True)
+
+
+def summarise(analysis: Analysis) -> str:
+    top = analysis.predictions[0]
+    metrics = analysis.metrics
+    busiest = max(metrics, key=lambda m: m.ratio)
+    quietest = min(metrics, key=lambda m: m.ratio)
+    against = [m.name for m in metrics if m.cosine < -0.2]
+    lines = [
+        f"**{analysis.card.name}** predicts **{top.label}** ({top.prob:.1%}).",
+        f"Block **{busiest.name}** changes its input most (‖F‖/‖s‖ = {busiest.ratio:.2f}); "
+        f"**{quietest.name}** least ({quietest.ratio:.2f}).",
+    ]
+    if against:
+        lines.append(f"Branches that mostly cancel their input (cosine < −0.2): {', '.join(against)}.")
+    if analysis.card.reference_bands:
+        lines += describe(metrics, analysis.card.reference_bands, outside=10)[:3]
+    if not analysis.card.trained:
+        lines.append("These weights are **untrained**: the predictions are noise.")
+    return "  \n".join(lines)
+
+
+def build_page(
+    analysis: Analysis,
+    *,
+    view: str = "f",
+    detail_block: str | None = None,
+    max_channels: int = 16,
+) -> Page:
+    """Render one analysis: top-k, the input as the model saw it, a grid per block, chart and table."""
+    grids = [
+        (
+            feature_grid(getattr(rec, view)[0], signed=view == "f", max_channels=max_channels),
+            f"{rec.name} · {m.ratio:.2f}",
+        )
+        for rec, m in zip(analysis.blocks, analysis.metrics)  # metrics are computed from the records, in order
+    ]
+    return Page(
+        analysis=analysis,
+        predictions={p.label: p.prob for p in analysis.predictions},
+        model_input=input_image(analysis.input, analysis.card),
+        grids=grids,
+        chart=residual_chart(analysis.metrics, bands=analysis.card.reference_bands or None),
+        table=metrics_table(analysis),
+        summary=summarise(analysis),
+        detail=block_detail(analysis, detail_block, view) if detail_block else None,
+    )
+
+
+# --- what one browser session remembers, and the results the page shows ----------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The page's controls that every analysis and tool reads."""
+
+    model_key: str = "auto"
+    k: int = 5
+    view: str = "f"
+    detail_block: str | None = None
+    lesion_blocks: tuple[str, ...] = ()
+
+
+@dataclass
+class PageState:
+    """The session's image and what the tools have computed for it with one model and top-k.
+
+    ``tools`` is emptied whenever the image, the model or k changes (a new state is made).
+    """
+
+    source: Any
+    kind: str
+    model_key: str = ""
+    k: int = 5
+    lesion: LesionResult | None = None
+    sweep: list[LesionResult] | None = None
+    readout: Readout | None = None
+    cam: tuple[str, int, np.ndarray] | None = None  # (block, class index, map over the input)
+
+    def same_request(self, model_key: str, k: int) -> bool:
+        return self.model_key == model_key and self.k == k
+
+
+@dataclass
+class AnalysisView:
+    """The main analysis: what every component outside the tools' own tabs shows."""
+
+    state: PageState
+    page: Page
+    blocks: list[str]  # this model's block names, for the block choosers
+    detail_block: str  # the block enlarged
+    lesion_blocks: list[str]  # the lesion choice, kept where the blocks still exist
+    classes: list[str]
+
+
+@dataclass
+class LesionView:
+    state: PageState
+    predictions: dict[str, float]
+    text: str
+
+
+@dataclass
+class SweepView:
+    state: PageState
+    chart: Image.Image
+    rows: list[list]
+
+
+@dataclass
+class ReadoutView:
+    state: PageState
+    chart: Image.Image
+    text: str
+
+
+@dataclass
+class GradcamView:
+    state: PageState
+    image: Image.Image
+    label: str
+
+
+def lesion_text(result: LesionResult) -> str:
+    after = result.predictions[0]
+    return (
+        f"Without the branch of **{', '.join(result.lesioned)}**, the network predicts **{after.label}** "
+        f"({after.prob:.1%}). The original top-1 **{result.orig_label}** goes from "
+        f"{result.p_orig_top1_before:.1%} to {result.p_orig_top1_after:.1%} (Δ {result.delta:+.1%}); "
+        f"KL(intact ‖ lesioned) = {result.kl:.3f} nats."
+        + (" **The top-1 changed.**" if result.top1_changed else " The top-1 is unchanged.")
+    )
+
+
+def sweep_rows(results: list[LesionResult]) -> list[list]:
+    return [[r.lesioned[0], r.predictions[0].label, round(r.p_orig_top1_after, 4), round(r.delta, 4), round(r.kl, 4)]
+            for r in results]
+
+
+def readout_text(result: Readout) -> str:
+    steps = ", ".join(f"{r.name}: {r.top1.label} ({r.p_final:.0%})" for r in result)
+    settles = (f"The prediction settles at **{result.settles_at}**." if result.settles_at
+               else "The readouts never agree with the final prediction.")
+    return f"Final top-1: **{result.final.label}**. Probability of it, read out after each block: {steps}. {settles}"
+
+
+def upload_error(path: str) -> str:
+    """The sentence to show for an upload Gradio could not decode: the project's decoder says what is wrong."""
+    try:
+        load_image(path)
+    except InputError as exc:
+        return str(exc)
+    return "The upload could not be read as an image."
+
+
+class Pages:
+    """The page's handlers without Gradio: each takes the session's state and settings, returns a typed view."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def explorer(self, model_key: str, kind: str) -> tuple[str, Explorer]:
+        key = self.registry.resolve(model_key, kind)
+        return key, self.registry.get(key)
+
+    def analyze(self, source: Any, kind: str, settings: Settings) -> AnalysisView:
+        """Analyse a new image (or the session's image with new settings)."""
+        if source is None:
+            raise ValueError("No image yet: upload, paste, photograph or draw one, or pick an example.")
+        key, explorer = self.explorer(settings.model_key, kind)
+        analysis = explorer.analyze(source, k=int(settings.k))
+        names = [m.name for m in analysis.metrics]
+        chosen = settings.detail_block if settings.detail_block in names else names[-1]
+        return AnalysisView(
+            state=PageState(source, kind, settings.model_key, int(settings.k)),
+            page=build_page(analysis, view=settings.view, detail_block=chosen),
+            blocks=names,
+            detail_block=chosen,
+            lesion_blocks=[name for name in settings.lesion_blocks if name in names],
+            classes=list(analysis.card.classes),
+        )
+
+    def _current(self, state: PageState | None, settings: Settings) -> tuple[PageState, Explorer, Analysis]:
+        """The session's image analysed again (a forward pass is cheap); tools' results kept if still valid."""
+        if state is None:
+            raise ValueError("Analyse an image first: upload, paste, photograph or draw one, or pick an example.")
+        _, explorer = self.explorer(settings.model_key, state.kind)
+        if not state.same_request(settings.model_key, int(settings.k)):
+            state = PageState(state.source, state.kind, settings.model_key, int(settings.k))
+        return state, explorer, explorer.analyze(state.source, k=int(settings.k))
+
+    def lesion(self, state: PageState | None, settings: Settings) -> LesionView:
+        state, explorer, analysis = self._current(state, settings)
+        result = explorer.lesion(analysis, list(settings.lesion_blocks), int(settings.k))
+        state = dataclasses.replace(state, lesion=result)
+        return LesionView(state, {p.label: p.prob for p in result.predictions}, lesion_text(result))
+
+    def sweep(self, state: PageState | None, settings: Settings) -> SweepView:
+        state, explorer, analysis = self._current(state, settings)
+        results = explorer.sweep(analysis)
+        return SweepView(dataclasses.replace(state, sweep=results), lesion_sweep_chart(results), sweep_rows(results))
+
+    def readout(self, state: PageState | None, settings: Settings) -> ReadoutView:
+        state, explorer, analysis = self._current(state, settings)
+        result = explorer.readout(analysis)
+        return ReadoutView(dataclasses.replace(state, readout=result), readout_chart(result), readout_text(result))
+
+    def gradcam(self, state: PageState | None, settings: Settings, block: str | None, label: str | None) -> GradcamView:
+        state, explorer, analysis = self._current(state, settings)
+        classes = explorer.classes
+        if label and label not in classes:
+            raise ValueError(f"unknown class {label!r} for {explorer.card.name}")
+        block = block or analysis.metrics[-1].name
+        index = classes.index(label) if label else analysis.predictions[0].index
+        cam = explorer.gradcam(analysis, block, index)
+        state = dataclasses.replace(state, cam=(block, index, cam))
+        return GradcamView(state, self._cam_image(analysis, cam), f"Grad-CAM for “{classes[index]}” at {block}")
+
+    @staticmethod
+    def _cam_image(analysis: Analysis, cam: np.ndarray) -> Image.Image:
+        return overlay(cam, input_image(analysis.input, analysis.card, size=CAM_SIZE))
+
+    def export(self, state: PageState | None, settings: Settings, folder: Path) -> tuple[PageState, Path]:
+        """A ZIP of everything the page shows for the session's image; tools already run are not run again."""
+        state, explorer, analysis = self._current(state, settings)
+        blocks = tuple(settings.lesion_blocks)
+        lesion = state.lesion if state.lesion is not None and state.lesion.lesioned == blocks else None
+        if lesion is None and blocks:
+            lesion = explorer.lesion(analysis, list(blocks), int(settings.k))
+        sweep = state.sweep if state.sweep is not None else explorer.sweep(analysis)
+        readout = state.readout
+        if readout is None:
+            try:
+                readout = explorer.readout(analysis)
+            except ValueError:  # a model without a head of any block's width
+                readout = None
+        cam = state.cam if state.cam is not None else (analysis.metrics[-1].name, analysis.predictions[0].index, None)
+        cam_map = cam[2] if cam[2] is not None else explorer.gradcam(analysis, cam[0], cam[1])
+        state = dataclasses.replace(state, lesion=lesion, sweep=sweep, readout=readout, cam=(cam[0], cam[1], cam_map))
+        page = build_page(analysis)
+        images = {"input (as the model saw it)": page.model_input, "residual chart": page.chart}
+        images.update({f"feature maps {caption.split(' · ')[0]} F(x)": img for img, caption in page.grids})
+        images["lesion sweep"] = lesion_sweep_chart(sweep)
+        if readout is not None:
+            images["readout"] = readout_chart(readout)
+        images[f"grad-cam {cam[0]}"] = self._cam_image(analysis, cam_map)
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = export_zip(analysis, images=images, lesion=lesion, sweep=sweep, readout=readout,
+                          path=folder / f"residual-analysis-{analysis.card.name}-{stamp}.zip")
+        return state, path

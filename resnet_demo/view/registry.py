@@ -1,0 +1,183 @@
+"""The models the page offers: the shipped ones and one from the command line, loaded once and shared.
+
+A model that cannot be loaded stays listed with its error, so the page and the terminal say what is
+missing instead of silently serving something else.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..core.cards import SHIPPED, WEIGHTS_DIR, WeightsError
+from ..core.explorer import Explorer
+from ..core.runtime import enable_cudnn_autotuning, share_cores
+
+__all__ = [
+    "AUTO",
+    "CUSTOM",
+    "ModelChoice",
+    "Registry",
+    "default_registry",
+    "example_caption",
+    "example_kind",
+    "prepare_process",
+    "start_serving",
+]
+
+AUTO = "auto"  # the selector's "the model trained for this kind of input"
+CUSTOM = "custom"  # the selector's key for a model given on the command line
+
+
+@dataclass
+class ModelChoice:
+    """One entry of the model selector: how to load it, and what went wrong if it cannot be."""
+
+    key: str
+    label: str
+    load: Callable[[], Explorer]
+    explorer: Explorer | None = None
+    error: str | None = None
+
+
+class Registry:
+    """The models the page offers, loaded once at start-up and shared by all sessions."""
+
+    def __init__(self, choices: list[ModelChoice]) -> None:
+        self.choices = {c.key: c for c in choices}
+        self._lock = threading.Lock()
+
+    def load_all(self) -> None:
+        for choice in self.choices.values():
+            self._load(choice)
+
+    def _load(self, choice: ModelChoice) -> None:
+        with self._lock:
+            if choice.explorer is None and choice.error is None:
+                try:
+                    choice.explorer = choice.load()
+                except (WeightsError, ValueError, OSError) as exc:
+                    choice.error = str(exc)
+
+    def add_custom(
+        self,
+        weights: str | None,
+        arch: str | None = None,
+        *,
+        device: str | None = None,
+        download: bool = False,
+        classes: str | None = None,
+    ) -> None:
+        """Offer the user's own checkpoint (the tutorial's Net, or a torchvision ``arch``) as :data:`CUSTOM`."""
+        if arch and arch != "tutorial":
+            from ..core.tv import load_torchvision
+
+            def load() -> Explorer:
+                return Explorer(*load_torchvision(arch, weights, download=download, classes=classes), device=device)
+
+            label = f"{arch} ({Path(weights).name if weights else 'torchvision weights'})"
+        else:
+
+            def load() -> Explorer:
+                return Explorer.from_weights(weights, device)
+
+            label = f"Your checkpoint ({Path(weights).name})"
+        self.choices[CUSTOM] = ModelChoice(CUSTOM, label, load)
+
+    def get(self, key: str) -> Explorer:
+        """The explorer for ``key``; raises ``WeightsError`` saying what is missing and where."""
+        if key not in self.choices:
+            raise WeightsError(f"unknown model '{key}'; choose one of {list(self.choices)}")
+        choice = self.choices[key]
+        self._load(choice)
+        if choice.explorer is None:
+            raise WeightsError(f"The {choice.label} model is not available: {choice.error}")
+        return choice.explorer
+
+    def resolve(self, key: str, kind: str) -> str:
+        """:data:`AUTO` picks the first loaded model trained for the input's kind (its card's ``input_kind``)."""
+        if key != AUTO:
+            return key
+        for choice in self.choices.values():
+            if choice.explorer is not None and choice.explorer.card.input_kind == kind:
+                return choice.key
+        for choice in self.choices.values():  # none loaded: name the one that should have been, with its error
+            shipped = SHIPPED.get(choice.key)
+            if shipped is not None and shipped.preset.input_kind == kind:
+                return choice.key
+        return next(iter(self.choices))
+
+    def kind_of(self, key: str) -> str:
+        """The kind of input (``photo``/``drawing``) the model ``key`` was trained on, for examples named by key."""
+        choice = self.choices.get(key)
+        if choice is not None and choice.explorer is not None:
+            return choice.explorer.card.input_kind
+        return SHIPPED[key].preset.input_kind if key in SHIPPED else "photo"
+
+    @property
+    def loaded(self) -> list[Explorer]:
+        return [c.explorer for c in self.choices.values() if c.explorer is not None]
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """Key -> error of every model that could not be loaded."""
+        return {c.key: c.error for c in self.choices.values() if c.explorer is None and c.error is not None}
+
+    def status(self) -> list[str]:
+        """One line per model: what it is and whether it is ready."""
+        return [self._status(c) for c in self.choices.values()]
+
+    @staticmethod
+    def _status(c: ModelChoice) -> str:
+        if c.explorer is None:
+            return f"**{c.label}**: not available — {c.error}"
+        card = c.explorer.card
+        if not card.trained:
+            return f"**{c.label}**: {card.name} has UNTRAINED weights; its predictions are noise"
+        headline, target = card.headline(), card.target()
+        figure = ""
+        if headline:
+            tta = " with flip TTA" if headline[0] == "test_acc_tta" else ""
+            figure = f", {headline[1]:.2%} test accuracy{tta}"
+        if target and not target[2]:
+            figure += f" (below the project's {target[1]:.1%} target: interim weights, see the README)"
+        return f"**{c.label}**: {card.name} on {c.explorer.where}{figure}"
+
+
+def default_registry(device: str | None = None, weights_dir: Path | None = None) -> Registry:
+    """The shipped models (:data:`~resnet_demo.core.cards.SHIPPED`): CIFAR-10 for photos, MNIST for drawings.
+
+    ``weights_dir``: where ``<name>.safetensors`` and its card are; the shipped ``weights/`` by default.
+    """
+    weights_dir = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+
+    def shipped(name: str) -> Callable[[], Explorer]:
+        return lambda: Explorer.from_weights(weights_dir / f"{name}.safetensors", device)
+
+    return Registry([ModelChoice(m.key, m.label, shipped(m.name)) for m in SHIPPED.values()])
+
+
+def example_kind(registry: Registry, path: Path) -> str:
+    """The kind of input an example is: examples are named ``<model key>-<label>-<n>``, the key's model decides."""
+    return registry.kind_of(Path(path).name.split("-")[0])
+
+
+def example_caption(path: Path) -> str:
+    return f"{Path(path).stem.split('-')[1]} (true label)"
+
+
+def prepare_process(device: str | None) -> None:
+    """Process settings that must precede loading the models (cuDNN autotuning on a GPU)."""
+    enable_cudnn_autotuning(device)
+
+
+def start_serving(registry: Registry, concurrency: int | None) -> int:
+    """Share the cores out between the analyses the server runs at once; returns that number.
+
+    By default 2 on a CPU, 4 when a model runs on a GPU.
+    """
+    concurrency = concurrency or (4 if any(e.on_gpu for e in registry.loaded) else 2)
+    share_cores(concurrency)
+    return concurrency
