@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
 
-from resnet_demo.core.cards import WeightsError  # noqa: E402
+from resnet_demo.core.errors import WeightsError  # noqa: E402
 from resnet_demo.view import page as pages_mod  # noqa: E402
 from resnet_demo.view.page import METRIC_COLUMNS, SWEEP_COLUMNS, AnalysisView, Pages, Settings  # noqa: E402
 from resnet_demo.view.registry import (  # noqa: E402

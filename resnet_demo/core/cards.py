@@ -14,6 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from .errors import WeightsError
 from .model import TUTORIAL_CONFIG, ResNetConfig
 
 __all__ = [
@@ -38,10 +39,6 @@ __all__ = [
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
 IMAGENET_CLASSES_FILE = Path(__file__).resolve().parent / "imagenet_classes.txt"
-
-
-class WeightsError(ValueError):
-    """A weights file (or its card) that cannot be read or does not fit the model; the message names the file."""
 
 
 @dataclass(frozen=True)

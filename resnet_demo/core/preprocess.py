@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .cards import ModelCard
+from .errors import InputError
 
 __all__ = ["InputError", "MAX_PIXELS", "Prepared", "load_image", "prepare", "drawing_array", "photo_array"]
 
@@ -33,10 +34,6 @@ __all__ = ["InputError", "MAX_PIXELS", "Prepared", "load_image", "prepare", "dra
 MAX_PIXELS = int(os.environ.get("RESNET_DEMO_MAX_PIXELS", 50_000_000))
 # Ink threshold on a [0, 1] intensity: lighter marks are paper noise or antialiasing.
 INK_THRESHOLD = 0.1
-
-
-class InputError(ValueError):
-    """The input cannot be analysed; the message says why in plain words."""
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
 
@@ -177,6 +178,29 @@ def _text(img: Image.Image, xy: tuple[float, float], text: str, fill: str, size:
     img.paste(fill, (round(xy[0]) + left, round(xy[1]) + top), mask)
 
 
+@dataclass
+class _Frame:
+    """A chart's plot area at ``k``-times supersampling: ratio on the left axis (0..ymax), cosine on the right."""
+
+    img: Image.Image
+    k: int
+    x0: float
+    x1: float
+    y0: float
+    y1: float
+    ymax: float
+    slot: float  # width of one block's column
+
+    def ry(self, v: float) -> float:  # ratio -> pixel row
+        return self.y1 - (min(v, self.ymax) / self.ymax) * (self.y1 - self.y0)
+
+    def cy(self, v: float) -> float:  # cosine in [-1, 1] -> pixel row
+        return self.y1 - (v + 1) / 2 * (self.y1 - self.y0)
+
+    def cx(self, i: int) -> float:  # centre of block i's column
+        return self.x0 + self.slot * (i + 0.5)
+
+
 def residual_chart(
     metrics: list[BlockMetrics],
     *,
@@ -194,65 +218,71 @@ def residual_chart(
     """
     from PIL import ImageDraw
 
-    from ..core.bands import percentile_rank
-
     n = len(metrics)
     width = width or max(640, 64 * n + 130)
     k = 2  # supersampling
     W, H = width * k, height * k
-    left, right, top, bottom = 62 * k, 62 * k, 46 * k, 44 * k
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
     ref = (bands or {}).get("ratio", {})
     finite = [m.ratio for m in metrics if math.isfinite(m.ratio)]
     peak = max(finite + [ref[m.name]["p95"] for m in metrics if m.name in ref] + [1e-3])
     ymax, ystep = _nice_max(peak * 1.08)
-    x0, x1, y0, y1 = left, W - right, top, H - bottom
-    slot = (x1 - x0) / max(n, 1)
+    x0, x1, y0, y1 = 62 * k, W - 62 * k, 46 * k, H - 44 * k
+    fr = _Frame(Image.new("RGB", (W, H), "white"), k, x0, x1, y0, y1, ymax, (x1 - x0) / max(n, 1))
+    d = ImageDraw.Draw(fr.img)
+    _axes(fr, d, ystep)
+    for i, m in enumerate(metrics):
+        _block_bar(fr, d, i, m, ref.get(m.name))
+    _cosine_line(fr, d, [m.cosine for m in metrics])
+    d.rectangle([x0, y0, x1, y1], outline="#888888", width=k)
+    _text(fr.img, (x0, y0 - 24 * k), title, "#111111", 12 * k, "ls")
+    legend = "bars: ‖F(x)‖/‖s(x)‖ (left axis)   ●—● cosine(F, s) (right axis)"
+    if ref:
+        legend += "   grey: test-set 5–95 / 25–75 %"
+    _text(fr.img, (x0, y0 - 7 * k), legend, "#444444", 11 * k, "ls")
+    return fr.img.reduce(k)  # box-filter downsampling: the antialiasing, at a fraction of LANCZOS's cost
 
-    def ry(v: float) -> float:  # ratio -> pixel row
-        return y1 - (min(v, ymax) / ymax) * (y1 - y0)
 
-    def cy(v: float) -> float:  # cosine in [-1, 1] -> pixel row
-        return y1 - (v + 1) / 2 * (y1 - y0)
-
-    tick = 0.0
-    while tick <= ymax + 1e-9:
-        y = ry(tick)
-        d.line([(x0, y), (x1, y)], fill="#e6e6e6", width=k)
-        _text(img, (x0 - 6 * k, y), f"{tick:g}", "#333333", 11 * k, "rm")
+def _axes(fr: _Frame, d, ystep: float) -> None:
+    """Grid lines and ticks of the ratio axis (left) and the cosine axis (right)."""
+    k, tick = fr.k, 0.0
+    while tick <= fr.ymax + 1e-9:
+        y = fr.ry(tick)
+        d.line([(fr.x0, y), (fr.x1, y)], fill="#e6e6e6", width=k)
+        _text(fr.img, (fr.x0 - 6 * k, y), f"{tick:g}", "#333333", 11 * k, "rm")
         tick += ystep
     for c in (-1, -0.5, 0, 0.5, 1):
-        _text(img, (x1 + 6 * k, cy(c)), f"{c:g}", "#333333", 11 * k, "lm")
-    for i, m in enumerate(metrics):
-        cx = x0 + slot * (i + 0.5)
-        if m.name in ref:
-            p = ref[m.name]
-            d.rectangle([cx - slot * 0.4, ry(p["p95"]), cx + slot * 0.4, ry(p["p5"])], fill="#ececec")
-            d.rectangle([cx - slot * 0.4, ry(p["p75"]), cx + slot * 0.4, ry(p["p25"])], fill="#d2d2d2")
-        colour = STAGE_COLOURS[(m.stage - 1) % len(STAGE_COLOURS)]
-        d.rectangle([cx - slot * 0.27, ry(m.ratio), cx + slot * 0.27, y1], fill=colour)
-        if m.name in ref:  # the test-set median, drawn over the bar so it stays visible
-            p50 = ry(ref[m.name]["p50"])
-            d.line([(cx - slot * 0.4, p50), (cx + slot * 0.4, p50)], fill="#333333", width=k)
-        if m.name in ref and math.isfinite(m.ratio):
-            rank = percentile_rank(m.ratio, ref[m.name])
+        _text(fr.img, (fr.x1 + 6 * k, fr.cy(c)), f"{c:g}", "#333333", 11 * k, "lm")
+
+
+def _block_bar(fr: _Frame, d, i: int, m: BlockMetrics, band: dict | None) -> None:
+    """Block ``i``'s reference band (if any), its ratio bar, the band's median, a ▲/▼ when outside, its name."""
+    from ..core.bands import percentile_rank
+
+    k, slot, cx = fr.k, fr.slot, fr.cx(i)
+    if band is not None:
+        d.rectangle([cx - slot * 0.4, fr.ry(band["p95"]), cx + slot * 0.4, fr.ry(band["p5"])], fill="#ececec")
+        d.rectangle([cx - slot * 0.4, fr.ry(band["p75"]), cx + slot * 0.4, fr.ry(band["p25"])], fill="#d2d2d2")
+    colour = STAGE_COLOURS[(m.stage - 1) % len(STAGE_COLOURS)]
+    d.rectangle([cx - slot * 0.27, fr.ry(m.ratio), cx + slot * 0.27, fr.y1], fill=colour)
+    if band is not None:  # the test-set median, drawn over the bar so it stays visible
+        p50 = fr.ry(band["p50"])
+        d.line([(cx - slot * 0.4, p50), (cx + slot * 0.4, p50)], fill="#333333", width=k)
+        if math.isfinite(m.ratio):
+            rank = percentile_rank(m.ratio, band)
             if rank >= 95 or rank <= 5:
-                _text(img, (cx, ry(m.ratio) - 3 * k), "▲" if rank >= 95 else "▼", "#b00020", 12 * k, "mb")
-        _text(img, (cx, y1 + 8 * k), m.name, "#222222", (11 if slot > 52 * k else 9) * k, "mt")
-    d.line([(cx_, cy(0)) for cx_ in (x0, x1)], fill="#999999", width=k)  # cosine = 0
-    points = [(x0 + slot * (i + 0.5), cy(max(-1.0, min(1.0, m.cosine)))) for i, m in enumerate(metrics)]
+                _text(fr.img, (cx, fr.ry(m.ratio) - 3 * k), "▲" if rank >= 95 else "▼", "#b00020", 12 * k, "mb")
+    _text(fr.img, (cx, fr.y1 + 8 * k), m.name, "#222222", (11 if slot > 52 * k else 9) * k, "mt")
+
+
+def _cosine_line(fr: _Frame, d, cosines: list[float]) -> None:
+    """The zero line of the cosine axis, then one dot per block joined by a line."""
+    k = fr.k
+    d.line([(x, fr.cy(0)) for x in (fr.x0, fr.x1)], fill="#999999", width=k)
+    points = [(fr.cx(i), fr.cy(max(-1.0, min(1.0, c)))) for i, c in enumerate(cosines)]
     if len(points) > 1:
         d.line(points, fill="black", width=2 * k, joint="curve")
     for x, y in points:
         d.ellipse([x - 3 * k, y - 3 * k, x + 3 * k, y + 3 * k], fill="black")
-    d.rectangle([x0, y0, x1, y1], outline="#888888", width=k)
-    _text(img, (x0, y0 - 24 * k), title, "#111111", 12 * k, "ls")
-    legend = "bars: ‖F(x)‖/‖s(x)‖ (left axis)   ●—● cosine(F, s) (right axis)"
-    if ref:
-        legend += "   grey: test-set 5–95 / 25–75 %"
-    _text(img, (x0, y0 - 7 * k), legend, "#444444", 11 * k, "ls")
-    return img.reduce(k)  # box-filter downsampling: the antialiasing, at a fraction of LANCZOS's cost
 
 
 def figure_to_image(fig) -> Image.Image:
