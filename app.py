@@ -62,6 +62,10 @@ VIEW_CHOICES = [(f"{label} ({key})", key) for key, label in VIEWS.items()]
 # until this many newer sessions have come; its default, 10,000, would let a public demo grow by
 # ~1.5 GB. A session evicted while its tab is still open loses only the tools' memory of its image.
 SESSIONS = 1000
+# Feature maps and the model's input are sent at (near) their own resolution: the browser enlarges them
+# the way PIL's nearest-neighbour would, for a fraction of the server's PNG encoding (view/page.py: SCREEN).
+CSS = ".pixelated img { image-rendering: pixelated; object-fit: contain !important; }"
+LAUNCH = {"max_file_size": MAX_UPLOAD, "theme": THEME, "css": CSS}  # what every launch of the page needs
 SELECT_BRUSH_JS = """() => { setTimeout(() => {
   const b = document.querySelector('#sketchpad button[aria-label="Brush"]'); if (b) b.click(); }, 150); }"""
 
@@ -172,7 +176,8 @@ class ResultsPanel:
 def results_panel() -> ResultsPanel:
     with gr.Row():
         predictions = gr.Label(label="Predictions", num_top_classes=10, elem_id="predictions")
-        model_input = gr.Image(label="Input as the model saw it", height=180, interactive=False, format="png")
+        model_input = gr.Image(label="Input as the model saw it", height=180, interactive=False, format="png",
+                               elem_classes=["pixelated"], elem_id="model-input")
     summary = gr.Markdown(elem_id="summary")
     gr.Markdown(HOW_TO_READ["predictions"])
     return ResultsPanel(predictions, model_input, summary)
@@ -180,43 +185,67 @@ def results_panel() -> ResultsPanel:
 
 @dataclass
 class FeatureMapsTab:
+    tab: gr.Tab
     view: gr.Radio
     grids: gr.Gallery
     detail_block: gr.Dropdown
     detail: gr.Image
 
     def show(self, view: AnalysisView) -> dict:
-        return {self.grids: view.page.grids, self.detail: view.page.detail,
-                self.detail_block: gr.update(choices=view.blocks, value=view.detail_block)}
+        shown = {self.grids: view.page.grids, self.detail: view.page.detail}
+        if view.choices_changed:
+            shown[self.detail_block] = gr.update(choices=view.blocks, value=view.detail_block)
+        return shown
 
 
 def feature_maps_tab() -> FeatureMapsTab:
-    with gr.Tab("Feature maps"):
+    with gr.Tab("Feature maps") as tab:
         view = gr.Radio(VIEW_CHOICES, value="f", label="Show")
         grids = gr.Gallery(label="Blocks (most active channels)", columns=9, height=220, object_fit="contain",
-                           elem_id="block-grids", format="png")
+                           elem_id="block-grids", format="png", elem_classes=["pixelated"])
         gr.Markdown(HOW_TO_READ["maps"])
         detail_block = gr.Dropdown([], label="Block to enlarge", allow_custom_value=True)
-        detail = gr.Image(label="All channels of the chosen block", interactive=False, height=480, format="png")
-    return FeatureMapsTab(view, grids, detail_block, detail)
+        detail = gr.Image(label="All channels of the chosen block", interactive=False, height=480, format="png",
+                          elem_classes=["pixelated"], elem_id="detail")
+    return FeatureMapsTab(tab, view, grids, detail_block, detail)
 
 
 @dataclass
 class ResidualTab:
+    """The chart is drawn only while the tab is open (``is_open``); the table, cheap, always."""
+
+    tab: gr.Tab
     chart: gr.Image
     table: gr.Dataframe
+    is_open: gr.State
 
     def show(self, view: AnalysisView) -> dict:
-        return {self.chart: view.page.chart, self.table: view.page.table}
+        shown = {self.table: view.page.table}
+        if view.page.chart is not None:
+            shown[self.chart] = view.page.chart
+        return shown
 
 
-def residual_tab() -> ResidualTab:
-    with gr.Tab("Residual magnitudes"):
+def residual_tab(pages: Pages, c: Controls) -> ResidualTab:
+    with gr.Tab("Residual magnitudes") as tab:
         chart = gr.Image(label="‖F(x)‖ / ‖s(x)‖ and cosine per block", interactive=False, format="png")
         gr.Markdown(HOW_TO_READ["residual"])
         table = gr.Dataframe(headers=METRIC_COLUMNS, label="Per-block metrics", interactive=False,
                              elem_id="metrics-table")
-    return ResidualTab(chart, table)
+    is_open = gr.State(False)
+
+    @to_gr_error
+    @gpu
+    def opened(state, model_key, k):
+        v = pages.residual(state, settings_of(model_key, k))
+        shown = {is_open: True}
+        if v.chart is not None:
+            shown.update({c.state: v.state, chart: v.chart, table: v.table})
+        return shown
+
+    tab.select(opened, [c.state, c.model_key, c.k], [chart, table, c.state, is_open], api_name="residual",
+               show_progress="hidden")
+    return ResidualTab(tab, chart, table, is_open)
 
 
 def settings_of(model_key, k, view="f", detail_block=None, lesion_blocks=None) -> Settings:
@@ -225,14 +254,17 @@ def settings_of(model_key, k, view="f", detail_block=None, lesion_blocks=None) -
 
 @dataclass
 class LesionsTab:
+    tab: gr.Tab
     blocks: gr.CheckboxGroup
 
     def show(self, view: AnalysisView) -> dict:
+        if not view.choices_changed:
+            return {}
         return {self.blocks: gr.update(choices=view.blocks, value=view.lesion_blocks)}
 
 
 def lesions_tab(pages: Pages, c: Controls) -> LesionsTab:
-    with gr.Tab("Lesions"):
+    with gr.Tab("Lesions") as tab:
         gr.Markdown(HOW_TO_READ["lesions"])
         with gr.Row():
             blocks = gr.CheckboxGroup([], label="Remove the residual branch of these blocks")
@@ -258,11 +290,11 @@ def lesions_tab(pages: Pages, c: Controls) -> LesionsTab:
 
     lesion_btn.click(lesion, [c.state, c.model_key, c.k, blocks], [preds, text, c.state], api_name="lesion")
     sweep_btn.click(sweep, [c.state, c.model_key, c.k], [sweep_chart, sweep_table, c.state], api_name="lesion_sweep")
-    return LesionsTab(blocks)
+    return LesionsTab(tab, blocks)
 
 
-def readout_tab(pages: Pages, c: Controls) -> None:
-    with gr.Tab("Readout"):
+def readout_tab(pages: Pages, c: Controls) -> gr.Tab:
+    with gr.Tab("Readout") as tab:
         gr.Markdown(HOW_TO_READ["readout"])
         button = gr.Button("Read out every block", variant="primary")
         chart = gr.Image(label="The classifier head applied after each block", interactive=False)
@@ -275,20 +307,24 @@ def readout_tab(pages: Pages, c: Controls) -> None:
         return {c.state: v.state, chart: v.chart, text: v.text}
 
     button.click(readout, [c.state, c.model_key, c.k], [chart, text, c.state], api_name="readout")
+    return tab
 
 
 @dataclass
 class GradcamTab:
+    tab: gr.Tab
     block: gr.Dropdown
     label: gr.Dropdown
 
     def show(self, view: AnalysisView) -> dict:
+        if not view.choices_changed:
+            return {}
         return {self.block: gr.update(choices=view.blocks, value=view.detail_block),
                 self.label: gr.update(choices=["", *view.classes], value="")}
 
 
 def gradcam_tab(pages: Pages, c: Controls) -> GradcamTab:
-    with gr.Tab("Grad-CAM"):
+    with gr.Tab("Grad-CAM") as tab:
         gr.Markdown(HOW_TO_READ["gradcam"])
         with gr.Row():
             block = gr.Dropdown([], label="Block", allow_custom_value=True)
@@ -303,11 +339,11 @@ def gradcam_tab(pages: Pages, c: Controls) -> GradcamTab:
         return {c.state: v.state, image: gr.update(value=v.image, label=v.label)}
 
     button.click(gradcam, [c.state, c.model_key, c.k, block, label], [image, c.state], api_name="gradcam")
-    return GradcamTab(block, label)
+    return GradcamTab(tab, block, label)
 
 
-def export_tab(pages: Pages, c: Controls, lesion_blocks: gr.CheckboxGroup) -> None:
-    with gr.Tab("Export"):
+def export_tab(pages: Pages, c: Controls, lesion_blocks: gr.CheckboxGroup) -> gr.Tab:
+    with gr.Tab("Export") as tab:
         gr.Markdown(HOW_TO_READ["export"])
         button = gr.Button("Build the ZIP", variant="primary")
         file = gr.File(label="Analysis (JSON + PNG images)", interactive=False)
@@ -322,6 +358,7 @@ def export_tab(pages: Pages, c: Controls, lesion_blocks: gr.CheckboxGroup) -> No
         return {c.state: state, file: str(path)}
 
     button.click(export, [c.state, c.model_key, c.k, lesion_blocks], [file, c.state], api_name="export")
+    return tab
 
 
 # --- the whole page ----------------------------------------------------------------------------------
@@ -353,11 +390,14 @@ def make_demo(registry: Registry, default_model: str = AUTO) -> gr.Blocks:
         controls = Controls(state, model_key, k)
         with gr.Tabs():
             maps = feature_maps_tab()
-            residual = residual_tab()
+            residual = residual_tab(pages, controls)
             lesions = lesions_tab(pages, controls)
-            readout_tab(pages, controls)
+            readout = readout_tab(pages, controls)
             cam = gradcam_tab(pages, controls)
-            export_tab(pages, controls, lesions.blocks)
+            export = export_tab(pages, controls, lesions.blocks)
+        for other in (maps.tab, lesions.tab, readout, cam.tab, export):  # leaving the residual tab
+            other.select(lambda: False, None, residual.is_open, api_visibility="private", show_progress="hidden",
+                         queue=False)
         wire_analysis(pages, registry, inputs, controls, results, maps, residual, lesions, cam)
     return demo
 
@@ -368,17 +408,18 @@ def wire_analysis(pages: Pages, registry: Registry, inputs: InputsPanel, c: Cont
     # The order of the outputs is the order of the API's return values (gradio_client).
     outputs = [results.predictions, results.model_input, maps.grids, residual.chart, residual.table,
                results.summary, maps.detail, maps.detail_block, lesions.blocks, cam.block, cam.label, c.state]
-    settings = [c.model_key, c.k, maps.view, maps.detail_block, lesions.blocks]
+    # The session's state and whether the residual tab is open come first; gr.State is not part of the API.
+    settings = [c.state, residual.is_open, c.model_key, c.k, maps.view, maps.detail_block, lesions.blocks]
     run = gpu(pages.analyze)
 
     @to_gr_error
-    def analyze(source, kind, model_key, k, view, detail, lesioned):
-        v = run(source, kind, settings_of(model_key, k, view, detail, lesioned))
+    def analyze(source, kind, previous, chart, model_key, k, view, detail, lesioned):
+        v = run(source, kind, settings_of(model_key, k, view, detail, lesioned), previous, chart=bool(chart))
         return {c.state: v.state, **results.show(v), **maps.show(v), **residual.show(v), **lesions.show(v),
                 **cam.show(v)}
 
     def reanalyze(state, *s):
-        return analyze(state.source, state.kind, *s) if state is not None else {}
+        return analyze(state.source, state.kind, state, *s) if state is not None else {}
 
     def example_selected(evt: gr.SelectData, *s):
         path = EXAMPLES[evt.index]
@@ -395,10 +436,10 @@ def wire_analysis(pages: Pages, registry: Registry, inputs: InputsPanel, c: Cont
                          api_name="analyze_webcam", stream_every=0.2, time_limit=60, show_progress="hidden")
     inputs.gallery.select(example_selected, settings, outputs, api_name="analyze_example")
     for control in (c.model_key, c.k, maps.view, maps.detail_block):
-        control.input(reanalyze, [c.state, *settings], outputs, api_visibility="private",
+        control.input(reanalyze, settings, outputs, api_visibility="private",
                       trigger_mode="always_last", show_progress="hidden")
     maps.grids.select(block_clicked, None, maps.detail_block, api_visibility="private").then(
-        reanalyze, [c.state, *settings], outputs, api_visibility="private", show_progress="hidden")
+        reanalyze, settings, outputs, api_visibility="private", show_progress="hidden")
 
 
 # --- command line --------------------------------------------------------------------------------------
@@ -447,8 +488,8 @@ def main(argv: list[str] | None = None) -> None:
     demo = make_demo(registry, default_model=CUSTOM if CUSTOM in registry.choices else AUTO)
     concurrency = start_serving(registry, args.concurrency)
     demo.queue(default_concurrency_limit=concurrency, max_size=256)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD,
-                theme=THEME, footer_links=["api"], state_session_capacity=args.sessions)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, footer_links=["api"],
+                state_session_capacity=args.sessions, **LAUNCH)
 
 
 if __name__ == "__main__":

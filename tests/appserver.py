@@ -35,8 +35,7 @@ def running_app(wdir: Path, concurrency: int = 2):
     demo = app.make_demo(registry)
     demo.queue(default_concurrency_limit=concurrency, max_size=512)
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                max_file_size=app.MAX_UPLOAD, theme=app.THEME)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **app.LAUNCH)
     try:
         yield f"http://127.0.0.1:{port}/", registry
     finally:

@@ -44,14 +44,17 @@ def test_photo_through_the_server_matches_the_library(server):
         assert got[p.label] == pytest.approx(p.prob, abs=1e-6)
     assert len(grids) == 9 and all(Path(g["image"]).is_file() for g in grids)
     assert [g["caption"].split(" · ")[0] for g in grids] == [f"res{i}" for i in range(1, 10)]
-    assert Image.open(model_input).size == (160, 160)
+    assert Image.open(model_input).size == (32, 32)  # its own pixels: the browser enlarges them (CSS pixelated)
     assert Image.open(detail).size[0] > Image.open(grids[-1]["image"]).size[0]  # res9: all 256 channels
     assert table["headers"] == ["block", "stage", "ratio", "cosine", "norm_x", "norm_f", "norm_y", "active"]
     for row, m in zip(table["data"], want.metrics):
         assert row[0] == m.name and row[1] == m.stage
         for value, key in zip(row[2:], ("ratio", "cosine", "norm_x", "norm_f", "norm_y", "active")):
             assert value == pytest.approx(getattr(m, key), abs=1e-4)
+    assert chart == {"__type__": "update"}  # left as it was: drawn only once its tab is opened
+    chart, table = client.predict("auto", 5, api_name="/residual")
     assert Image.open(chart).size[1] == 300
+    assert [row[0] for row in table["data"]] == [m.name for m in want.metrics]
     assert want.predictions[0].label in summary
     if registry.get("cifar10").card.trained:
         assert preds["label"] == "cat"

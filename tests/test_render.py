@@ -18,7 +18,7 @@ def test_signed_grid_colours_positive_red_negative_blue_zero_white():
     fmap = torch.zeros(3, 4, 4)
     fmap[0] = 5.0
     fmap[1] = -4.0
-    img = np.asarray(feature_grid(fmap, signed=True, cell=8, pad=0))
+    img = np.asarray(feature_grid(fmap, signed=True, cell=8, pad=0).convert("RGB"))
     assert img.shape == (16, 16, 3)  # 3 tiles -> a 2x2 grid of 8-px tiles
     red, blue, white = img[0, 0], img[0, 8], img[8, 0]
     assert int(red[0]) - int(red[2]) > 60
@@ -28,8 +28,8 @@ def test_signed_grid_colours_positive_red_negative_blue_zero_white():
 
 def test_shared_scale_keeps_weak_channels_dark():
     fmap = torch.stack([torch.full((2, 2), 10.0), torch.full((2, 2), 1.0)])
-    shared = np.asarray(feature_grid(fmap, cell=2, pad=0)).astype(int)
-    own = np.asarray(feature_grid(fmap, cell=2, pad=0, per_channel_scale=True)).astype(int)
+    shared = np.asarray(feature_grid(fmap, cell=2, pad=0).convert("RGB")).astype(int)
+    own = np.asarray(feature_grid(fmap, cell=2, pad=0, per_channel_scale=True).convert("RGB")).astype(int)
     assert shared[0, 2].sum() < shared[0, 0].sum()  # channel 1 is dimmer on the shared scale
     assert (own[0, 2] == own[0, 0]).all()  # ...and as bright as channel 0 on its own scale
 

@@ -71,7 +71,7 @@ def block_metrics(records: list[BlockRecord]) -> list[list[BlockMetrics]]:
         nf, ns = torch.linalg.vector_norm(f, dim=1), torch.linalg.vector_norm(s, dim=1)
         nx = ns if s is x else torch.linalg.vector_norm(x, dim=1)
         dot = torch.linalg.vecdot(f, s)
-        cosine = torch.where((nf > 0) & (ns > 0), dot / (nf * nx).clamp_min(1e-300), torch.zeros_like(dot))
+        cosine = torch.where((nf > 0) & (ns > 0), dot / (nf * ns).clamp_min(1e-300), torch.zeros_like(dot))
         y = rec.y.flatten(1)
         ny = torch.linalg.vector_norm(y, dim=1, dtype=torch.float64)
         active = (y > 0).sum(dim=1, dtype=torch.float64) / y.shape[1]

@@ -39,7 +39,11 @@ __all__ = [
     "PageState",
     "Pages",
     "ReadoutView",
+    "ResidualView",
+    "SCREEN",
+    "FILES",
     "Settings",
+    "Sizes",
     "SweepView",
     "build_page",
     "metrics_table",
@@ -49,6 +53,24 @@ __all__ = [
 METRIC_COLUMNS = ["block", "stage", *METRIC_NAMES]
 SWEEP_COLUMNS = ["lesioned block", "new top-1", "p(original top-1)", "Δp", "KL (nats)"]
 CAM_SIZE = 256  # pixels of the Grad-CAM overlay
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Pixel sizes of a page's images: one channel tile (its feature map enlarged by a whole factor), the
+    white line between tiles, and the side of the input as the model saw it."""
+
+    grid_cell: int
+    detail_cell: int
+    pad: int
+    input_px: int
+
+
+# On screen, images are sent at (near) their own resolution and the browser enlarges them with
+# ``image-rendering: pixelated`` (app.py's CSS), the nearest-neighbour enlargement PIL would do, so the
+# page looks the same for a fraction of the PNG encoding. Files in the export are seen without that CSS.
+SCREEN = Sizes(grid_cell=16, detail_cell=16, pad=1, input_px=32)
+FILES = Sizes(grid_cell=48, detail_cell=40, pad=2, input_px=160)
 
 
 # --- one analysis as pictures and words ------------------------------------------------------------
@@ -62,7 +84,7 @@ class Page:
     predictions: dict[str, float]
     model_input: Image.Image
     grids: list[tuple[Image.Image, str]]
-    chart: Image.Image
+    chart: Image.Image | None
     table: list[list]
     summary: str
     detail: Image.Image | None = None
@@ -81,11 +103,14 @@ def block_tensor(analysis: Analysis, block: str, view: str):
     raise KeyError(f"unknown block {block!r}; this model's blocks are {[r.name for r in analysis.blocks]}")
 
 
-def block_detail(analysis: Analysis, block: str, view: str = "f", max_channels: int = 256) -> Image.Image:
+def block_detail(
+    analysis: Analysis, block: str, view: str = "f", max_channels: int = 256, sizes: Sizes = SCREEN
+) -> Image.Image:
     """All channels of one block (up to ``max_channels``), each scaled to its own range, most active first."""
     fmap = block_tensor(analysis, block, view)
     n = min(fmap.shape[0], max_channels)
-    return feature_grid(fmap, signed=view == "f", max_channels=n, cell=40, per_channel_scale=True)
+    return feature_grid(fmap, signed=view == "f", max_channels=n, cell=sizes.detail_cell, pad=sizes.pad,
+                        per_channel_scale=True)
 
 
 def summarise(analysis: Analysis) -> str:
@@ -114,11 +139,17 @@ def build_page(
     view: str = "f",
     detail_block: str | None = None,
     max_channels: int = 16,
+    chart: bool = True,
+    sizes: Sizes = SCREEN,
 ) -> Page:
-    """Render one analysis: top-k, the input as the model saw it, a grid per block, chart and table."""
+    """Render one analysis: top-k, the input as the model saw it, a grid per block, chart and table.
+
+    ``chart=False`` leaves the residual chart out (``None``): the page draws it only while its tab is open.
+    """
     grids = [
         (
-            feature_grid(getattr(rec, view)[0], signed=view == "f", max_channels=max_channels),
+            feature_grid(getattr(rec, view)[0], signed=view == "f", max_channels=max_channels,
+                         cell=sizes.grid_cell, pad=sizes.pad),
             f"{rec.name} · {m.ratio:.2f}",
         )
         for rec, m in zip(analysis.blocks, analysis.metrics)  # metrics are computed from the records, in order
@@ -126,12 +157,12 @@ def build_page(
     return Page(
         analysis=analysis,
         predictions={p.label: p.prob for p in analysis.predictions},
-        model_input=input_image(analysis.input, analysis.card),
+        model_input=input_image(analysis.input, analysis.card, size=sizes.input_px),
         grids=grids,
-        chart=residual_chart(analysis.metrics, bands=analysis.card.reference_bands or None),
+        chart=residual_chart(analysis.metrics, bands=analysis.card.reference_bands or None) if chart else None,
         table=metrics_table(analysis),
         summary=summarise(analysis),
-        detail=block_detail(analysis, detail_block, view) if detail_block else None,
+        detail=block_detail(analysis, detail_block, view, sizes=sizes) if detail_block else None,
     )
 
 
@@ -160,6 +191,7 @@ class PageState:
     kind: str
     model_key: str = ""
     k: int = 5
+    choices: tuple = ()  # the block names and classes the page's choosers offer for this model
     lesion: LesionResult | None = None
     sweep: list[LesionResult] | None = None
     readout: Readout | None = None
@@ -179,6 +211,14 @@ class AnalysisView:
     detail_block: str  # the block enlarged
     lesion_blocks: list[str]  # the lesion choice, kept where the blocks still exist
     classes: list[str]
+    choices_changed: bool  # another model than the session's last: the choosers need the new names
+
+
+@dataclass
+class ResidualView:
+    state: PageState | None
+    chart: Image.Image | None
+    table: list[list] | None
 
 
 @dataclass
@@ -251,22 +291,38 @@ class Pages:
         key = self.registry.resolve(model_key, kind)
         return key, self.registry.get(key)
 
-    def analyze(self, source: Any, kind: str, settings: Settings) -> AnalysisView:
-        """Analyse a new image (or the session's image with new settings)."""
+    def analyze(
+        self, source: Any, kind: str, settings: Settings, previous: PageState | None = None, *, chart: bool = True
+    ) -> AnalysisView:
+        """Analyse a new image (or the session's image with new settings).
+
+        ``previous``: the session's state before, to tell whether the choosers' names change.
+        ``chart``: draw the residual chart (the page does while its tab is open).
+        """
         if source is None:
             raise ValueError("No image yet: upload, paste, photograph or draw one, or pick an example.")
         key, explorer = self.explorer(settings.model_key, kind)
         analysis = explorer.analyze(source, k=int(settings.k))
         names = [m.name for m in analysis.metrics]
         chosen = settings.detail_block if settings.detail_block in names else names[-1]
+        choices = (tuple(names), tuple(analysis.card.classes))
         return AnalysisView(
-            state=PageState(source, kind, settings.model_key, int(settings.k)),
-            page=build_page(analysis, view=settings.view, detail_block=chosen),
+            state=PageState(source, kind, settings.model_key, int(settings.k), choices),
+            page=build_page(analysis, view=settings.view, detail_block=chosen, chart=chart),
             blocks=names,
             detail_block=chosen,
             lesion_blocks=[name for name in settings.lesion_blocks if name in names],
             classes=list(analysis.card.classes),
+            choices_changed=previous is None or previous.choices != choices or settings.detail_block != chosen,
         )
+
+    def residual(self, state: PageState | None, settings: Settings) -> ResidualView:
+        """The residual chart and table of the session's image, drawn when their tab is opened."""
+        if state is None:
+            return ResidualView(state, None, None)
+        state, explorer, analysis = self._current(state, settings)
+        chart = residual_chart(analysis.metrics, bands=analysis.card.reference_bands or None)
+        return ResidualView(state, chart, metrics_table(analysis))
 
     def _current(self, state: PageState | None, settings: Settings) -> tuple[PageState, Explorer, Analysis]:
         """The session's image analysed again (a forward pass is cheap); tools' results kept if still valid."""
@@ -274,7 +330,7 @@ class Pages:
             raise ValueError("Analyse an image first: upload, paste, photograph or draw one, or pick an example.")
         _, explorer = self.explorer(settings.model_key, state.kind)
         if not state.same_request(settings.model_key, int(settings.k)):
-            state = PageState(state.source, state.kind, settings.model_key, int(settings.k))
+            state = PageState(state.source, state.kind, settings.model_key, int(settings.k), state.choices)
         return state, explorer, explorer.analyze(state.source, k=int(settings.k))
 
     def lesion(self, state: PageState | None, settings: Settings) -> LesionView:
@@ -325,7 +381,7 @@ class Pages:
         cam = state.cam if state.cam is not None else (analysis.metrics[-1].name, analysis.predictions[0].index, None)
         cam_map = cam[2] if cam[2] is not None else explorer.gradcam(analysis, cam[0], cam[1])
         state = dataclasses.replace(state, lesion=lesion, sweep=sweep, readout=readout, cam=(cam[0], cam[1], cam_map))
-        page = build_page(analysis)
+        page = build_page(analysis, sizes=FILES)
         images = {"input (as the model saw it)": page.model_input, "residual chart": page.chart}
         images.update({f"feature maps {caption.split(' · ')[0]} F(x)": img for img, caption in page.grids})
         images["lesion sweep"] = lesion_sweep_chart(sweep)
