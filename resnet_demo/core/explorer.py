@@ -23,7 +23,7 @@ from .cards import ModelCard
 from .load import load_model
 from .metrics import BlockMetrics, Prediction, block_metrics, topk
 from .preprocess import Prepared, prepare
-from .runtime import GraphedCapture, pack_records, pick_device, unpack_records
+from .runtime import GraphedCapture, on_zero_gpu, pack_records, pick_device, unpack_records
 
 __all__ = ["Analysis", "Explorer"]
 
@@ -70,7 +70,8 @@ class Explorer:
         (same numbers, a fraction of the launch cost); ignored elsewhere."""
         self.device = pick_device(device) if not isinstance(device, torch.device) else device
         self.model = model.eval().to(self.device)
-        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        # On ZeroGPU the GPU exists only inside spaces.GPU functions: nothing is recorded at load there.
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and not on_zero_gpu()
         self._graphs: dict[tuple[int, ...], GraphedCapture | None] = {}
         self._graphs_lock = threading.Lock()
         self.card = card

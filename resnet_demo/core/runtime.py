@@ -26,6 +26,7 @@ __all__ = [
     "cpu_model",
     "device_name",
     "machine",
+    "on_zero_gpu",
     "pack_records",
     "pick_device",
     "record_cuda_graph",
@@ -198,6 +199,16 @@ class GraphedCapture:
 
 
 
+def on_zero_gpu() -> bool:
+    """True on a Hugging Face ZeroGPU Space, which sets ``SPACES_ZERO_GPU``.
+
+    There a GPU exists only while a function decorated with ``spaces.GPU`` runs: moving a model to
+    ``cuda`` at start-up is allowed (ZeroGPU defers it), but nothing may run on the GPU outside such a
+    function: no CUDA-graph recording and no cuDNN autotuning warm-up when the models load.
+    """
+    return os.environ.get("SPACES_ZERO_GPU", "").strip().lower() not in ("", "0", "false", "no")
+
+
 def enable_cudnn_autotuning(preference: str | None = None) -> bool:
     """Turn on cuDNN autotuning when the models will run on CUDA; call before they load.
 
@@ -205,6 +216,8 @@ def enable_cudnn_autotuning(preference: str | None = None) -> bool:
     load, since each :class:`~resnet_demo.core.explorer.Explorer` records its CUDA graph (and so picks
     its kernels) as it is made. Returns whether it was turned on.
     """
+    if on_zero_gpu():
+        return False
     if torch.cuda.is_available() and not (preference or "").startswith(("cpu", "mps")):
         torch.backends.cudnn.benchmark = True
         return True
