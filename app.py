@@ -187,12 +187,12 @@ def results_panel() -> ResultsPanel:
 class FeatureMapsTab:
     tab: gr.Tab
     view: gr.Radio
-    grids: gr.Gallery
+    grids: gr.Image
     detail_block: gr.Dropdown
     detail: gr.Image
 
     def show(self, view: AnalysisView) -> dict:
-        shown = {self.grids: view.page.grids, self.detail: view.page.detail}
+        shown = {self.grids: view.page.grids.image, self.detail: view.page.detail}
         if view.choices_changed:
             shown[self.detail_block] = gr.update(choices=view.blocks, value=view.detail_block)
         return shown
@@ -201,8 +201,8 @@ class FeatureMapsTab:
 def feature_maps_tab() -> FeatureMapsTab:
     with gr.Tab("Feature maps") as tab:
         view = gr.Radio(VIEW_CHOICES, value="f", label="Show")
-        grids = gr.Gallery(label="Blocks (most active channels)", columns=9, height=220, object_fit="contain",
-                           elem_id="block-grids", format="png", elem_classes=["pixelated"])
+        grids = gr.Image(label="Blocks (most active channels): click one to enlarge it", height=200,
+                         interactive=False, format="png", elem_id="block-grids")
         gr.Markdown(HOW_TO_READ["maps"])
         detail_block = gr.Dropdown([], label="Block to enlarge", allow_custom_value=True)
         detail = gr.Image(label="All channels of the chosen block", interactive=False, height=480, format="png",
@@ -425,8 +425,8 @@ def wire_analysis(pages: Pages, registry: Registry, inputs: InputsPanel, c: Cont
         path = EXAMPLES[evt.index]
         return analyze(str(path), example_kind(registry, path), *s)
 
-    def block_clicked(evt: gr.SelectData):  # a click on a grid enlarges that block; its caption starts with the name
-        return evt.value["caption"].split(" · ")[0]
+    def block_clicked(state, evt: gr.SelectData):  # a click on a block's grid in the strip enlarges that block
+        return pages_mod.block_at(state, evt.index[0]) or gr.skip()
 
     inputs.photo.change(lambda img, *s: analyze(img, "photo", *s) if img is not None else {},
                         [inputs.photo, *settings], outputs, api_name="analyze_photo", trigger_mode="always_last")
@@ -438,7 +438,7 @@ def wire_analysis(pages: Pages, registry: Registry, inputs: InputsPanel, c: Cont
     for control in (c.model_key, c.k, maps.view, maps.detail_block):
         control.input(reanalyze, settings, outputs, api_visibility="private",
                       trigger_mode="always_last", show_progress="hidden")
-    maps.grids.select(block_clicked, None, maps.detail_block, api_visibility="private").then(
+    maps.grids.select(block_clicked, c.state, maps.detail_block, api_visibility="private").then(
         reanalyze, settings, outputs, api_visibility="private", show_progress="hidden")
 
 

@@ -17,6 +17,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 import app  # noqa: E402
+from resnet_demo.view.page import build_page  # noqa: E402
 
 SETTINGS = ("auto", 5, "f", "res9", [])
 
@@ -42,10 +43,13 @@ def test_photo_through_the_server_matches_the_library(server):
     got = {c["label"]: c["confidence"] for c in preds["confidences"]}
     for p in want.predictions:
         assert got[p.label] == pytest.approx(p.prob, abs=1e-6)
-    assert len(grids) == 9 and all(Path(g["image"]).is_file() for g in grids)
-    assert [g["caption"].split(" · ")[0] for g in grids] == [f"res{i}" for i in range(1, 10)]
+    # One strip of the 9 blocks' grids, each in a slot of the same width, as the library draws it.
+    strip = Image.open(grids)
+    want_strip = build_page(want).grids
+    assert strip.size == want_strip.image.size and strip.size[0] == 9 * want_strip.pitch - (want_strip.pitch - want_strip.slot)
+    assert np.array_equal(np.asarray(strip.convert("RGB")), np.asarray(want_strip.image.convert("RGB")))
     assert Image.open(model_input).size == (32, 32)  # its own pixels: the browser enlarges them (CSS pixelated)
-    assert Image.open(detail).size[0] > Image.open(grids[-1]["image"]).size[0]  # res9: all 256 channels
+    assert Image.open(detail).size[0] > want_strip.slot  # res9: all 256 channels
     assert table["headers"] == ["block", "stage", "ratio", "cosine", "norm_x", "norm_f", "norm_y", "active"]
     for row, m in zip(table["data"], want.metrics):
         assert row[0] == m.name and row[1] == m.stage

@@ -27,7 +27,20 @@ from ..core.metrics import METRIC_NAMES
 from ..core.preprocess import InputError, load_image
 from .export import export_zip
 from .registry import Registry
-from .render import VIEWS, feature_grid, input_image, lesion_sweep_chart, overlay, readout_chart, residual_chart
+from .render import (
+    VIEWS,
+    Strip,
+    feature_grid,
+    feature_strip,
+    grid_codes,
+    input_image,
+    lesion_sweep_chart,
+    overlay,
+    palette_image,
+    readout_chart,
+    residual_chart,
+    slot_at,
+)
 
 __all__ = [
     "METRIC_COLUMNS",
@@ -45,6 +58,7 @@ __all__ = [
     "Settings",
     "Sizes",
     "SweepView",
+    "block_at",
     "build_page",
     "metrics_table",
     "upload_error",
@@ -69,7 +83,7 @@ class Sizes:
 # On screen, images are sent at (near) their own resolution and the browser enlarges them with
 # ``image-rendering: pixelated`` (app.py's CSS), the nearest-neighbour enlargement PIL would do, so the
 # page looks the same for a fraction of the PNG encoding. Files in the export are seen without that CSS.
-SCREEN = Sizes(grid_cell=16, detail_cell=16, pad=1, input_px=32)
+SCREEN = Sizes(grid_cell=32, detail_cell=16, pad=1, input_px=32)
 FILES = Sizes(grid_cell=48, detail_cell=40, pad=2, input_px=160)
 
 
@@ -83,7 +97,7 @@ class Page:
     analysis: Analysis
     predictions: dict[str, float]
     model_input: Image.Image
-    grids: list[tuple[Image.Image, str]]
+    grids: Strip | list[tuple[Image.Image, str]]  # one strip of every block's grid on screen; one image each in files
     chart: Image.Image | None
     table: list[list]
     summary: str
@@ -146,14 +160,14 @@ def build_page(
 
     ``chart=False`` leaves the residual chart out (``None``): the page draws it only while its tab is open.
     """
-    grids = [
-        (
-            feature_grid(getattr(rec, view)[0], signed=view == "f", max_channels=max_channels,
-                         cell=sizes.grid_cell, pad=sizes.pad),
-            f"{rec.name} · {m.ratio:.2f}",
-        )
-        for rec, m in zip(analysis.blocks, analysis.metrics)  # metrics are computed from the records, in order
-    ]
+    captions = [f"{m.name} · {m.ratio:.2f}" for m in analysis.metrics]  # metrics follow the records, in order
+    codes = [grid_codes(getattr(rec, view)[0], signed=view == "f", max_channels=max_channels, cell=sizes.grid_cell,
+                        pad=sizes.pad) for rec in analysis.blocks]
+    cmap = "RdBu_r" if view == "f" else "magma"
+    if sizes == SCREEN:
+        grids = feature_strip(codes, captions, cmap)
+    else:
+        grids = [(palette_image(c, cmap), caption) for c, caption in zip(codes, captions)]
     return Page(
         analysis=analysis,
         predictions={p.label: p.prob for p in analysis.predictions},
@@ -192,6 +206,7 @@ class PageState:
     model_key: str = ""
     k: int = 5
     choices: tuple = ()  # the block names and classes the page's choosers offer for this model
+    strip: tuple[int, int] = (0, 0)  # (pitch, slot) of the feature-map strip, to find the block under a click
     lesion: LesionResult | None = None
     sweep: list[LesionResult] | None = None
     readout: Readout | None = None
@@ -272,6 +287,15 @@ def readout_text(result: Readout) -> str:
     return f"Final top-1: **{result.final.label}**. Probability of it, read out after each block: {steps}. {settles}"
 
 
+def block_at(state: PageState | None, x: float) -> str | None:
+    """The block whose grid is under pixel column ``x`` of the session's feature-map strip, if any."""
+    if state is None or not state.choices:
+        return None
+    i = slot_at(x, *state.strip)
+    names = state.choices[0]
+    return names[i] if i is not None and i < len(names) else None
+
+
 def upload_error(path: str) -> str:
     """The sentence to show for an upload Gradio could not decode: the project's decoder says what is wrong."""
     try:
@@ -306,9 +330,11 @@ class Pages:
         names = [m.name for m in analysis.metrics]
         chosen = settings.detail_block if settings.detail_block in names else names[-1]
         choices = (tuple(names), tuple(analysis.card.classes))
+        page = build_page(analysis, view=settings.view, detail_block=chosen, chart=chart)
         return AnalysisView(
-            state=PageState(source, kind, settings.model_key, int(settings.k), choices),
-            page=build_page(analysis, view=settings.view, detail_block=chosen, chart=chart),
+            state=PageState(source, kind, settings.model_key, int(settings.k), choices,
+                            (page.grids.pitch, page.grids.slot)),
+            page=page,
             blocks=names,
             detail_block=chosen,
             lesion_blocks=[name for name in settings.lesion_blocks if name in names],
@@ -330,7 +356,7 @@ class Pages:
             raise ValueError("Analyse an image first: upload, paste, photograph or draw one, or pick an example.")
         _, explorer = self.explorer(settings.model_key, state.kind)
         if not state.same_request(settings.model_key, int(settings.k)):
-            state = PageState(state.source, state.kind, settings.model_key, int(settings.k), state.choices)
+            state = PageState(state.source, state.kind, settings.model_key, int(settings.k), state.choices, state.strip)
         return state, explorer, explorer.analyze(state.source, k=int(settings.k))
 
     def lesion(self, state: PageState | None, settings: Settings) -> LesionView:
