@@ -25,10 +25,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
+from gradio.utils import _parse_file_size  # noqa: E402
 
 from resnet_demo.core.errors import WeightsError  # noqa: E402
 from resnet_demo.view import page as pages_mod  # noqa: E402
-from resnet_demo.view.page import METRIC_COLUMNS, SWEEP_COLUMNS, AnalysisView, Pages, Settings  # noqa: E402
+from resnet_demo.view.page import (  # noqa: E402
+    METRIC_COLUMNS,
+    SWEEP_COLUMNS,
+    AnalysisView,
+    Pages,
+    Settings,
+    UploadRequest,
+)
 from resnet_demo.view.registry import (  # noqa: E402
     AUTO,
     CUSTOM,
@@ -40,6 +48,7 @@ from resnet_demo.view.registry import (  # noqa: E402
     start_serving,
 )
 from resnet_demo.view.render import VIEWS  # noqa: E402
+from resnet_demo.view.uploads import ARCH_CHOICES, PRESET_CHOICES, UserModels  # noqa: E402
 
 try:  # Hugging Face Spaces with ZeroGPU: the decorated function gets a GPU for its duration.
     import spaces
@@ -53,7 +62,8 @@ except ImportError:
 
 ROOT = Path(__file__).resolve().parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.*"))
-MAX_UPLOAD = "10mb"
+MAX_UPLOAD = "10mb"  # an image; the server refuses larger uploads outright when uploaded models are off
+MAX_CHECKPOINT = "512mb"  # an uploaded checkpoint: well above ResNet-152's ~230 MB
 THEME = gr.themes.Default(  # system fonts: the default theme would fetch Google Fonts
     font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
 )
@@ -65,7 +75,13 @@ SESSIONS = 1000
 # Feature maps and the model's input are sent at (near) their own resolution: the browser enlarges them
 # the way PIL's nearest-neighbour would, for a fraction of the server's PNG encoding (view/page.py: SCREEN).
 CSS = ".pixelated img { image-rendering: pixelated; object-fit: contain !important; }"
-LAUNCH = {"max_file_size": MAX_UPLOAD, "theme": THEME, "css": CSS}  # what every launch of the page needs
+
+
+def launch_options(uploads: bool) -> dict:
+    """What every launch of the page needs. Gradio has one upload limit for the whole server: with uploaded
+    models on it is the checkpoint's, and images are held to :data:`MAX_UPLOAD` by :class:`PhotoInput`."""
+    return {"max_file_size": MAX_CHECKPOINT if uploads else MAX_UPLOAD, "theme": THEME, "css": CSS}
+
 SELECT_BRUSH_JS = """() => { setTimeout(() => {
   const b = document.querySelector('#sketchpad button[aria-label="Brush"]'); if (b) b.click(); }, 150); }"""
 
@@ -88,6 +104,12 @@ HOW_TO_READ = {
     "the head. It shows how the prediction forms with depth, and the block from which it no longer changes.",
     "gradcam": "**Grad-CAM** (Selvaraju et al. 2017): the block's channels weighted by the gradient of the class "
     "score, summed, kept where positive: where in the image the evidence for the class sits at that depth.",
+    "upload": "Explore **your own ResNet**: a `.safetensors` file or a PyTorch state dict saved with "
+    "`torch.save(model.state_dict(), path)` (a whole pickled model is refused: it could run code). The architecture "
+    "is recognised from the keys and shapes: the tutorial's Net or any configuration of this project's ResNet, "
+    "torchvision ResNet-18 to 152, wide ResNets and ResNeXt. Give the class names (a file, one per line, or typed) "
+    "and how inputs were prepared. The model is kept for this browser session only, at most 3 per session; the "
+    "file is deleted once read.",
     "export": "Download the current analysis: a JSON with predictions, every per-block metric, the lesion of the "
     "blocks chosen in *Lesions*, the sweep, the readout and a reference to the model card, plus the images as PNG.",
 }
@@ -115,6 +137,10 @@ class PhotoInput(gr.Image):
     is_template = True
 
     def preprocess(self, payload):
+        if payload is not None and payload.path and os.path.getsize(payload.path) > _parse_file_size(MAX_UPLOAD):
+            size = os.path.getsize(payload.path) / 2**20
+            raise gr.Error(f"The image file is {size:.1f} MiB; the limit is {MAX_UPLOAD[:-2]} MiB.",
+                           print_exception=False)
         try:
             return super().preprocess(payload)
         except Exception:  # noqa: BLE001 - PIL raises many types for hostile files
@@ -204,7 +230,7 @@ def feature_maps_tab() -> FeatureMapsTab:
         grids = gr.Image(label="Blocks (most active channels): click one to enlarge it", height=200,
                          interactive=False, format="png", elem_id="block-grids")
         gr.Markdown(HOW_TO_READ["maps"])
-        detail_block = gr.Dropdown([], label="Block to enlarge", allow_custom_value=True)
+        detail_block = gr.Dropdown([], label="Block to enlarge", allow_custom_value=True, elem_id="detail-block")
         detail = gr.Image(label="All channels of the chosen block", interactive=False, height=480, format="png",
                           elem_classes=["pixelated"], elem_id="detail")
     return FeatureMapsTab(tab, view, grids, detail_block, detail)
@@ -236,8 +262,8 @@ def residual_tab(pages: Pages, c: Controls) -> ResidualTab:
 
     @to_gr_error
     @gpu
-    def opened(state, model_key, k):
-        v = pages.residual(state, settings_of(model_key, k))
+    def opened(state, model_key, k, request: gr.Request):
+        v = pages.residual(state, settings_of(request, model_key, k))
         shown = {is_open: True}
         if v.chart is not None:
             shown.update({c.state: v.state, chart: v.chart, table: v.table})
@@ -248,8 +274,9 @@ def residual_tab(pages: Pages, c: Controls) -> ResidualTab:
     return ResidualTab(tab, chart, table, is_open)
 
 
-def settings_of(model_key, k, view="f", detail_block=None, lesion_blocks=None) -> Settings:
-    return Settings(model_key, int(k), view, detail_block, tuple(lesion_blocks or ()))
+def settings_of(request: gr.Request | None, model_key, k, view="f", detail_block=None, lesion_blocks=None) -> Settings:
+    session = (request.session_hash if request is not None else None) or ""
+    return Settings(model_key, int(k), view, detail_block, tuple(lesion_blocks or ()), session)
 
 
 @dataclass
@@ -278,14 +305,14 @@ def lesions_tab(pages: Pages, c: Controls) -> LesionsTab:
 
     @to_gr_error
     @gpu
-    def lesion(state, model_key, k, chosen):
-        v = pages.lesion(state, settings_of(model_key, k, lesion_blocks=chosen))
+    def lesion(state, model_key, k, chosen, request: gr.Request):
+        v = pages.lesion(state, settings_of(request, model_key, k, lesion_blocks=chosen))
         return {c.state: v.state, preds: v.predictions, text: v.text}
 
     @to_gr_error
     @gpu
-    def sweep(state, model_key, k):
-        v = pages.sweep(state, settings_of(model_key, k))
+    def sweep(state, model_key, k, request: gr.Request):
+        v = pages.sweep(state, settings_of(request, model_key, k))
         return {c.state: v.state, sweep_chart: v.chart, sweep_table: v.rows}
 
     lesion_btn.click(lesion, [c.state, c.model_key, c.k, blocks], [preds, text, c.state], api_name="lesion")
@@ -302,8 +329,8 @@ def readout_tab(pages: Pages, c: Controls) -> gr.Tab:
 
     @to_gr_error
     @gpu
-    def readout(state, model_key, k):
-        v = pages.readout(state, settings_of(model_key, k))
+    def readout(state, model_key, k, request: gr.Request):
+        v = pages.readout(state, settings_of(request, model_key, k))
         return {c.state: v.state, chart: v.chart, text: v.text}
 
     button.click(readout, [c.state, c.model_key, c.k], [chart, text, c.state], api_name="readout")
@@ -334,8 +361,8 @@ def gradcam_tab(pages: Pages, c: Controls) -> GradcamTab:
 
     @to_gr_error
     @gpu
-    def gradcam(state, model_key, k, chosen_block, chosen_label):
-        v = pages.gradcam(state, settings_of(model_key, k), chosen_block or None, chosen_label or None)
+    def gradcam(state, model_key, k, chosen_block, chosen_label, request: gr.Request):
+        v = pages.gradcam(state, settings_of(request, model_key, k), chosen_block or None, chosen_label or None)
         return {c.state: v.state, image: gr.update(value=v.image, label=v.label)}
 
     button.click(gradcam, [c.state, c.model_key, c.k, block, label], [image, c.state], api_name="gradcam")
@@ -354,18 +381,83 @@ def export_tab(pages: Pages, c: Controls, lesion_blocks: gr.CheckboxGroup) -> gr
         folder = Path(tempfile.gettempdir()) / "residual-block-explorer" / (request.session_hash or "anon")
         for old in folder.glob("*.zip"):  # one export per session on disk; Gradio serves its own copy
             old.unlink(missing_ok=True)
-        state, path = pages.export(state, settings_of(model_key, k, lesion_blocks=blocks), folder)
+        state, path = pages.export(state, settings_of(request, model_key, k, lesion_blocks=blocks), folder)
         return {c.state: state, file: str(path)}
 
     button.click(export, [c.state, c.model_key, c.k, lesion_blocks], [file, c.state], api_name="export")
     return tab
 
 
+@dataclass
+class YourModelPanel:
+    checkpoint: gr.File
+    class_file: gr.File
+    class_text: gr.Textbox
+    preset: gr.Radio
+    arch: gr.Dropdown
+    size: gr.Number
+    mean: gr.Textbox
+    std: gr.Textbox
+    button: gr.Button
+    status: gr.Markdown
+
+
+def your_model_panel() -> YourModelPanel:
+    with gr.Accordion("Your model: upload a checkpoint", open=False, elem_id="your-model"):
+        gr.Markdown(HOW_TO_READ["upload"])
+        with gr.Row():
+            checkpoint = gr.File(label="Checkpoint (.safetensors, .pt, .pth)", file_types=[".safetensors", ".pt",
+                                 ".pth", ".bin", ".ckpt"], type="filepath", elem_id="upload-checkpoint")
+            class_file = gr.File(label="Class names (optional: one per line)", file_types=[".txt", ".json"],
+                                 type="filepath")
+        class_text = gr.Textbox(label="…or type the class names (one per line, or comma-separated)", lines=2)
+        preset = gr.Radio(PRESET_CHOICES, value="cifar10", label="Inputs were prepared as")
+        with gr.Row():
+            size = gr.Number(label="Custom: input size (px)", value=32, precision=0, minimum=8, maximum=1024)
+            mean = gr.Textbox(label="Custom: mean (one, or one per channel)", value="0.5")
+            std = gr.Textbox(label="Custom: std", value="0.25")
+        arch = gr.Dropdown(ARCH_CHOICES, value="", label="Architecture")
+        button = gr.Button("Load my model", variant="primary", elem_id="upload-load")
+        status = gr.Markdown(elem_id="upload-status")
+    return YourModelPanel(checkpoint, class_file, class_text, preset, arch, size, mean, std, button, status)
+
+
+def _numbers(text: str, what: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise ValueError(f"The {what} must be numbers separated by spaces or commas, got {text!r}.") from None
+    if not values:
+        raise ValueError(f"Give the {what} of the inputs the model was trained on.")
+    return values
+
+
+def wire_uploads(pages: Pages, panel: YourModelPanel, c: Controls, analysis: AnalysisWiring) -> None:
+    @to_gr_error
+    @gpu
+    def load(checkpoint, class_file, class_text, preset, arch, size, mean, std, request: gr.Request):
+        custom = preset == "custom"
+        ask = UploadRequest(
+            preset=preset, arch=arch or None, class_file=class_file, class_text=class_text,
+            size=int(size) if custom and size else None, mean=_numbers(mean, "mean") if custom else None,
+            std=_numbers(std, "std") if custom else None,
+        )
+        v = pages.upload(request.session_hash or "", checkpoint, ask)
+        choices = [("Auto (photo → CIFAR-10, drawing → MNIST)", AUTO), *v.choices]
+        return {c.model_key: gr.update(choices=choices, value=v.key), panel.status: v.text, panel.checkpoint: None}
+
+    inputs = [panel.checkpoint, panel.class_file, panel.class_text, panel.preset, panel.arch, panel.size, panel.mean,
+              panel.std]
+    panel.button.click(load, inputs, [c.model_key, panel.status, panel.checkpoint], api_name="upload_model").success(
+        analysis.reanalyze, analysis.settings, analysis.outputs, api_visibility="private", show_progress="hidden")
+
+
 # --- the whole page ----------------------------------------------------------------------------------
 
 
-def make_demo(registry: Registry, default_model: str = AUTO) -> gr.Blocks:
-    pages = Pages(registry)
+def make_demo(registry: Registry, default_model: str = AUTO, uploads: UserModels | None = None) -> gr.Blocks:
+    """The page; ``uploads`` holds visitors' own models (``None``: the "Your model" panel is not shown)."""
+    pages = Pages(registry, uploads)
     model_choices = [("Auto (photo → CIFAR-10, drawing → MNIST)", AUTO)] + [
         (c.label, c.key) for c in registry.choices.values()
     ]
@@ -383,8 +475,9 @@ def make_demo(registry: Registry, default_model: str = AUTO) -> gr.Blocks:
             with gr.Column(scale=4):
                 inputs = inputs_panel()
                 with gr.Row():
-                    model_key = gr.Dropdown(model_choices, value=default_model, label="Model")
+                    model_key = gr.Dropdown(model_choices, value=default_model, label="Model", elem_id="model-key")
                     k = gr.Slider(1, 10, value=5, step=1, label="Top-k")
+                panel = your_model_panel() if uploads is not None else None
             with gr.Column(scale=5):
                 results = results_panel()
         controls = Controls(state, model_key, k)
@@ -398,12 +491,31 @@ def make_demo(registry: Registry, default_model: str = AUTO) -> gr.Blocks:
         for other in (maps.tab, lesions.tab, readout, cam.tab, export):  # leaving the residual tab
             other.select(lambda: False, None, residual.is_open, api_visibility="private", show_progress="hidden",
                          queue=False)
-        wire_analysis(pages, registry, inputs, controls, results, maps, residual, lesions, cam)
+        analysis = wire_analysis(pages, registry, inputs, controls, results, maps, residual, lesions, cam)
+        if panel is not None:
+            wire_uploads(pages, panel, controls, analysis)
+        demo.unload(end_session_for(pages))
     return demo
 
 
+def end_session_for(pages: Pages):
+    def end_session(request: gr.Request) -> None:  # a closed tab ends its session: its uploaded models go too
+        pages.end_session(request.session_hash or "")
+
+    return end_session
+
+
+@dataclass
+class AnalysisWiring:
+    """What other parts of the page need to re-run the analysis: the function, its inputs and outputs."""
+
+    reanalyze: object
+    settings: list
+    outputs: list
+
+
 def wire_analysis(pages: Pages, registry: Registry, inputs: InputsPanel, c: Controls, results: ResultsPanel,
-                  maps: FeatureMapsTab, residual: ResidualTab, lesions: LesionsTab, cam: GradcamTab) -> None:
+                  maps: FeatureMapsTab, residual: ResidualTab, lesions: LesionsTab, cam: GradcamTab) -> AnalysisWiring:
     """Every way to analyse an image (or re-analyse it with new settings) updates the same components."""
     # The order of the outputs is the order of the API's return values (gradio_client).
     outputs = [results.predictions, results.model_input, maps.grids, residual.chart, residual.table,
@@ -413,33 +525,47 @@ def wire_analysis(pages: Pages, registry: Registry, inputs: InputsPanel, c: Cont
     run = gpu(pages.analyze)
 
     @to_gr_error
-    def analyze(source, kind, previous, chart, model_key, k, view, detail, lesioned):
-        v = run(source, kind, settings_of(model_key, k, view, detail, lesioned), previous, chart=bool(chart))
+    def analyze(source, kind, previous, chart, model_key, k, view, detail, lesioned, request):
+        s = settings_of(request, model_key, k, view, detail, lesioned)
+        v = run(source, kind, s, previous, chart=bool(chart))
         return {c.state: v.state, **results.show(v), **maps.show(v), **residual.show(v), **lesions.show(v),
                 **cam.show(v)}
 
-    def reanalyze(state, *s):
-        return analyze(state.source, state.kind, state, *s) if state is not None else {}
+    # One function per source, each naming its parameters: Gradio passes gr.Request by annotation.
+    def photo(img, previous, chart, model_key, k, view, detail, lesioned, request: gr.Request):
+        if img is None:
+            return {}
+        return analyze(img, "photo", previous, chart, model_key, k, view, detail, lesioned, request)
 
-    def example_selected(evt: gr.SelectData, *s):
+    def drawing(value, previous, chart, model_key, k, view, detail, lesioned, request: gr.Request):
+        return analyze(value, "drawing", previous, chart, model_key, k, view, detail, lesioned, request)
+
+    def example(evt: gr.SelectData, previous, chart, model_key, k, view, detail, lesioned, request: gr.Request):
         path = EXAMPLES[evt.index]
-        return analyze(str(path), example_kind(registry, path), *s)
+        return analyze(str(path), example_kind(registry, path), previous, chart, model_key, k, view, detail,
+                       lesioned, request)
+
+    def reanalyze(state, chart, model_key, k, view, detail, lesioned, request: gr.Request):
+        if state is None:
+            return {}
+        return analyze(state.source, state.kind, state, chart, model_key, k, view, detail, lesioned, request)
 
     def block_clicked(state, evt: gr.SelectData):  # a click on a block's grid in the strip enlarges that block
         return pages_mod.block_at(state, evt.index[0]) or gr.skip()
 
-    inputs.photo.change(lambda img, *s: analyze(img, "photo", *s) if img is not None else {},
-                        [inputs.photo, *settings], outputs, api_name="analyze_photo", trigger_mode="always_last")
-    inputs.sketch.change(lambda v, *s: analyze(v, "drawing", *s), [inputs.sketch, *settings], outputs,
-                         api_name="analyze_drawing", trigger_mode="always_last", show_progress="hidden")
-    inputs.webcam.stream(lambda img, *s: analyze(img, "photo", *s), [inputs.webcam, *settings], outputs,
-                         api_name="analyze_webcam", stream_every=0.2, time_limit=60, show_progress="hidden")
-    inputs.gallery.select(example_selected, settings, outputs, api_name="analyze_example")
+    inputs.photo.change(photo, [inputs.photo, *settings], outputs, api_name="analyze_photo",
+                        trigger_mode="always_last")
+    inputs.sketch.change(drawing, [inputs.sketch, *settings], outputs, api_name="analyze_drawing",
+                         trigger_mode="always_last", show_progress="hidden")
+    inputs.webcam.stream(photo, [inputs.webcam, *settings], outputs, api_name="analyze_webcam", stream_every=0.2,
+                         time_limit=60, show_progress="hidden")
+    inputs.gallery.select(example, settings, outputs, api_name="analyze_example")
     for control in (c.model_key, c.k, maps.view, maps.detail_block):
         control.input(reanalyze, settings, outputs, api_visibility="private",
                       trigger_mode="always_last", show_progress="hidden")
     maps.grids.select(block_clicked, c.state, maps.detail_block, api_visibility="private").then(
         reanalyze, settings, outputs, api_visibility="private", show_progress="hidden")
+    return AnalysisWiring(reanalyze, settings, outputs)
 
 
 # --- command line --------------------------------------------------------------------------------------
@@ -470,6 +596,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--classes", help="with --arch: a file of class names, one per line, for a fine-tuned model")
     parser.add_argument("--concurrency", type=int, default=None,
                         help="analyses run at once (default: 2 on a CPU, 4 on a GPU)")
+    parser.add_argument("--no-uploads", action="store_true",
+                        help="turn the 'Your model' panel off (a public demo that serves its own models only)")
+    parser.add_argument("--uploads-per-session", type=int, default=3, help="uploaded models one session may hold")
+    parser.add_argument("--uploaded-models", type=int, default=8,
+                        help="uploaded models the server holds in all; the least recently used go first")
     parser.add_argument("--sessions", type=int, default=SESSIONS,
                         help=f"browser sessions whose page state is kept, most recent first (default {SESSIONS})")
     return parser.parse_args(argv)
@@ -485,11 +616,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {registry.failed[CUSTOM]}")
     if not registry.loaded:
         sys.exit("error: no model could be loaded; see the lines above for where the weights should be.")
-    demo = make_demo(registry, default_model=CUSTOM if CUSTOM in registry.choices else AUTO)
+    uploads = None if args.no_uploads else UserModels(args.uploads_per_session, args.uploaded_models)
+    demo = make_demo(registry, default_model=CUSTOM if CUSTOM in registry.choices else AUTO, uploads=uploads)
     concurrency = start_serving(registry, args.concurrency)
     demo.queue(default_concurrency_limit=concurrency, max_size=256)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, footer_links=["api"],
-                state_session_capacity=args.sessions, **LAUNCH)
+                state_session_capacity=args.sessions, **launch_options(uploads is not None))
 
 
 if __name__ == "__main__":

@@ -26,16 +26,19 @@ def weights_dir(tmp: Path) -> Path:
 
 
 @contextmanager
-def running_app(wdir: Path, concurrency: int = 2):
+def running_app(wdir: Path, concurrency: int = 2, uploads: bool = True):
     import app
     from resnet_demo.view.registry import default_registry
 
     registry = default_registry("cpu", wdir)
     registry.load_all()
-    demo = app.make_demo(registry)
+    from resnet_demo.view.uploads import UserModels
+
+    demo = app.make_demo(registry, uploads=UserModels() if uploads else None)
     demo.queue(default_concurrency_limit=concurrency, max_size=512)
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **app.LAUNCH)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                **app.launch_options(uploads))
     try:
         yield f"http://127.0.0.1:{port}/", registry
     finally:

@@ -479,13 +479,20 @@ def test_sketch_with_missing_layers_through_the_server(server, tmp_path):
     assert_serving(client, registry, tmp_path)
 
 
-def test_an_upload_over_the_size_limit_is_refused_and_the_server_keeps_serving(server, tmp_path):
+@pytest.fixture(scope="module")
+def server_without_uploads(wdir):
+    with running_app(wdir, uploads=False) as (url, registry):
+        yield Client(url, verbose=False), registry
+
+
+def test_an_upload_over_the_size_limit_is_refused_and_the_server_keeps_serving(server_without_uploads, tmp_path):
+    # With uploaded models off (--no-uploads), the server's own upload limit is the image limit.
     import httpx
     from gradio.utils import _parse_file_size
 
     import app
 
-    client, registry = server
+    client, registry = server_without_uploads
     limit = _parse_file_size(app.MAX_UPLOAD)
     assert client.config["max_file_size"] == limit  # the running server enforces the documented limit
     big = write(tmp_path, "big.png", encoded(Image.fromarray(noise(5)), "PNG") + os.urandom(11 * 2**20))
@@ -495,4 +502,18 @@ def test_an_upload_over_the_size_limit_is_refused_and_the_server_keeps_serving(s
         r = httpx.post(client.upload_url, files=[("files", ("big.png", f))], timeout=60)
     assert r.status_code == 413, r.text
     assert f"File size exceeded maximum allowed size of {limit} bytes" in r.text
+    assert_serving(client, registry, tmp_path)
+
+
+def test_with_uploads_on_an_image_over_its_limit_gets_a_sentence(server, tmp_path):
+    # With uploaded models on, the server accepts checkpoints up to MAX_CHECKPOINT; images keep their 10 MiB.
+    from gradio.utils import _parse_file_size
+
+    import app
+
+    client, registry = server
+    assert client.config["max_file_size"] == _parse_file_size(app.MAX_CHECKPOINT)
+    big = write(tmp_path, "big.png", encoded(Image.fromarray(noise(5)), "PNG") + os.urandom(11 * 2**20))
+    with pytest.raises(AppError, match=r"The image file is 11\.0 MiB; the limit is 10 MiB"):
+        client.predict(handle_file(str(big)), *SETTINGS, api_name="/analyze_photo")
     assert_serving(client, registry, tmp_path)

@@ -9,6 +9,7 @@ size, colour mode, kind of input); training, the torchvision adapter and the reg
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -35,8 +36,10 @@ __all__ = [
     "preset_for",
     "read_class_names",
     "tutorial_card",
+    "upload_card",
 ]
 
+MAX_INPUT_SIZE = 1024  # pixels per side of a model's input: larger would make one analysis take seconds
 WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
 IMAGENET_CLASSES_FILE = Path(__file__).resolve().parent / "imagenet_classes.txt"
 
@@ -254,3 +257,57 @@ def _imagenet_classes() -> tuple[str, ...]:
 def imagenet_classes() -> list[str]:
     """The 1000 ImageNet-1k class names, in torchvision's index order."""
     return list(_imagenet_classes())
+
+
+def upload_card(
+    name: str,
+    arch: str,
+    config: ResNetConfig | None,
+    in_channels: int,
+    classes: list[str],
+    *,
+    preset: str | None,
+    input_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    drawing: bool = False,
+) -> ModelCard:
+    """The card of an uploaded checkpoint: its architecture, its classes and the preprocessing chosen for it.
+
+    ``preset`` (a key of :data:`PRESETS`) decides size, mean, std and kind of input; without one,
+    ``input_size``, ``mean`` and ``std`` are required. One mean/std value serves every input channel.
+
+    Raises:
+        WeightsError: an unknown preset, a size out of range, or a normalisation that does not fit the
+            checkpoint's input channels.
+    """
+    if preset is not None:
+        if preset not in PRESETS:
+            raise WeightsError(f"unknown input preset {preset!r}; choose one of {sorted(PRESETS)}")
+        p = PRESETS[preset]
+        fields = p.card_fields()
+        mean, std = p.mean, p.std
+    else:
+        if input_size is None or not 8 <= int(input_size) <= MAX_INPUT_SIZE:
+            raise WeightsError(f"the input size must be between 8 and {MAX_INPUT_SIZE} pixels, got {input_size}")
+        if not mean or not std:
+            raise WeightsError("a custom preset needs the mean and std of the inputs the model was trained on")
+        if any(s <= 0 for s in std):
+            raise WeightsError(f"every std must be positive, got {list(std)}")
+        fields = {"input_size": int(input_size), "resize": int(input_size), "dataset": "",
+                  "colour_mode": "gray" if in_channels == 1 else "rgb",
+                  "input_kind": "drawing" if drawing else "photo"}
+    mean, std = list(mean), list(std)
+    if len(mean) != len(std):
+        raise WeightsError(f"mean has {len(mean)} values but std has {len(std)}")
+    if len(mean) == 1 and in_channels > 1:
+        mean, std = mean * in_channels, std * in_channels  # one gray value for every input channel
+    if len(mean) not in (1, in_channels):
+        raise WeightsError(
+            f"the checkpoint takes {in_channels} input channel(s), but the normalisation has {len(mean)} values: "
+            "give one value, or one per channel"
+        )
+    fields.update(classes=list(classes), mean=mean, std=std)
+    fields.setdefault("dataset", "")
+    return ModelCard(name=name, arch=arch, config=config.to_dict() if config is not None else None,
+                     trained=True, **fields)

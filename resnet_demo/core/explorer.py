@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,13 +19,19 @@ from torch import nn
 
 from . import insight
 from .capture import BlockRecord, capture_forward, find_blocks
-from .cards import ModelCard
+from .cards import ModelCard, upload_card
+from .errors import WeightsError
 from .load import load_model
 from .metrics import BlockMetrics, Prediction, block_metrics, topk
 from .preprocess import Prepared, prepare
 from .runtime import GraphedCapture, on_zero_gpu, pack_records, pick_device, unpack_records
+from .weights import file_sha256
 
 __all__ = ["Analysis", "Explorer"]
+
+def _numbered(n: int) -> list[str]:
+    return [f"class {i}" for i in range(n)]
+
 
 _MAX_GRAPHS = 4  # recorded input shapes per explorer; the shipped models need one each
 
@@ -88,6 +94,57 @@ class Explorer:
         cls, path: str | Path, device: str | torch.device | None = None, card: ModelCard | None = None
     ) -> Explorer:
         model, card = load_model(path, card=card)
+        return cls(model, card, device)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        *,
+        arch: str | None = None,
+        preset: str | None = None,
+        class_names: Sequence[str] | None = None,
+        default_classes: Callable[[int], list[str]] | None = None,
+        input_size: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        drawing: bool = False,
+        device: str | torch.device | None = None,
+    ) -> Explorer:
+        """A checkpoint from an untrusted source, its architecture recognised from its keys and shapes.
+
+        Args:
+            path: a safetensors file or a ``torch.save`` state dict (read with ``weights_only=True``).
+            arch: the architecture to use instead of the recognised one (``tutorial`` or a torchvision name).
+            preset: ``cifar10``, ``mnist`` or ``imagenet`` (:data:`~.cards.PRESETS`), or ``None`` for
+                ``input_size``, ``mean`` and ``std`` given directly.
+            class_names: one per class of the checkpoint's head; by default ``default_classes(n)``.
+            drawing: prepare inputs as MNIST-style drawings.
+
+        Raises:
+            WeightsError: the file is refused, fits no supported architecture, or the class names,
+                preset or normalisation do not fit it; the message says which.
+        """
+        from .recognise import build_recognised, fit_recognised, read_checkpoint, recognise
+
+        path = Path(path)
+        sd = read_checkpoint(path)
+        architecture = recognise(sd, override=arch)
+        model = build_recognised(architecture)
+        fit_recognised(model, sd, architecture, f"checkpoint {path.name}")
+        del sd
+        n = architecture.num_classes
+        classes = list(class_names) if class_names else (default_classes or _numbered)(n)
+        if len(classes) != n:
+            raise WeightsError(
+                f"{len(classes)} class names were given, but the checkpoint's classifier has {n} classes"
+            )
+        card = upload_card(
+            path.stem, architecture.kind, architecture.config, architecture.in_channels, classes, preset=preset,
+            input_size=input_size, mean=mean, std=std, drawing=drawing,
+        )
+        card.weights_sha256 = file_sha256(path)
+        card.training = {"source": f"uploaded checkpoint {path.name}", "architecture": architecture.description}
         return cls(model, card, device)
 
     @property

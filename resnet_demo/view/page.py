@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from ..core.bands import describe
+from ..core.errors import WeightsError
 from ..core.explorer import Analysis, Explorer
 from ..core.insight import LesionResult, Readout
 from ..core.metrics import METRIC_NAMES
@@ -41,6 +42,7 @@ from .render import (
     residual_chart,
     slot_at,
 )
+from .uploads import UPLOAD_PREFIX, UserModels, load_upload, parse_class_names
 
 __all__ = [
     "METRIC_COLUMNS",
@@ -56,6 +58,8 @@ __all__ = [
     "SCREEN",
     "FILES",
     "Settings",
+    "UploadRequest",
+    "UploadView",
     "Sizes",
     "SweepView",
     "block_at",
@@ -192,6 +196,7 @@ class Settings:
     view: str = "f"
     detail_block: str | None = None
     lesion_blocks: tuple[str, ...] = ()
+    session: str = ""  # the browser session: uploaded models are visible to theirs only
 
 
 @dataclass
@@ -227,6 +232,28 @@ class AnalysisView:
     lesion_blocks: list[str]  # the lesion choice, kept where the blocks still exist
     classes: list[str]
     choices_changed: bool  # another model than the session's last: the choosers need the new names
+
+
+@dataclass(frozen=True)
+class UploadRequest:
+    """What the "Your model" panel asks for besides the checkpoint itself."""
+
+    preset: str = "cifar10"  # a key of uploads.PRESET_CHOICES
+    arch: str | None = None  # None: recognised from the keys and shapes
+    class_file: str | None = None
+    class_text: str | None = None
+    size: int | None = None  # custom preset only
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    file_name: str | None = None  # as the visitor named it
+
+
+@dataclass
+class UploadView:
+    key: str
+    label: str
+    text: str
+    choices: list[tuple[str, str]]
 
 
 @dataclass
@@ -308,12 +335,45 @@ def upload_error(path: str) -> str:
 class Pages:
     """The page's handlers without Gradio: each takes the session's state and settings, returns a typed view."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, uploads: UserModels | None = None) -> None:
         self.registry = registry
+        self.uploads = uploads
 
-    def explorer(self, model_key: str, kind: str) -> tuple[str, Explorer]:
+    def explorer(self, model_key: str, kind: str, session: str = "") -> tuple[str, Explorer]:
+        if model_key.startswith(UPLOAD_PREFIX):
+            if self.uploads is None:
+                raise WeightsError("uploaded models are turned off on this server")
+            return model_key, self.uploads.get(session, model_key)
         key = self.registry.resolve(model_key, kind)
         return key, self.registry.get(key)
+
+    def model_choices(self, session: str) -> list[tuple[str, str]]:
+        """(label, key) of the models this session may choose: the server's, then its own uploads."""
+        shipped = [(c.label, c.key) for c in self.registry.choices.values()]
+        return shipped + (self.uploads.choices(session) if self.uploads is not None else [])
+
+    def upload(self, session: str, checkpoint: str | None, request: UploadRequest) -> UploadView:
+        """Load an uploaded checkpoint into this session's models (the file is deleted once read)."""
+        if self.uploads is None:
+            raise WeightsError("uploaded models are turned off on this server")
+        if not checkpoint:
+            raise ValueError("Choose a checkpoint file first (.safetensors, or a .pt/.pth state dict).")
+        names = parse_class_names(request.class_text, request.class_file)
+        explorer = load_upload(checkpoint, arch=request.arch, preset=request.preset, class_names=names,
+                               size=request.size, mean=request.mean, std=request.std)
+        label = f"Yours: {Path(request.file_name or checkpoint).name}"
+        key, evicted = self.uploads.add(session, explorer, label)
+        card = explorer.card
+        text = (f"Loaded **{label}**: {card.training.get('architecture', card.arch)}; {len(card.classes)} classes, "
+                f"{card.input_size}×{card.input_size} {card.input_kind}s. It is in the model selector for this "
+                "browser session only.")
+        if evicted:
+            text += f" Made room by removing {', '.join(evicted)} (least recently used)."
+        return UploadView(key, label, text, self.model_choices(session))
+
+    def end_session(self, session: str) -> None:
+        if self.uploads is not None and session:
+            self.uploads.end_session(session)
 
     def analyze(
         self, source: Any, kind: str, settings: Settings, previous: PageState | None = None, *, chart: bool = True
@@ -325,7 +385,7 @@ class Pages:
         """
         if source is None:
             raise ValueError("No image yet: upload, paste, photograph or draw one, or pick an example.")
-        key, explorer = self.explorer(settings.model_key, kind)
+        key, explorer = self.explorer(settings.model_key, kind, settings.session)
         analysis = explorer.analyze(source, k=int(settings.k))
         names = [m.name for m in analysis.metrics]
         chosen = settings.detail_block if settings.detail_block in names else names[-1]
@@ -354,7 +414,7 @@ class Pages:
         """The session's image analysed again (a forward pass is cheap); tools' results kept if still valid."""
         if state is None:
             raise ValueError("Analyse an image first: upload, paste, photograph or draw one, or pick an example.")
-        _, explorer = self.explorer(settings.model_key, state.kind)
+        _, explorer = self.explorer(settings.model_key, state.kind, settings.session)
         if not state.same_request(settings.model_key, int(settings.k)):
             state = PageState(state.source, state.kind, settings.model_key, int(settings.k), state.choices, state.strip)
         return state, explorer, explorer.analyze(state.source, k=int(settings.k))

@@ -1,0 +1,175 @@
+"""Models that visitors upload: visible only in the session that uploaded them, bounded, evicted least-recently-used.
+
+Each upload becomes an :class:`~resnet_demo.core.explorer.Explorer` held in memory; the checkpoint file
+is deleted as soon as it is read, so nothing a visitor uploads stays on disk. At most ``per_session``
+models per browser session and ``total`` in the server: adding one beyond a bound evicts the least
+recently used (its memory is returned when the last request using it ends). A session's models go
+when the session ends (Gradio's ``unload`` event).
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..core.cards import IMAGENET, MNIST, PRESETS, WeightsError, imagenet_classes, read_class_names
+from ..core.explorer import Explorer
+from ..core.tv import SUPPORTED_ARCHS
+
+__all__ = ["ARCH_CHOICES", "PRESET_CHOICES", "UPLOAD_PREFIX", "Upload", "UserModels", "parse_class_names"]
+
+UPLOAD_PREFIX = "upload:"  # model keys of uploaded models; never a shipped model's key
+# The input presets offered for an upload: label -> preset key ("custom" takes size, mean and std typed in).
+PRESET_CHOICES = [
+    ("CIFAR-style 32×32 photo", "cifar10"),
+    ("MNIST-style drawing", "mnist"),
+    ("ImageNet 224 photo", "imagenet"),
+    ("Custom size / mean / std", "custom"),
+]
+# The architecture override: recognised from the keys and shapes unless the visitor says otherwise.
+ARCH_CHOICES = [
+    ("Recognise it from the keys and shapes", ""),
+    ("The tutorial's Net / this project's ResNet", "tutorial"),
+]
+ARCH_CHOICES += [(f"torchvision {name}", name) for name in SUPPORTED_ARCHS]
+MAX_CLASS_NAME = 200  # characters; a label longer than this is not a class name
+
+
+@dataclass
+class Upload:
+    key: str
+    label: str
+    session: str
+    explorer: Explorer
+    used: float = field(default_factory=time.monotonic)
+
+
+def parse_class_names(text: str | None, path: str | None) -> list[str] | None:
+    """Class names from a file (one per line, or JSON) or typed in (one per line or comma-separated).
+
+    Returns ``None`` when neither is given. Raises ``WeightsError`` for an empty or unreadable list.
+    """
+    if path:
+        names = read_class_names(path)
+    elif text and text.strip():
+        sep = "\n" if "\n" in text.strip() else ","
+        names = [n.strip() for n in text.strip().split(sep)]
+        if any(not n for n in names):
+            raise WeightsError("the typed class names hold an empty name: one name per line, or separated by commas")
+    else:
+        return None
+    too_long = next((n for n in names if len(n) > MAX_CLASS_NAME), None)
+    if too_long is not None:
+        raise WeightsError(f"a class name is {len(too_long)} characters long; the limit is {MAX_CLASS_NAME}")
+    return names
+
+
+def default_class_names(preset: str, num_classes: int) -> list[str]:
+    """The preset's class names when the head has that many classes, else ``class 0`` … ``class n-1``."""
+    if preset == IMAGENET.key and num_classes == 1000:
+        return imagenet_classes()
+    known = PRESETS.get(preset)
+    if known is not None and len(known.classes) == num_classes:
+        return list(known.classes)
+    return [f"class {i}" for i in range(num_classes)]
+
+
+class UserModels:
+    """The uploaded models of every session, bounded per session and in total; thread-safe."""
+
+    def __init__(self, per_session: int = 3, total: int = 8) -> None:
+        if per_session < 1 or total < per_session:
+            raise ValueError(f"need 1 <= per_session <= total, got {per_session} and {total}")
+        self.per_session, self.total = per_session, total
+        self._models: dict[str, Upload] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+
+    def add(self, session: str, explorer: Explorer, label: str) -> tuple[str, list[str]]:
+        """Keep ``explorer`` for ``session``; returns its key and the labels of models evicted to make room."""
+        if not session:
+            raise WeightsError("uploads need a browser session; reload the page and try again")
+        with self._lock:
+            key = f"{UPLOAD_PREFIX}{next(self._ids)}"
+            self._models[key] = Upload(key, label, session, explorer)
+            evicted = self._evict(session)
+        gc.collect()  # the evicted models' tensors go back now, not at some later collection
+        return key, evicted
+
+    def _evict(self, session: str) -> list[str]:
+        """Drop least-recently-used models until ``session`` and the server are within their bounds."""
+        evicted = []
+        while True:
+            mine = [u for u in self._models.values() if u.session == session]
+            if len(mine) > self.per_session:
+                pool = mine
+            elif len(self._models) > self.total:
+                pool = list(self._models.values())
+            else:
+                return evicted
+            oldest = min(pool, key=lambda u: u.used)
+            del self._models[oldest.key]
+            evicted.append(oldest.label)
+
+    def get(self, session: str, key: str) -> Explorer:
+        """The explorer of ``key`` if ``session`` uploaded it; the same message whether it never existed,
+        belongs to another session or was evicted, so one session learns nothing about another's models."""
+        with self._lock:
+            upload = self._models.get(key)
+            if upload is None or upload.session != session:
+                raise WeightsError(
+                    f"the uploaded model '{key}' is not available in this session (uploads are kept for the "
+                    "session that made them, and the oldest go when the server holds too many): upload it again"
+                )
+            upload.used = time.monotonic()
+            return upload.explorer
+
+    def choices(self, session: str) -> list[tuple[str, str]]:
+        """(label, key) of the session's models, oldest first."""
+        with self._lock:
+            return [(u.label, u.key) for u in self._models.values() if u.session == session]
+
+    def end_session(self, session: str) -> int:
+        """Forget every model of ``session``; returns how many."""
+        with self._lock:
+            keys = [k for k, u in self._models.items() if u.session == session]
+            for k in keys:
+                del self._models[k]
+        if keys:
+            gc.collect()
+        return len(keys)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._models)
+
+
+def load_upload(
+    path: str | Path,
+    *,
+    arch: str | None,
+    preset: str,
+    class_names: Sequence[str] | None,
+    size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    device: str | None = None,
+) -> Explorer:
+    """Read an uploaded checkpoint (bounded, never unpickled unsafely), recognise it and wrap it in an Explorer.
+
+    The file is deleted once read, whatever happens. ``preset`` is a key of :data:`PRESET_CHOICES`.
+    """
+    path = Path(path)
+    try:
+        return Explorer.from_checkpoint(
+            path, arch=arch, preset=None if preset == "custom" else preset, class_names=class_names,
+            default_classes=lambda n: default_class_names(preset, n), input_size=size, mean=mean, std=std,
+            device=device, drawing=preset == MNIST.key,
+        )
+    finally:
+        path.unlink(missing_ok=True)
