@@ -110,6 +110,12 @@ HOW_TO_READ = {
     "torchvision ResNet-18 to 152, wide ResNets and ResNeXt. Give the class names (a file, one per line, or typed) "
     "and how inputs were prepared. The model is kept for this browser session only, at most 3 per session; the "
     "file is deleted once read.",
+    "compare": "**Compare** the model chosen above (A) with another (B) on the same image: both predictions, "
+    "the residual magnitudes of both on one chart (blocks paired by depth), each model's last block, and the "
+    "lesion sweep and readout of both. **Block similarity** computes linear CKA (Kornblith et al. 2019) between "
+    "every block of A and every block of B over A's shipped test images: a bright cell means the two blocks "
+    "represent those images alike (up to rotation and scale). A against itself shows the network's own block "
+    "structure; two trainings of one architecture show where they diverge.",
     "export": "Download the current analysis: a JSON with predictions, every per-block metric, the lesion of the "
     "blocks chosen in *Lesions*, the sweep, the readout and a reference to the model card, plus the images as PNG.",
 }
@@ -369,6 +375,55 @@ def gradcam_tab(pages: Pages, c: Controls) -> GradcamTab:
     return GradcamTab(tab, block, label)
 
 
+@dataclass
+class CompareTab:
+    tab: gr.Tab
+    model_b: gr.Dropdown
+
+
+def compare_tab(pages: Pages, c: Controls, model_choices: list, view: gr.Radio) -> CompareTab:
+    with gr.Tab("Compare") as tab:
+        gr.Markdown(HOW_TO_READ["compare"])
+        with gr.Row():
+            model_b = gr.Dropdown(model_choices, value=model_choices[-1][1], label="Model B", elem_id="model-b")
+            button = gr.Button("Compare on this image", variant="primary", elem_id="compare-run")
+            cka_button = gr.Button("Block similarity (CKA) over the test images", elem_id="compare-cka")
+        text = gr.Markdown(elem_id="compare-text")
+        with gr.Row():
+            preds_a = gr.Label(label="A", num_top_classes=5, elem_id="compare-a")
+            preds_b = gr.Label(label="B", num_top_classes=5, elem_id="compare-b")
+        chart = gr.Image(label="‖F(x)‖ / ‖s(x)‖ and cosine of A and B", interactive=False, format="png")
+        with gr.Row():
+            detail_a = gr.Image(label="A: all channels of its last block", interactive=False, format="png",
+                                height=320, elem_classes=["pixelated"])
+            detail_b = gr.Image(label="B: all channels of its last block", interactive=False, format="png",
+                                height=320, elem_classes=["pixelated"])
+        sweeps = gr.Image(label="Lesion sweep of A and B", interactive=False)
+        readouts = gr.Image(label="Readout of A and B", interactive=False)
+        cka_map = gr.Image(label="Block similarity (linear CKA)", interactive=False, elem_id="compare-cka-map")
+        cka_text = gr.Markdown()
+
+    @to_gr_error
+    @gpu
+    def compare(state, model_key, k, chosen_b, shown, request: gr.Request):
+        v = pages.compare(state, settings_of(request, model_key, k), chosen_b, shown)
+        return {c.state: v.state, text: v.text, preds_a: v.predictions_a, preds_b: v.predictions_b, chart: v.chart,
+                detail_a: v.detail_a, detail_b: v.detail_b, sweeps: v.sweeps, readouts: v.readouts}
+
+    @to_gr_error
+    @gpu
+    def similarity(state, model_key, k, chosen_b, request: gr.Request, progress=gr.Progress()):  # noqa: B008
+        kind = state.kind if state is not None else "photo"
+        v = pages.similarity(settings_of(request, model_key, k), chosen_b, kind,
+                             progress=lambda share: progress(share, desc="CKA over the test images"))
+        return {cka_map: v.image, cka_text: v.text}
+
+    button.click(compare, [c.state, c.model_key, c.k, model_b, view],
+                 [c.state, text, preds_a, preds_b, chart, detail_a, detail_b, sweeps, readouts], api_name="compare")
+    cka_button.click(similarity, [c.state, c.model_key, c.k, model_b], [cka_map, cka_text], api_name="similarity")
+    return CompareTab(tab, model_b)
+
+
 def export_tab(pages: Pages, c: Controls, lesion_blocks: gr.CheckboxGroup) -> gr.Tab:
     with gr.Tab("Export") as tab:
         gr.Markdown(HOW_TO_READ["export"])
@@ -432,7 +487,8 @@ def _numbers(text: str, what: str) -> tuple[float, ...]:
     return values
 
 
-def wire_uploads(pages: Pages, panel: YourModelPanel, c: Controls, analysis: AnalysisWiring) -> None:
+def wire_uploads(pages: Pages, panel: YourModelPanel, c: Controls, analysis: AnalysisWiring,
+                 model_b: gr.Dropdown) -> None:
     @to_gr_error
     @gpu
     def load(checkpoint, class_file, class_text, preset, arch, size, mean, std, request: gr.Request):
@@ -444,11 +500,13 @@ def wire_uploads(pages: Pages, panel: YourModelPanel, c: Controls, analysis: Ana
         )
         v = pages.upload(request.session_hash or "", checkpoint, ask)
         choices = [("Auto (photo → CIFAR-10, drawing → MNIST)", AUTO), *v.choices]
-        return {c.model_key: gr.update(choices=choices, value=v.key), panel.status: v.text, panel.checkpoint: None}
+        return {c.model_key: gr.update(choices=choices, value=v.key), model_b: gr.update(choices=choices),
+                panel.status: v.text, panel.checkpoint: None}
 
     inputs = [panel.checkpoint, panel.class_file, panel.class_text, panel.preset, panel.arch, panel.size, panel.mean,
               panel.std]
-    panel.button.click(load, inputs, [c.model_key, panel.status, panel.checkpoint], api_name="upload_model").success(
+    outputs = [c.model_key, panel.status, panel.checkpoint, model_b]
+    panel.button.click(load, inputs, outputs, api_name="upload_model").success(
         analysis.reanalyze, analysis.settings, analysis.outputs, api_visibility="private", show_progress="hidden")
 
 
@@ -487,13 +545,14 @@ def make_demo(registry: Registry, default_model: str = AUTO, uploads: UserModels
             lesions = lesions_tab(pages, controls)
             readout = readout_tab(pages, controls)
             cam = gradcam_tab(pages, controls)
+            compare = compare_tab(pages, controls, model_choices, maps.view)
             export = export_tab(pages, controls, lesions.blocks)
-        for other in (maps.tab, lesions.tab, readout, cam.tab, export):  # leaving the residual tab
+        for other in (maps.tab, lesions.tab, readout, cam.tab, compare.tab, export):  # leaving the residual tab
             other.select(lambda: False, None, residual.is_open, api_visibility="private", show_progress="hidden",
                          queue=False)
         analysis = wire_analysis(pages, registry, inputs, controls, results, maps, residual, lesions, cam)
         if panel is not None:
-            wire_uploads(pages, panel, controls, analysis)
+            wire_uploads(pages, panel, controls, analysis, compare.model_b)
         demo.unload(end_session_for(pages))
     return demo
 

@@ -37,7 +37,7 @@ def client_for(url: str) -> Client:
 def upload(client: Client, path: Path, *, preset="cifar10", arch="", classes="", custom=(32, "0.5", "0.25")):
     """The "Load my model" button: returns (model key, status text)."""
     size, mean, std = custom
-    update, status, _ = client.predict(handle_file(str(path)), None, classes, preset, arch, size, mean, std,
+    update, status, *_ = client.predict(handle_file(str(path)), None, classes, preset, arch, size, mean, std,
                                        api_name="/upload_model")
     return update["value"], status
 

@@ -4,7 +4,7 @@ Both are ``ValueError``s. They live apart from the code that raises them so that
 without importing anything else from the core.
 """
 
-__all__ = ["InputError", "WeightsError"]
+__all__ = ["DataError", "InputError", "WeightsError"]
 
 
 class InputError(ValueError):
@@ -13,3 +13,7 @@ class InputError(ValueError):
 
 class WeightsError(ValueError):
     """A weights file (or its card) that cannot be read or does not fit the model; the message names the file."""
+
+
+class DataError(ValueError):
+    """A data set that cannot be found or read; the message names it and says what was expected."""

@@ -33,7 +33,7 @@ import pickletools
 import re
 import struct
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
@@ -131,7 +131,8 @@ def read_checkpoint(
     pickle). A ``.safetensors`` name is always read as safetensors. Wrappers (``{"state_dict": ...}``,
     ``{"model_state_dict": ...}``, ``{"model": ...}``) and the ``module.`` / ``_orig_mod.`` prefixes of
     DataParallel and compiled models are removed. Tensors from a zip checkpoint are memory-mapped: they
-    cost memory only when touched (and keep the file mapped while they live).
+    cost memory only when touched, and keep the file mapped while they live (deleting the file meanwhile
+    is safe; rewriting it in place is not).
 
     Args:
         path: the file.
@@ -626,7 +627,7 @@ def recognise(
         for candidate in _candidates(shapes, _sniff(shapes)):
             if _compare(candidate.expected, shapes)[1] is None:
                 return _architecture(candidate, shapes, source)
-    candidates = _candidates(shapes, family or "all")
+    candidates = list(_candidates(shapes, family or "all"))
     scored = [(_compare(c.expected, shapes), c) for c in candidates]
     for (_, problem), candidate in scored:
         if problem is None:
@@ -672,18 +673,30 @@ def _sniff(shapes: Mapping[str, tuple[int, ...]]) -> str:
     return "none"
 
 
-def _candidates(shapes: Mapping[str, tuple[int, ...]], family: str) -> list[_Candidate]:
-    """The candidates of ``family``: "all", "tutorial", "resnet" (both namings), "torchvision" or an arch."""
-    out: list[_Candidate] = []
+def _candidates(shapes: Mapping[str, tuple[int, ...]], family: str) -> Iterator[_Candidate]:
+    """The candidates of ``family``: "all", "tutorial", "resnet" (both namings), "torchvision" or an arch.
+
+    Lazily, so that the first fit ends the search; torchvision's networks come in the order of how well
+    their blocks per stage agree with the keys, so the one that fits is usually the first one built.
+    """
     if family in ("all", "tutorial", "resnet"):
-        out.append(_tutorial_candidate(shapes))
+        yield _tutorial_candidate(shapes)
     if family in ("all", "resnet"):
-        out.append(_project_candidate(shapes))
+        yield _project_candidate(shapes)
     if family in ("all", "torchvision"):
-        out.extend(_torchvision_candidate(shapes, arch) for arch in SUPPORTED_ARCHS)
+        per_stage = [len({k.split(".")[1] for k in shapes if k.startswith(f"layer{s}.")}) for s in range(1, 5)]
+        for arch in sorted(SUPPORTED_ARCHS, key=lambda a: _TV_BLOCKS[a] != tuple(per_stage)):
+            yield _torchvision_candidate(shapes, arch)
     elif family in SUPPORTED_ARCHS:
-        out.append(_torchvision_candidate(shapes, family))
-    return out
+        yield _torchvision_candidate(shapes, family)
+
+
+# Blocks per stage of each torchvision network, to try the likely ones first (checked against torchvision
+# by the tests, which recognise every one of them).
+_TV_BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3),
+              "resnet101": (3, 4, 23, 3), "resnet152": (3, 8, 36, 3), "wide_resnet50_2": (3, 4, 6, 3),
+              "wide_resnet101_2": (3, 4, 23, 3), "resnext50_32x4d": (3, 4, 6, 3),
+              "resnext101_32x8d": (3, 4, 23, 3), "resnext101_64x4d": (3, 4, 23, 3)}
 
 
 def _compare(
@@ -1009,8 +1022,9 @@ def fit_recognised(model: nn.Module, sd: Mapping[str, torch.Tensor], arch: Archi
         if value.is_floating_point():
             # float8 types lack isfinite; their values fit in float32 exactly.
             exotic = value.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-            bad = int((~torch.isfinite(value.float() if exotic else value)).sum())
-            if bad:
+            finite = torch.isfinite(value.float() if exotic else value)
+            if not finite.all():
+                bad = value.numel() - int(finite.sum())
                 raise WeightsError(
                     f"{source} was refused because key '{key}' holds {_plural(bad, 'NaN or infinite value')} "
                     f"(of {value.numel():,}): a model with non-finite weights cannot give a meaningful prediction"

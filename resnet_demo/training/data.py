@@ -30,6 +30,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..core import evalsets
+from ..core.errors import DataError
+
 __all__ = [
     "DEFAULT_CACHE_DIR",
     "EVALSET_DIR",
@@ -47,7 +50,7 @@ __all__ = [
 REPO_DIR = Path(__file__).resolve().parents[2]
 DEFAULT_CACHE_DIR = REPO_DIR / "data" / "cache"
 TORCHVISION_ROOT = REPO_DIR / "data" / "torchvision"
-EVALSET_DIR = REPO_DIR / "weights" / "evalset"
+EVALSET_DIR = evalsets.EVALSET_DIR
 IMAGE_SIZE = 32
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 TORCHVISION_SETS = ("cifar10", "mnist")
@@ -56,10 +59,6 @@ _CACHE_VERSION = 1
 # Below this many files a process pool costs more than it saves (one 32x32 decode is ~50 us).
 _POOL_MIN_FILES = 8000
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
-
-
-class DataError(ValueError):
-    """A data set that cannot be found or read; the message names it and says what was expected."""
 
 
 class ImageSet(NamedTuple):
@@ -307,18 +306,8 @@ def load_torchvision(
 
 def load_evalset(name: str | Path) -> ImageSet:
     """A shipped evaluation set, by name (``"cifar10_test500"``, ``"mnist_test500"``) or ``.npz`` path."""
-    path = Path(name)
-    if path.suffix != ".npz":
-        path = EVALSET_DIR / f"{name}.npz"
-    if not path.is_file():
-        raise DataError(f"evaluation set {path} not found (build it with python -m resnet_demo.training.evalset)")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return ImageSet(
-                torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]).long(), [str(c) for c in z["classes"]]
-            )
-    except (OSError, KeyError, ValueError) as exc:
-        raise DataError(f"evaluation set {path} could not be read ({exc})") from None
+    images, labels, classes, _ = evalsets.load_evalset(name)
+    return ImageSet(images, labels, classes)
 
 
 def load_data(

@@ -12,7 +12,10 @@ computing it again. It holds no tensors (Gradio keeps one per session).
 from __future__ import annotations
 
 import dataclasses
+import math
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,15 +25,18 @@ from PIL import Image
 
 from ..core.bands import describe
 from ..core.errors import WeightsError
+from ..core.evalsets import evalset_for, load_evalset
 from ..core.explorer import Analysis, Explorer
 from ..core.insight import LesionResult, Readout
 from ..core.metrics import METRIC_NAMES
 from ..core.preprocess import InputError, load_image
+from ..core.similarity import Similarity, block_similarity
 from .export import export_zip
 from .registry import Registry
 from .render import (
     VIEWS,
     Strip,
+    comparison_chart,
     feature_grid,
     feature_strip,
     grid_codes,
@@ -40,6 +46,7 @@ from .render import (
     palette_image,
     readout_chart,
     residual_chart,
+    similarity_map,
     slot_at,
 )
 from .uploads import UPLOAD_PREFIX, UserModels, load_upload, parse_class_names
@@ -48,6 +55,8 @@ __all__ = [
     "METRIC_COLUMNS",
     "SWEEP_COLUMNS",
     "AnalysisView",
+    "CompareView",
+    "SimilarityView",
     "GradcamView",
     "LesionView",
     "Page",
@@ -257,6 +266,27 @@ class UploadView:
 
 
 @dataclass
+class CompareView:
+    """Model A (the page's) and model B on the session's image, side by side."""
+
+    state: PageState
+    predictions_a: dict[str, float]
+    predictions_b: dict[str, float]
+    chart: Image.Image
+    detail_a: Image.Image
+    detail_b: Image.Image
+    sweeps: Image.Image
+    readouts: Image.Image | None
+    text: str
+
+
+@dataclass
+class SimilarityView:
+    image: Image.Image
+    text: str
+
+
+@dataclass
 class ResidualView:
     state: PageState | None
     chart: Image.Image | None
@@ -323,6 +353,34 @@ def block_at(state: PageState | None, x: float) -> str | None:
     return names[i] if i is not None and i < len(names) else None
 
 
+def side_by_side(images: list[Image.Image], gap: int = 12) -> Image.Image:
+    """Images next to each other on white, top-aligned."""
+    out = Image.new("RGB", (sum(i.width for i in images) + gap * (len(images) - 1), max(i.height for i in images)),
+                    "white")
+    x = 0
+    for img in images:
+        out.paste(img.convert("RGB"), (x, 0))
+        x += img.width + gap
+    return out
+
+
+def compare_text(a: Analysis, b: Analysis) -> str:
+    """What differs between the two analyses of one image, in words."""
+    ta, tb = a.predictions[0], b.predictions[0]
+    agree = "agree" if ta.label == tb.label else "disagree"
+    lines = [f"A (**{a.card.name}**) predicts **{ta.label}** ({ta.prob:.1%}); B (**{b.card.name}**) predicts "
+             f"**{tb.label}** ({tb.prob:.1%}): they {agree}."]
+    pairs = list(zip(a.metrics, b.metrics))
+    if pairs:
+        i, (ma, mb) = max(enumerate(pairs), key=lambda p: abs(math.log(max(p[1][0].ratio, 1e-9))
+                                                               - math.log(max(p[1][1].ratio, 1e-9))))
+        lines.append(f"Blocks paired by depth: the largest difference in ‖F‖/‖s‖ is at depth {i + 1} "
+                     f"({ma.name}: {ma.ratio:.2f} in A, {mb.name}: {mb.ratio:.2f} in B).")
+    if len(a.metrics) != len(b.metrics):
+        lines.append(f"A has {len(a.metrics)} blocks, B {len(b.metrics)}: the chart pairs them by position.")
+    return "  \n".join(lines)
+
+
 def upload_error(path: str) -> str:
     """The sentence to show for an upload Gradio could not decode: the project's decoder says what is wrong."""
     try:
@@ -338,6 +396,8 @@ class Pages:
     def __init__(self, registry: Registry, uploads: UserModels | None = None) -> None:
         self.registry = registry
         self.uploads = uploads
+        self._similarity: dict[tuple, Similarity] = {}
+        self._lock = threading.Lock()
 
     def explorer(self, model_key: str, kind: str, session: str = "") -> tuple[str, Explorer]:
         if model_key.startswith(UPLOAD_PREFIX):
@@ -370,6 +430,53 @@ class Pages:
         if evicted:
             text += f" Made room by removing {', '.join(evicted)} (least recently used)."
         return UploadView(key, label, text, self.model_choices(session))
+
+    def compare(self, state: PageState | None, settings: Settings, model_b: str, view: str = "f") -> CompareView:
+        """The session's image through model A (the page's selection) and model B, each with its own preprocessing."""
+        state, a, analysis_a = self._current(state, settings)
+        _, b = self.explorer(model_b, state.kind, settings.session)
+        analysis_b = b.analyze(state.source, k=int(settings.k))
+        name_a, name_b = a.card.name, b.card.name
+        chart = comparison_chart(analysis_a.metrics, analysis_b.metrics, name_a, name_b,
+                                 bands_a=a.card.reference_bands or None)
+        details = [block_detail(x, x.metrics[-1].name, view) for x in (analysis_a, analysis_b)]
+        sweeps = [lesion_sweep_chart(e.sweep(x), title=f"{e.card.name}: lesion sweep")
+                  for e, x in ((a, analysis_a), (b, analysis_b))]
+        try:
+            readouts = [readout_chart(e.readout(x), title=f"{e.card.name}: readout")
+                        for e, x in ((a, analysis_a), (b, analysis_b))]
+        except ValueError:  # a model whose head reads no block
+            readouts = None
+        return CompareView(
+            state, {p.label: p.prob for p in analysis_a.predictions}, {p.label: p.prob for p in analysis_b.predictions},
+            chart, details[0], details[1], side_by_side(sweeps), side_by_side(readouts) if readouts else None,
+            compare_text(analysis_a, analysis_b),
+        )
+
+    def similarity(self, settings: Settings, model_b: str, kind: str = "photo",
+                   progress: Callable[[float], None] | None = None) -> SimilarityView:
+        """Linear CKA between every block of A and of B over A's shipped evaluation set; cached per pair."""
+        _, a = self.explorer(settings.model_key, kind, settings.session)
+        _, b = self.explorer(model_b, kind, settings.session)
+        name = evalset_for(a.card) or evalset_for(b.card)
+        if name is None:
+            raise ValueError(f"No evaluation set ships for {a.card.name}'s data: block similarity needs the shipped "
+                             "CIFAR-10 or MNIST test images (its classes must be theirs).")
+        key = (id(a), a.card.weights_sha256, id(b), b.card.weights_sha256, name)
+        with self._lock:
+            sim = self._similarity.get(key)
+        if sim is None:
+            data = load_evalset(name)
+            sim = block_similarity(a, b, data.images, data=name, progress=progress)
+            with self._lock:
+                self._similarity[key] = sim
+                while len(self._similarity) > 16:  # a few maps per server, most recent kept
+                    self._similarity.pop(next(iter(self._similarity)))
+        image = similarity_map(sim.matrix, sim.blocks_a, sim.blocks_b, a.card.name, b.card.name)
+        matches = ", ".join(f"{x}→{y} ({v:.2f})" for x, y, v in sim.best_match())
+        text = (f"Linear CKA over {sim.n} images of `{sim.data}` (each block's output flattened; minibatch CKA, "
+                f"Nguyen et al. 2021). For each block of A, the most similar block of B: {matches}.")
+        return SimilarityView(image, text)
 
     def end_session(self, session: str) -> None:
         if self.uploads is not None and session:

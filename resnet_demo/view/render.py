@@ -25,6 +25,7 @@ from ..core.metrics import BlockMetrics
 __all__ = [
     "VIEWS",
     "colour_lut",
+    "comparison_chart",
     "feature_grid",
     "feature_strip",
     "slot_at",
@@ -36,6 +37,7 @@ __all__ = [
     "rank_channels",
     "readout_chart",
     "residual_chart",
+    "similarity_map",
 ]
 
 # Which tensor of a block to show; F(x) is signed, x and y are post-ReLU (non-negative).
@@ -447,3 +449,99 @@ def readout_chart(result: Readout, *, title: str = "The head applied to each blo
     ax.set_title(f"{title}{settles}", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     return figure_to_image(fig)
+
+
+def comparison_chart(
+    metrics_a: list[BlockMetrics],
+    metrics_b: list[BlockMetrics],
+    label_a: str,
+    label_b: str,
+    *,
+    bands_a: dict | None = None,
+    height: int = 320,
+) -> Image.Image:
+    """The residual chart of two models on one chart: in each slot, A's bar (left) and B's (right), by depth.
+
+    Slot i holds the i-th block of each model (blocks are paired by position, not by name: two trainings of
+    one architecture line up exactly); cosines are drawn as A's solid and B's dashed line. ``bands_a``, A's
+    reference bands, are drawn behind A's bars.
+    """
+    from PIL import ImageDraw
+
+    n = max(len(metrics_a), len(metrics_b))
+    width = max(640, 72 * n + 130)
+    k = 2
+    W, H = width * k, height * k
+    ref = (bands_a or {}).get("ratio", {})
+    finite = [m.ratio for m in (*metrics_a, *metrics_b) if math.isfinite(m.ratio)]
+    peak = max(finite + [ref[m.name]["p95"] for m in metrics_a if m.name in ref] + [1e-3])
+    ymax, ystep = _nice_max(peak * 1.08)
+    x0, x1, y0, y1 = 62 * k, W - 62 * k, 52 * k, H - 58 * k
+    fr = _Frame(Image.new("RGB", (W, H), "white"), k, x0, x1, y0, y1, ymax, (x1 - x0) / max(n, 1))
+    d = ImageDraw.Draw(fr.img)
+    _axes(fr, d, ystep)
+    colours = ("#4C72B0", "#DD8452")
+    for side, metrics in enumerate((metrics_a, metrics_b)):
+        for i, m in enumerate(metrics):
+            cx = fr.cx(i) + (side - 0.5) * fr.slot * 0.36
+            band = ref.get(m.name) if side == 0 else None
+            if band is not None:
+                d.rectangle([cx - fr.slot * 0.17, fr.ry(band["p95"]), cx + fr.slot * 0.17, fr.ry(band["p5"])],
+                            fill="#ececec")
+            d.rectangle([cx - fr.slot * 0.15, fr.ry(m.ratio), cx + fr.slot * 0.15, y1], fill=colours[side])
+    d.line([(x, fr.cy(0)) for x in (x0, x1)], fill="#999999", width=k)
+    for side, metrics in enumerate((metrics_a, metrics_b)):
+        _cosines(fr, d, [m.cosine for m in metrics], dashed=side == 1)
+    for i in range(n):
+        names = [m[i].name if i < len(m) else "" for m in (metrics_a, metrics_b)]
+        text = names[0] if names[0] == names[1] else " / ".join(x or "–" for x in names)
+        _text(fr.img, (fr.cx(i), y1 + 8 * k), text, "#222222", (10 if fr.slot > 60 * k else 8) * k, "mt")
+    d.rectangle([x0, y0, x1, y1], outline="#888888", width=k)
+    _text(fr.img, (x0, y0 - 30 * k), f"‖F(x)‖/‖s(x)‖ per block: A = {label_a}, B = {label_b}", "#111111", 12 * k, "ls")
+    legend = "bars: A (blue, left) · B (orange, right)   cosine(F, s): ●— A  ○-- B (right axis)"
+    if ref:
+        legend += "   grey: A's test-set 5–95 %"
+    _text(fr.img, (x0, y0 - 12 * k), legend, "#444444", 11 * k, "ls")
+    return fr.img.reduce(k)
+
+
+def _cosines(fr: _Frame, d, cosines: list[float], *, dashed: bool) -> None:
+    """One model's cosine per block: dots joined by a line, solid with filled dots or dashed with open ones."""
+    k = fr.k
+    points = [(fr.cx(i), fr.cy(max(-1.0, min(1.0, c)))) for i, c in enumerate(cosines)]
+    for (xa, ya), (xb, yb) in zip(points, points[1:]):
+        steps = 6 if dashed else 1
+        for s in range(0, steps, 2 if dashed else 1):
+            f0, f1 = s / steps, (s + 1) / steps
+            d.line([(xa + (xb - xa) * f0, ya + (yb - ya) * f0), (xa + (xb - xa) * f1, ya + (yb - ya) * f1)],
+                   fill="black", width=2 * k)
+    for x, y in points:
+        d.ellipse([x - 3 * k, y - 3 * k, x + 3 * k, y + 3 * k], fill="white" if dashed else "black", outline="black",
+                  width=k)
+
+
+def similarity_map(matrix: torch.Tensor, blocks_a: Sequence[str], blocks_b: Sequence[str], label_a: str,
+                   label_b: str, *, cell: int = 34) -> Image.Image:
+    """CKA between every block of A (rows) and of B (columns): viridis, 0 dark to 1 yellow, values written."""
+    from PIL import ImageDraw
+
+    rows, cols = len(blocks_a), len(blocks_b)
+    left, top = 90, 70
+    W, H = max(left + cols * cell + 20, 470), top + rows * cell + 50
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    lut = colour_lut("viridis")
+    values = matrix.double().clamp(0, 1).tolist()
+    for i in range(rows):
+        for j in range(cols):
+            v = values[i][j]
+            colour = tuple(int(c) for c in lut[min(255, int(v * 255 + 0.5))])
+            x, y = left + j * cell, top + i * cell
+            d.rectangle([x, y, x + cell - 1, y + cell - 1], fill=colour)
+            _text(img, (x + cell / 2, y + cell / 2), f"{v:.2f}", "white" if v < 0.6 else "black", 9, "mm")
+        _text(img, (left - 6, top + i * cell + cell / 2), blocks_a[i], "#222222", 10, "rm")
+    for j in range(cols):
+        _text(img, (left + j * cell + cell / 2, top + rows * cell + 6), blocks_b[j], "#222222", 9, "mt")
+    _text(img, (left, 22), f"Linear CKA: rows = blocks of A ({label_a})", "#111111", 12, "ls")
+    _text(img, (left, 40), f"columns = blocks of B ({label_b}); 1 = the same representation", "#444444", 11, "ls")
+    return img

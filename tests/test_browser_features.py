@@ -1,4 +1,4 @@
-"""Headless Chromium: upload a checkpoint in the page and see its analysis; click a block in the feature-map strip.
+"""Headless Chromium: upload a checkpoint and see its analysis; click a block in the strip; compare two models.
 
 Skips only where Chromium is absent and CI is not set; `.ci/run` installs it.
 """
@@ -76,3 +76,21 @@ def test_a_click_on_a_block_in_the_strip_enlarges_that_block(page):
     # The third block's slot: x in the image's own pixels, scaled to where the browser drew it.
     page.mouse.click(box["x"] + box["width"] * (2.5 / 9), box["y"] + box["height"] * 0.4)
     sync_api.expect(page.locator("#detail-block input")).to_have_value("res3", timeout=30_000)
+
+
+def test_compare_two_models_on_one_image_in_the_page(page, page_url):
+    _, registry = page_url
+    example = ROOT / "examples" / "cifar10-frog-0.jpg"
+    page.locator("#photo input[type=file]").set_input_files(str(example))
+    sync_api.expect(page.locator("#summary")).to_contain_text("predicts", timeout=60_000)
+    page.get_by_role("tab", name="Compare").click()
+    page.locator("#compare-run").click()
+    text = page.locator("#compare-text")
+    sync_api.expect(text).to_contain_text("they", timeout=60_000)
+    for key in ("cifar10", "mnist"):
+        want = registry.get(key).analyze(str(example), k=5).predictions[0]
+        sync_api.expect(text).to_contain_text(f"predicts **{want.label}**".replace("**", ""), timeout=5_000)
+    page.locator("#compare-cka").click()
+    sync_api.expect(page.locator("#compare-cka-map img")).to_have_count(1, timeout=120_000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "browser-compare.png"), full_page=True)
