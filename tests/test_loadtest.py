@@ -1,4 +1,8 @@
-"""The load test: 16 concurrent gradio_client sessions, 400 distinct images, every answer its own image's."""
+"""The load test: 16 concurrent sessions, 400 distinct images, every answer its own image's.
+
+The sessions are the lean HTTP client (``HttpSession``, the default); a test checks that its answers are
+gradio_client's, value for value.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,22 @@ import time
 
 import numpy as np
 import pytest
-from appserver import weights_dir
+from appserver import running_app, weights_dir
 from PIL import Image
 
-from resnet_demo.tools.loadtest import Expected, check_answer, make_images, percentile, run_loadtest
+from resnet_demo.tools.loadtest import (
+    Expected,
+    HttpEndpoint,
+    HttpSession,
+    RemoteError,
+    check_answer,
+    expected_results,
+    make_images,
+    percentile,
+    run_loadtest,
+)
+
+SETTINGS = ("auto", 5, "f", "", [])  # a fresh page's: auto model, top-5, F(x) view, last block enlarged
 
 
 def test_images_are_distinct_and_deterministic(tmp_path):
@@ -48,6 +64,7 @@ def test_sixteen_sessions_four_hundred_images_no_failure_no_cross_talk_no_leak(t
     report = run_loadtest(spawn=True, weights_dir=weights_dir(tmp_path), clients=16, requests=400, warmup=20,
                           workdir=tmp_path / "run", log=lambda m: print(m, flush=True))
     print(report.table())
+    assert report.client == "http" and report.to_dict()["client"] == "http"  # the lean client is the default
     print(f"load test wall time, all included: {time.perf_counter() - t0:.1f} s")
     assert report.distinct_expected == 400  # otherwise a mixed-up answer could pass unnoticed
     assert report.failures == 0 and report.warmup_failures == 0, report.errors
@@ -55,3 +72,43 @@ def test_sixteen_sessions_four_hundred_images_no_failure_no_cross_talk_no_leak(t
     assert report.ok == 400
     assert report.rss_delta_mb is not None and report.rss_delta_mb <= 100, report.table()
     assert report.passed
+
+
+@pytest.mark.slow
+def test_http_client_answers_as_gradio_client_does(tmp_path):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    wdir = weights_dir(tmp_path)
+    paths = make_images(4, tmp_path / "images", seed=3)
+    expected = expected_results(paths, wdir)
+    assert len({e.signature() for e in expected}) == 4
+    not_an_image = tmp_path / "not-an-image.png"
+    not_an_image.write_bytes(b"plain text, not a PNG")
+    with running_app(wdir) as (url, _):
+        endpoint = HttpEndpoint.from_config(url)
+        assert endpoint.state_inputs.count(False) == len(SETTINGS) + 1  # the image and the settings; State is hidden
+        sessions = [HttpSession(endpoint), HttpSession(endpoint, download=True)]
+        assert sessions[0].session_hash != sessions[1].session_hash
+        client = Client(url, verbose=False, download_files=False)
+        try:
+            for i, (path, want) in enumerate(zip(paths, expected)):
+                mine = sessions[i % 2].predict(path, *SETTINGS)
+                theirs = client.predict(handle_file(str(path)), *SETTINGS, api_name="/analyze_photo")
+                assert isinstance(mine, tuple) and len(mine) == len(theirs)
+                assert mine[0] == theirs[0] and mine[0]["confidences"]  # label and top-k probabilities, exactly
+                assert mine[4]["data"] == theirs[4]["data"] and len(mine[4]["data"]) == 9  # the metrics table
+                assert mine == theirs  # every output (the images are named by their content)
+                assert check_answer(mine, want) is None
+            assert sessions[0].downloaded_bytes == 0 and sessions[1].downloaded_bytes > 1000
+            # an error answer is an exception carrying the page's message, as gradio_client's is
+            with pytest.raises(AppError) as theirs_error:
+                client.predict(handle_file(str(not_an_image)), *SETTINGS, api_name="/analyze_photo")
+            with pytest.raises(RemoteError) as my_error:
+                sessions[0].predict(not_an_image, *SETTINGS)
+            assert str(my_error.value) == str(theirs_error.value) and str(my_error.value)
+            assert check_answer(sessions[0].predict(paths[0], *SETTINGS), expected[0]) is None  # the session goes on
+        finally:
+            client.close()
+            for session in sessions:
+                session.close()

@@ -4,27 +4,44 @@
     python -m resnet_demo.tools.loadtest --spawn --weights-dir DIR --json out.json
     python -m resnet_demo.tools.loadtest --url http://127.0.0.1:7860/     # a server you started (same weights!)
     python -m resnet_demo.tools.loadtest --spawn --untrained              # random weights, for a machine without any
+    python -m resnet_demo.tools.loadtest --spawn --client gradio          # drive it with gradio_client instead
 
 What it does:
 
 1. Writes ``--requests`` + ``--warmup`` distinct RGB PNGs (32×32 and 48×40, seeded noise over a seeded
    colour) to a temporary folder, and computes each one's expected top-k and first metrics row with the
    library (``Explorer.from_weights(DIR/cifar10_resnet.safetensors, "cpu").analyze``).
-2. Opens ``--clients`` ``gradio_client.Client`` objects, one session each, each driven by its own thread.
-   Requests are dealt round-robin: request ``i`` goes to client ``i % clients``; a client sends its next
-   request when its previous answer has arrived (a closed loop, as a person clicking would).
+2. Opens ``--clients`` sessions, each driven by its own thread. Requests are dealt round-robin: request
+   ``i`` goes to session ``i % clients``; a session sends its next request when its previous answer has
+   arrived (a closed loop, as a person clicking would).
 3. Warm-up requests first; the server's RSS (its process and children, via psutil) is read after the
    warm-up and after the run. Between them the peak is sampled every 0.25 s.
 4. Every answer must carry its own image's top-1 label and top-k probabilities (within ``1e-5``) and its
    own first metrics row (the table is rounded to 4 digits): an answer that matches another image's
    expected result is reported as cross-talk, naming that image.
 
-Latency is wall-clock per ``Client.predict`` call: upload, queue, analysis and the result's arrival. The
-output images are not fetched unless ``--download`` is given: the clients share this machine's cores with
-the server, and ``gradio_client`` spends about as much CPU fetching a page's twelve images as the server
-spends making them, which would measure the client rather than the server. CPU seconds per request of
-the server and of this process are reported, to show where the time went. The exit status is non-zero when any
-request failed, any answer did not match, or the RSS grew by more than ``--max-rss-growth-mb`` (100).
+The load generator (``--client``). The clients share this machine's cores with the server, so whatever
+CPU they spend per request is taken from the server and shows up in its latencies. ``gradio_client``
+spends about 90 ms of CPU per request, more than the server's own 60-110 ms: each call makes three new
+``httpx`` clients (upload, join, event stream), each building a TLS context (~27 ms of CPU here), and
+runs helper threads that poll every 50 ms. Its latencies measured the client. The
+default, ``--client http`` (:class:`HttpSession`), makes the requests a browser tab makes, and no more,
+with one keep-alive ``httpx.Client`` per session: (1) the image to ``/gradio_api/upload``, (2) the event
+to ``/gradio_api/queue/join`` (``fn_index`` and ``trigger_id`` of the ``analyze_photo`` event from
+``/config``, gr.State inputs as ``null``, the image as a ``gradio.FileData`` dict, a random
+``session_hash`` per session), (3) the answer read from the ``/gradio_api/queue/data`` event stream up to
+its ``process_completed``. It returns what ``gradio_client`` returns (the outputs less the gr.State ones;
+a test checks the two agree value for value) and keeps the page's heartbeat stream open, as a tab does,
+so that closing a session ends it on the server. It costs under a tenth of gradio_client's CPU per
+request. ``--client gradio`` keeps the ``gradio_client.Client`` path, for comparison.
+
+Latency is wall-clock per request: upload, queue, analysis and the result's arrival. The output images
+are not fetched unless ``--download`` is given (then gradio_client saves them, and the lean client GETs
+each output file's URL as the page's images would): fetching them costs the clients CPU too. CPU
+seconds per request of the server and of this process (all its client threads) are reported, to show
+where the time went, with the load generator and the machine's load average. The exit status is
+non-zero when any request failed (an error answer, an HTTP error, a timeout), any answer did not
+match, or the RSS grew by more than ``--max-rss-growth-mb`` (100).
 """
 
 from __future__ import annotations
@@ -32,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import mimetypes
 import os
 import socket
 import statistics
@@ -42,9 +60,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -57,8 +77,12 @@ SIZES = ((32, 32), (48, 40))  # (width, height), alternating
 PROB_TOL = 1e-5
 TABLE_TOL = 1.5e-4  # the page rounds the table to 4 digits; a value on a rounding edge may land either side
 P95_TARGET_MS = 2000.0
+API_NAME = "analyze_photo"
+CLIENTS = ("http", "gradio")  # the lean client (the default) and gradio_client
+REQUEST_TIMEOUT_S = 120.0  # the lean client gives up on a request after this long
 
-__all__ = ["Expected", "LoadReport", "expected_results", "make_images", "run_load", "run_loadtest", "main"]
+__all__ = ["Expected", "HttpEndpoint", "HttpSession", "LoadReport", "RemoteError", "expected_results", "make_images",
+           "run_load", "run_loadtest", "main"]
 
 
 # --- inputs and what the answers must be -----------------------------------------------------------
@@ -256,6 +280,193 @@ class PeakSampler(threading.Thread):
         return self.peak
 
 
+# --- the lean client: Gradio's HTTP API, as a browser tab speaks it ------------------------------------
+
+# Components whose values gradio_client leaves out of an endpoint's outputs (gradio_client.utils.SKIP_COMPONENTS).
+SKIP_TYPES = frozenset({"state", "row", "column", "tabs", "tab", "tabitem", "box", "form", "accordion", "group",
+                        "interpretation", "dataset", "sidebar"})
+FILE_META = {"_type": "gradio.FileData"}
+
+
+class RemoteError(Exception):
+    """The server answered, but with an error instead of the outputs (``success: false``, a lost session...)."""
+
+
+@dataclass(frozen=True)
+class HttpEndpoint:
+    """One event of the page, as the front end calls it: read once from ``{root}/config``."""
+
+    root: str  # the app's address without the trailing slash
+    api_prefix: str  # "/gradio_api"
+    fn_index: int
+    trigger_id: int | None  # the component whose event it is (the browser sends it; EventData reads it)
+    state_inputs: tuple[bool, ...]  # per input of the event: a gr.State, whose value the server keeps (sent as null)
+    kept_outputs: tuple[bool, ...]  # per output: part of the answer (gradio_client drops State and layout blocks)
+    heartbeat: bool  # the page keeps a heartbeat stream open (it has unload events)
+
+    @classmethod
+    def from_config(cls, url: str, api_name: str = API_NAME, timeout: float = 30.0) -> HttpEndpoint:
+        import httpx
+
+        root = url.rstrip("/")
+        try:
+            with httpx_client(timeout) as http:
+                response = http.get(f"{root}/config")
+                response.raise_for_status()
+                config = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise RuntimeError(f"no Gradio config at {root}/config: {exc}") from exc
+        if config.get("protocol") != "sse_v3":
+            raise RuntimeError(f"the app speaks {config.get('protocol')!r}; the lean client speaks sse_v3 (Gradio 6)")
+        types = {c["id"]: (c["type"], c.get("skip_api", c["type"] in SKIP_TYPES)) for c in config["components"]}
+        for i, dep in enumerate(config["dependencies"]):
+            if dep.get("api_name") == api_name.lstrip("/"):
+                targets = dep.get("targets") or [[None, None]]
+                return cls(
+                    root=root,
+                    api_prefix=config.get("api_prefix", "/gradio_api"),
+                    fn_index=dep.get("id", i),
+                    trigger_id=targets[0][0],
+                    state_inputs=tuple(types[c][0] == "state" for c in dep["inputs"]),
+                    kept_outputs=tuple(not types[c][1] for c in dep["outputs"]),
+                    heartbeat=bool(config.get("connect_heartbeat", False)),
+                )
+        raise ValueError(f"the app at {url} has no event with api_name {api_name!r}")
+
+    def url(self, route: str) -> str:
+        return f"{self.root}{self.api_prefix}/{route}"
+
+
+def httpx_client(timeout: float):
+    import httpx
+
+    return httpx.Client(timeout=httpx.Timeout(timeout, connect=10.0))
+
+
+class HttpSession:
+    """One browser tab on the page: its own ``session_hash`` and one keep-alive ``httpx.Client``.
+
+    :meth:`predict` makes the three requests the front end makes for an upload: the file to
+    ``/gradio_api/upload``, the event to ``/gradio_api/queue/join``, and the answer read from the
+    ``/gradio_api/queue/data`` event stream. It returns what ``gradio_client``'s ``predict`` returns
+    (with ``download_files=False``): the outputs, without the gr.State ones. Not thread-safe: one thread each.
+    """
+
+    def __init__(self, endpoint: HttpEndpoint, *, timeout: float = REQUEST_TIMEOUT_S, download: bool = False) -> None:
+        self.endpoint, self.timeout, self.download = endpoint, timeout, download
+        self.session_hash = uuid.uuid4().hex[:11]  # the front end's form: 11 random characters
+        self.http = httpx_client(timeout)
+        self.downloaded_bytes = 0
+        self._closed = threading.Event()
+        self._heartbeat_socket = None
+        self._heartbeat = None
+        if endpoint.heartbeat:  # as an open page does; closing it is what ends the session on the server
+            self._heartbeat = threading.Thread(target=self._beat, daemon=True, name=f"heartbeat-{self.session_hash}")
+            self._heartbeat.start()
+
+    # -- the three steps
+
+    def upload(self, path: Path) -> dict:
+        """Step 1: the file to the server's upload folder; the FileData the event then refers to."""
+        path = Path(path)
+        mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        response = self.http.post(self.endpoint.url("upload"), files=[("files", (path.name, path.read_bytes(), mime))])
+        response.raise_for_status()
+        return {"path": response.json()[0], "meta": dict(FILE_META), "orig_name": path.name}
+
+    def join(self, data: list) -> str:
+        """Step 2: the event into the queue; its ``event_id``."""
+        body = {"data": data, "event_data": None, "fn_index": self.endpoint.fn_index,
+                "trigger_id": self.endpoint.trigger_id, "session_hash": self.session_hash}
+        response = self.http.post(self.endpoint.url("queue/join"), json=body)
+        if response.status_code == 503:
+            raise RemoteError("the queue is full")
+        if response.status_code == 422:
+            raise RemoteError(f"validation: {response.text[:200]}")
+        response.raise_for_status()
+        return response.json()["event_id"]
+
+    def answer(self, event_id: str, deadline: float) -> list:
+        """Step 3: the session's event stream, read until ``process_completed`` for ``event_id``: its outputs."""
+        url = self.endpoint.url("queue/data")
+        with self.http.stream("GET", url, params={"session_hash": self.session_hash}) as response:
+            response.raise_for_status()
+            for line in response.iter_lines():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no answer within {self.timeout:.0f} s")
+                if not line.startswith("data:"):
+                    continue
+                msg = json.loads(line[5:])
+                kind = msg.get("msg")
+                if kind == "process_completed" and msg.get("event_id") == event_id:
+                    output = msg.get("output") or {}
+                    if not msg.get("success") or "error" in output:
+                        raise RemoteError(output.get("error") or "the app raised an error and did not say which")
+                    return output["data"]
+                if kind == "unexpected_error":
+                    raise RemoteError(msg.get("message") or "unexpected error")
+                if kind == "close_stream":
+                    break
+        raise RemoteError(f"the event stream closed before event {event_id} completed")
+
+    def predict(self, *args: Any) -> tuple:
+        """The event's outputs for ``args`` (its API inputs, without State): ``Path`` arguments are uploaded."""
+        deadline = time.monotonic() + self.timeout
+        given = [self.upload(a) if isinstance(a, Path) else a for a in args]
+        api_inputs = self.endpoint.state_inputs.count(False)
+        if len(given) != api_inputs:
+            raise ValueError(f"the event takes {api_inputs} inputs, got {len(given)}")
+        values = iter(given)
+        data = [None if is_state else next(values) for is_state in self.endpoint.state_inputs]
+        outputs = self.answer(self.join(data), deadline)
+        if self.download:
+            self.fetch_files(outputs)
+        return tuple(v for v, kept in zip(outputs, self.endpoint.kept_outputs) if kept)
+
+    def fetch_files(self, value: Any) -> None:
+        """GET every file among the outputs (a dict with a ``url``), as the page's <img> elements do."""
+        if isinstance(value, dict):
+            if isinstance(value.get("url"), str) and value.get("meta", {}).get("_type") == FILE_META["_type"]:
+                response = self.http.get(value["url"])
+                response.raise_for_status()
+                self.downloaded_bytes += len(response.content)
+                return
+            value = list(value.values())
+        if isinstance(value, list):
+            for v in value:
+                self.fetch_files(v)
+
+    # -- the session's life
+
+    def _beat(self) -> None:
+        import httpx
+
+        try:
+            with httpx_client(30.0) as http, http.stream(
+                    "GET", self.endpoint.url(f"heartbeat/{self.session_hash}"),
+                    timeout=httpx.Timeout(None, connect=10.0)) as response:
+                stream = response.extensions.get("network_stream")
+                self._heartbeat_socket = stream.get_extra_info("socket") if stream is not None else None
+                for _ in response.iter_lines():
+                    if self._closed.is_set():
+                        return
+        except (httpx.HTTPError, OSError):
+            return
+
+    def close(self) -> None:
+        """End the session as a closed tab does: the heartbeat stream drops and the server runs its unload."""
+        self._closed.set()
+        sock = self._heartbeat_socket
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the heartbeat thread, which waits up to 15 s otherwise
+            except OSError:
+                pass
+        if self._heartbeat is not None:
+            self._heartbeat.join(2)
+        self.http.close()
+
+
 # --- driving it --------------------------------------------------------------------------------------
 
 
@@ -265,6 +476,7 @@ class LoadReport:
     clients: int
     requests: int
     warmup: int
+    client: str = "http"  # the load generator: "http" (the lean client) or "gradio" (gradio_client)
     ok: int = 0
     failures: int = 0
     warmup_failures: int = 0
@@ -305,6 +517,7 @@ class LoadReport:
 
         rows = [
             ("server", self.url),
+            ("load generator", CLIENT_NAMES.get(self.client, self.client)),
             ("clients (sessions)", self.clients),
             ("requests (distinct images)", f"{self.requests} after {self.warmup} warm-up"),
             ("ok / failed / mismatched", f"{self.ok} / {self.failures} / {self.mismatches}"
@@ -328,6 +541,9 @@ class LoadReport:
         lines = [f"{name:<{width}}  {value}" for name, value in rows]
         lines += [f"  ! {e}" for e in self.errors]
         return "\n".join(lines)
+
+
+CLIENT_NAMES = {"http": "http (httpx: upload, queue/join, queue/data)", "gradio": "gradio (gradio_client.Client)"}
 
 
 def fmt_s(v: float | None) -> str:
@@ -361,42 +577,46 @@ def run_load(
     server_pid: int | None = None,
     download_dir: Path | None = None,
     max_rss_growth_mb: float = 100.0,
+    client: str = "http",
+    timeout: float = REQUEST_TIMEOUT_S,
     log: Callable[[str], None] = print,
 ) -> LoadReport:
     """Send ``paths[warmup:]`` through ``clients`` concurrent sessions, after ``paths[:warmup]`` as warm-up.
 
-    ``download_dir``: fetch every output image into it, as a browser would; ``None``: do not fetch them.
+    ``client``: ``"http"``, the lean client (:class:`HttpSession`), or ``"gradio"``, ``gradio_client.Client``.
+    ``download_dir``: fetch every output image, as a browser would (gradio_client saves them there; the lean
+    client reads and drops them); ``None``: do not fetch them. ``timeout``: per request, lean client only.
     """
     import psutil
-    from gradio_client import Client, handle_file
 
+    if client not in CLIENTS:
+        raise ValueError(f"client must be one of {CLIENTS}, not {client!r}")
     if len(paths) != len(expected) or len(paths) <= warmup:
         raise ValueError("need one expected result per image and more images than warm-up requests")
     measured = list(range(warmup, len(paths)))
-    report = LoadReport(url=url, clients=clients, requests=len(measured), warmup=warmup,
+    report = LoadReport(url=url, clients=clients, requests=len(measured), warmup=warmup, client=client,
                         max_rss_growth_mb=max_rss_growth_mb)
     by_signature: dict[tuple, int] = {}
     for i in measured:
         by_signature.setdefault(expected[i].signature(), i)
     report.distinct_expected = len(by_signature)
 
-    fetch = str(download_dir) if download_dir is not None else False
-    sessions = [Client(url, verbose=False, download_files=fetch) for _ in range(clients)]
+    settings = _settings(k)
+    call, sessions = open_sessions(url, client, clients, settings, download_dir, timeout)
     report.downloads = download_dir is not None
     lock = threading.Lock()
     latencies: list[float] = []
-    settings = _settings(k)
 
     def note(msg: str) -> None:
         with lock:
             if len(report.errors) < 10:
                 report.errors.append(msg)
 
-    def worker(client, indices: list[int], record: bool) -> None:
+    def worker(session, indices: list[int], record: bool) -> None:
         for i in indices:
             t0 = time.perf_counter()
             try:
-                result = client.predict(handle_file(str(paths[i])), *settings, api_name="/analyze_photo")
+                result = call(session, paths[i])
             except Exception as exc:  # noqa: BLE001 - every kind of failure is counted and reported
                 with lock:
                     if record:
@@ -468,6 +688,21 @@ def run_load(
     return report
 
 
+def open_sessions(url: str, client: str, n: int, settings: tuple, download_dir: Path | None,
+                  timeout: float = REQUEST_TIMEOUT_S) -> tuple[Callable[[Any, Path], tuple], list]:
+    """``n`` sessions of the chosen client on ``url``, and how one of them analyses one image file."""
+    if client == "http":
+        endpoint = HttpEndpoint.from_config(url)
+        sessions = [HttpSession(endpoint, timeout=timeout, download=download_dir is not None) for _ in range(n)]
+        return (lambda session, path: session.predict(Path(path), *settings)), sessions
+    from gradio_client import Client, handle_file
+
+    fetch = str(download_dir) if download_dir is not None else False
+    sessions = [Client(url, verbose=False, download_files=fetch) for _ in range(n)]
+    return (lambda session, path: session.predict(handle_file(str(path)), *settings,
+                                                  api_name="/" + API_NAME)), sessions
+
+
 def write_untrained_weights(folder: Path, seed: int = 0) -> Path:
     """Random (untrained) tutorial Nets for both shipped names: a load test needs weights, not good ones."""
     import torch
@@ -501,6 +736,7 @@ def run_loadtest(
     server_pid: int | None = None,
     max_rss_growth_mb: float = 100.0,
     download: bool = False,
+    client: str = "http",
     workdir: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> LoadReport:
@@ -532,7 +768,7 @@ def run_loadtest(
                 log("the server's process was not found on this machine: its memory is not measured")
         report = run_load(url, paths, expected, clients=clients, warmup=warmup, k=k, server_pid=server_pid,
                           download_dir=workdir / "downloads" if download else None,
-                          max_rss_growth_mb=max_rss_growth_mb, log=log)
+                          max_rss_growth_mb=max_rss_growth_mb, client=client, log=log)
         if server is not None and server.proc.poll() is not None:
             report.failures += 1
             report.errors.append(f"the server exited during the run:\n{server.log_tail()}")
@@ -565,6 +801,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-rss-growth-mb", type=float, default=100.0)
     parser.add_argument("--download", action="store_true",
                         help="fetch every output image as a browser would (costs this machine's CPU too)")
+    parser.add_argument("--client", choices=CLIENTS, default="http",
+                        help="the load generator: http, a lean httpx client speaking Gradio's HTTP API as a browser "
+                        "does (default), or gradio, gradio_client.Client (costs this machine more CPU per request)")
     parser.add_argument("--json", type=Path, help="write the report here")
     args = parser.parse_args(argv)
     weights_dir = args.weights_dir
@@ -578,7 +817,8 @@ def main(argv: list[str] | None = None) -> int:
         report = run_loadtest(
             args.url, spawn=args.spawn, weights_dir=weights_dir, clients=args.clients, requests=args.requests,
             warmup=args.warmup, k=args.k, seed=args.seed, concurrency=args.concurrency, server_pid=args.pid,
-            max_rss_growth_mb=args.max_rss_growth_mb, download=args.download, log=lambda m: print(m, file=sys.stderr),
+            max_rss_growth_mb=args.max_rss_growth_mb, download=args.download, client=args.client,
+            log=lambda m: print(m, file=sys.stderr),
         )
     except (FileNotFoundError, RuntimeError, TimeoutError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
