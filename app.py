@@ -82,8 +82,10 @@ def launch_options(uploads: bool) -> dict:
     models on it is the checkpoint's, and images are held to :data:`MAX_UPLOAD` by :class:`PhotoInput`."""
     return {"max_file_size": MAX_CHECKPOINT if uploads else MAX_UPLOAD, "theme": THEME, "css": CSS}
 
-SELECT_BRUSH_JS = """() => { setTimeout(() => {
-  const b = document.querySelector('#sketchpad button[aria-label="Brush"]'); if (b) b.click(); }, 150); }"""
+# The editor appears some time after the tab opens (~2 s on a slow machine): look for the brush for up to 10 s.
+SELECT_BRUSH_JS = """() => { let tries = 0; const pick = () => {
+  const b = document.querySelector('#sketchpad button[aria-label="Brush"]');
+  if (b) { b.click(); } else if (++tries < 100) { setTimeout(pick, 100); } }; setTimeout(pick, 100); }"""
 
 HOW_TO_READ = {
     "predictions": "The model's top-k classes with softmax probabilities. The small image is the input "

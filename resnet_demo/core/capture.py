@@ -65,7 +65,10 @@ _TV_STAGE = re.compile(r"(?:^|\.)layer(\d+)\.\d+$")
 def _torchvision_block_types() -> tuple[type, ...]:
     try:
         from torchvision.models.resnet import BasicBlock, Bottleneck
-    except ImportError:  # torchvision is optional for the project's own models
+    except (ImportError, RuntimeError):
+        # torchvision is optional for the project's own models: absent, or built for another torch (its
+        # import then raises RuntimeError "operator torchvision::nms does not exist"). Models built by
+        # torchvision cannot exist in this process then, so there are no such blocks to find.
         return ()
     return (BasicBlock, Bottleneck)
 
