@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from torch import nn
 from conftest import TINY_PROJ, randomise_bn
+from torch import nn
 
 from resnet_demo.core import insight
-from resnet_demo.core.capture import BlockRecord, capture_forward, find_blocks
+from resnet_demo.core.capture import BlockRecord, capture, capture_forward, find_blocks
 from resnet_demo.core.metrics import block_metrics, topk
 from resnet_demo.core.model import build_model
 
@@ -372,7 +372,10 @@ def test_an_in_place_module_given_as_an_instance_attribute_makes_the_capture_cop
     torch.testing.assert_close(records[1].y, torch.relu(records[1].f + records[1].s), rtol=0, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="capture reuses the previous block's copy of y as x even when an in-place module changed it in between")
+@pytest.mark.xfail(
+    strict=True,
+    reason="capture reuses the previous block's copy of y as x even when an in-place module changed it in between",
+)
 def test_x_of_a_block_after_an_in_place_module_is_the_input_it_received():
     torch.manual_seed(0)
     model = randomise_bn(build_model(TINY_PROJ), seed=0)
@@ -409,3 +412,20 @@ def test_a_torchvision_block_not_named_layer_n_i_is_stage_0():
     assert (m.name, m.stage) == ("first", 0)
     for key in ("ratio", "cosine", "norm_x", "norm_f", "norm_y"):
         assert getattr(m, key) == pytest.approx(want[key], rel=1e-5), key
+
+
+def test_record_false_lesions_without_recording_and_errors_name_the_argument(tiny_proj):
+    inp = image(13, (1, 3, 16, 16))
+    with torch.inference_mode(), capture(tiny_proj, lesion=["res3"], record=False) as cap:
+        lesioned = tiny_proj(inp)
+    assert cap.records == {} and cap.blocks == []  # nothing copied for a lesion-only pass
+    with torch.no_grad():
+        _, _, s, _ = tiny_hand(tiny_proj, inp)
+        torch.testing.assert_close(lesioned, tiny_proj.forward_head(torch.relu(s)), rtol=1e-5, atol=1e-6)
+    with pytest.raises(KeyError, match=r"unknown block\(s\) \['res9'\] for capture; .*\['res1', 'res2', 'res3'\]"):
+        capture_forward(tiny_proj, inp, blocks=["res9"])
+    with pytest.raises(KeyError, match=r"unknown block\(s\) \['res9'\] for lesion; "):
+        capture_forward(tiny_proj, inp, lesion=["res9"])
+    with pytest.raises(ValueError, match="^Linear has no residual blocks to capture$"):
+        capture_forward(nn.Linear(2, 2), torch.zeros(1, 2))
+    assert hook_count(tiny_proj) == 0
