@@ -73,7 +73,9 @@ SCRIPT = textwrap.dedent(
     app.prepare_process(args.device)
     registry = app.build_registry(args)
     loaded = registry.loaded
-    app.make_demo(registry)
+    from resnet_demo.view.uploads import UserModels
+
+    app.make_demo(registry, uploads=UserModels())
     print("LOADED", len(loaded), sorted({{str(e.where) for e in loaded}}))
     print("GRAPHS", [e.cuda_graphs for e in loaded])
     print("CUDNN_BENCHMARK", torch.backends.cudnn.benchmark)
@@ -96,5 +98,6 @@ def test_nothing_touches_cuda_at_start_and_every_computing_handler_gets_a_gpu(tm
     wrapped = lines["WRAPPED"]
     for handler in ("Pages.analyze", "lesions_tab.<locals>.lesion", "lesions_tab.<locals>.sweep",
                     "readout_tab.<locals>.readout", "gradcam_tab.<locals>.gradcam", "export_tab.<locals>.export",
-                    "residual_tab.<locals>.opened"):
+                    "residual_tab.<locals>.opened", "compare_tab.<locals>.compare",
+                    "compare_tab.<locals>.similarity", "wire_uploads.<locals>.load"):
         assert handler in wrapped, f"{handler} is not decorated with spaces.GPU: {wrapped}"

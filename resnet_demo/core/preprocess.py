@@ -146,7 +146,7 @@ def load_image(source: Any, *, draft_size: int | None = None) -> Image.Image:
             ) from None
         except Image.DecompressionBombError as exc:
             raise _too_large(name, exc) from None
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # a damaged header: PIL's plugins raise ValueError too (found by fuzzing)
             raise InputError(f"{name} could not be read ({exc}).") from None
         _check_size(*img.size)
         try:

@@ -152,24 +152,30 @@ def read_checkpoint(
     path = Path(path)
     name = f"checkpoint {path.name}"
     try:
-        if not path.is_file():
-            raise WeightsError(f"{name} was not found (or is not a regular file)")
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except OSError as exc:
-        raise WeightsError(f"{name} could not be opened ({exc.strerror or 'unreadable'})") from None
+        regular = path.is_file()
+        if regular:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                head = f.read(16)
+    except (OSError, ValueError) as exc:  # ValueError: a path with a NUL byte
+        raise WeightsError(f"{name} could not be opened ({getattr(exc, 'strerror', None) or 'unreadable'})") from None
+    if not regular:
+        raise WeightsError(f"{name} was not found (or is not a regular file)")
     if size == 0:
         raise WeightsError(f"{name} is empty (0 bytes)")
     if size > max_bytes:
         raise WeightsError(f"{name} is {_size(size)}, over the limit of {_size(max_bytes)} for an uploaded checkpoint")
     limits = (max_params, max_classes)
-    if path.suffix.lower() == ".safetensors" or (len(head) > 8 and head[8:9] == b"{"):
+    if path.suffix.lower() == ".safetensors":
         return _read_safetensors(path, name, size, limits)
+    # A zip's first 8 bytes would declare an 86 GB header, so "PK" decides; a safetensors header of 128 (or
+    # 384 ...) bytes starts with 0x80 like a pickle, so the '{' is looked for before the pickle's 0x80.
     if head.startswith(b"PK\x03\x04"):
-        return _read_torch(path, name, size, limits, zipped=True)
+        return _read_torch(path, name, limits, zipped=True)
+    if head[8:9] == b"{":
+        return _read_safetensors(path, name, size, limits)
     if head.startswith(b"\x80"):  # a pickle: the legacy torch.save format, or a bare pickle
-        return _read_torch(path, name, size, limits, zipped=False)
+        return _read_torch(path, name, limits, zipped=False)
     raise WeightsError(
         f"{name} is neither a safetensors file nor a PyTorch checkpoint written by torch.save "
         "(its first bytes match neither format)"
@@ -335,7 +341,7 @@ def _read_safetensors(path: Path, name: str, size: int, limits: tuple[int, int])
     return _clean_state_dict(name, sd, limits)
 
 
-def _read_torch(path: Path, name: str, size: int, limits: tuple[int, int], *, zipped: bool) -> dict[str, torch.Tensor]:
+def _read_torch(path: Path, name: str, limits: tuple[int, int], *, zipped: bool) -> dict[str, torch.Tensor]:
     """``torch.load`` with ``weights_only=True`` (and ``mmap=True`` for zip checkpoints), after checking the zip.
 
     Raises:
@@ -404,10 +410,12 @@ def _refusal(path: Path, name: str, exc: pickle.UnpicklingError, *, zipped: bool
     stranger's file, so none of it is passed on. The pickle is read statically (never run) to tell a whole
     pickled ``nn.Module`` (the common mistake) from a pickle that would run code.
     """
-    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    found = re.search(r"GLOBAL (\S+)", str(exc))
     refs = _pickle_globals(path, zipped=zipped)
     dangerous = [r for r in refs if _is_dangerous(r)]
-    if dangerous or found is not None:
+    # A name mangled by damage ("torch.", "tq") is not a reference to anything: the file is damaged.
+    named = found is not None and re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", found.group(1)) is not None
+    if dangerous or named:
         refused = dangerous[0] if dangerous else found.group(1)
         if not dangerous and any(r.startswith(("torch.nn.modules.", "torchvision.models.")) for r in refs):
             return WeightsError(f"{name} holds a whole pickled model ({refused}); {_SAVE_ADVICE}")
@@ -626,12 +634,12 @@ def recognise(
         # Try the family the key names point to first: building all twelve candidates is the slow path.
         for candidate in _candidates(shapes, _sniff(shapes)):
             if _compare(candidate.expected, shapes)[1] is None:
-                return _architecture(candidate, shapes, source)
+                return _architecture(candidate, source)
     candidates = list(_candidates(shapes, family or "all"))
     scored = [(_compare(c.expected, shapes), c) for c in candidates]
     for (_, problem), candidate in scored:
         if problem is None:
-            return _architecture(candidate, shapes, source)
+            return _architecture(candidate, source)
     (_, problem), best = max(scored, key=lambda s: s[0][0])  # max keeps the first of equal scores
     what = _problem_text(problem, best.short)
     if family is None:
@@ -743,12 +751,11 @@ def _num_classes(shapes: Mapping[str, tuple[int, ...]], default: int) -> int:
 
 
 @lru_cache(maxsize=64)  # bounded: every odd checkpoint brings a config of its own
-def _meta_resnet_shapes(config: ResNetConfig) -> tuple[tuple[tuple[str, tuple[int, ...]], ...], int]:
-    """(key -> shape pairs of this project's ResNet for ``config``, parameter count), built on the meta device."""
+def _meta_resnet_shapes(config: ResNetConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Key -> shape pairs of this project's ResNet for ``config``, built on the meta device."""
     with torch.device("meta"):
         model = build_model(config)
-    params = sum(p.numel() for p in model.parameters())
-    return tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()), params
+    return tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
 
 
 @cache
@@ -773,10 +780,10 @@ def _resnet_candidate(
     if config is None:  # nothing to infer from: compare with the tutorial's Net as it is
         config, note = TUTORIAL_CONFIG, ""
     try:
-        pairs, _ = _meta_resnet_shapes(config)
+        pairs = _meta_resnet_shapes(config)
     except (RuntimeError, ValueError, OverflowError):  # absurd widths from a hostile table of shapes
         config, note = TUTORIAL_CONFIG, ""
-        pairs, _ = _meta_resnet_shapes(config)
+        pairs = _meta_resnet_shapes(config)
     expected = dict(pairs)
     if tutorial_names:
         mapping = tutorial_key_map(config)
@@ -929,7 +936,7 @@ def _torchvision_candidate(shapes: Mapping[str, tuple[int, ...]], arch: str) -> 
     return _Candidate(arch, f"torchvision {arch}", arch, expected, None, summary)
 
 
-def _architecture(candidate: _Candidate, shapes: Mapping[str, tuple[int, ...]], source: str) -> Architecture:
+def _architecture(candidate: _Candidate, source: str) -> Architecture:
     """The :class:`Architecture` of a candidate the checkpoint fits.
 
     Raises:
