@@ -260,13 +260,13 @@ class ResidualTab:
         return shown
 
 
-def residual_tab(pages: Pages, c: Controls) -> ResidualTab:
+def residual_tab(pages: Pages, c: Controls, is_open: gr.State) -> ResidualTab:
+    """``is_open`` must be made outside the ``gr.Tabs``: a non-tab child there shifts the tabs' labels."""
     with gr.Tab("Residual magnitudes") as tab:
         chart = gr.Image(label="‖F(x)‖ / ‖s(x)‖ and cosine per block", interactive=False, format="png")
         gr.Markdown(HOW_TO_READ["residual"])
         table = gr.Dataframe(headers=METRIC_COLUMNS, label="Per-block metrics", interactive=False,
                              elem_id="metrics-table")
-    is_open = gr.State(False)
 
     @to_gr_error
     @gpu
@@ -541,22 +541,26 @@ def make_demo(registry: Registry, default_model: str = AUTO, uploads: UserModels
             with gr.Column(scale=5):
                 results = results_panel()
         controls = Controls(state, model_key, k)
-        with gr.Tabs():
+        residual_is_open = gr.State(False)
+        with gr.Tabs() as tabs:
             maps = feature_maps_tab()
-            residual = residual_tab(pages, controls)
+            residual = residual_tab(pages, controls, residual_is_open)
             lesions = lesions_tab(pages, controls)
-            readout = readout_tab(pages, controls)
+            readout_tab(pages, controls)
             cam = gradcam_tab(pages, controls)
             compare = compare_tab(pages, controls, model_choices, maps.view)
-            export = export_tab(pages, controls, lesions.blocks)
-        for other in (maps.tab, lesions.tab, readout, cam.tab, compare.tab, export):  # leaving the residual tab
-            other.select(lambda: False, None, residual.is_open, api_visibility="private", show_progress="hidden",
-                         queue=False)
+            export_tab(pages, controls, lesions.blocks)
+        # Which tab is open decides whether analyses draw the residual chart.
+        tabs.select(residual_open, None, residual.is_open, api_visibility="private", show_progress="hidden")
         analysis = wire_analysis(pages, registry, inputs, controls, results, maps, residual, lesions, cam)
         if panel is not None:
             wire_uploads(pages, panel, controls, analysis, compare.model_b)
         demo.unload(end_session_for(pages))
     return demo
+
+
+def residual_open(evt: gr.SelectData) -> bool:
+    return evt.value == "Residual magnitudes"
 
 
 def end_session_for(pages: Pages):

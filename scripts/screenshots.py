@@ -21,6 +21,11 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 DOCS = ROOT / "docs"
 
 
+def visible_tab(page, name: str):
+    """The tab button named ``name`` that is shown: Gradio keeps hidden copies for its overflow menu."""
+    return page.locator(f'button[role="tab"]:visible:text-is("{name}")').first
+
+
 def main() -> None:
     DOCS.mkdir(exist_ok=True)
     example = ROOT / "examples" / "cifar10-ship-0.jpg"
@@ -34,19 +39,26 @@ def main() -> None:
         page.screenshot(path=str(DOCS / "screenshot.png"))
 
         def tab(name: str, out: str, *buttons: str) -> None:
-            page.get_by_role("tab", name=name).click()
+            visible_tab(page, name).click()
             for button in buttons:
                 page.get_by_role("button", name=button, exact=True).click()
                 page.wait_for_timeout(4000)  # the analysis of a click takes well under a second
             page.locator(".tabitem:visible").last.screenshot(path=str(DOCS / out))
 
         tab("Residual magnitudes", "residual.png")
-        page.get_by_role("tab", name="Lesions").click()
+        visible_tab(page, "Lesions").click()
         page.get_by_label("res5").check()
         page.get_by_label("res8").check()
         tab("Lesions", "lesions.png", "Lesion", "Lesion each block alone")
         tab("Readout", "readout.png", "Read out every block")
         tab("Grad-CAM", "gradcam.png", "Explain")
+        visible_tab(page, "Compare").click()
+        page.locator("#compare-run").click()
+        expect(page.locator("#compare-text")).to_contain_text("they", timeout=60_000)
+        page.locator("#compare-cka").click()
+        expect(page.locator("#compare-cka-map img")).to_have_count(1, timeout=180_000)
+        page.wait_for_timeout(1500)
+        page.locator(".tabitem:visible").last.screenshot(path=str(DOCS / "compare.png"))
         browser.close()
     print(f"wrote {sorted(p.name for p in DOCS.glob('*.png'))}")
 

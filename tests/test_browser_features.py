@@ -84,6 +84,9 @@ def test_compare_two_models_on_one_image_in_the_page(page, page_url):
     page.locator("#photo input[type=file]").set_input_files(str(example))
     sync_api.expect(page.locator("#summary")).to_contain_text("predicts", timeout=60_000)
     page.get_by_role("tab", name="Compare").click()
+    # Every tab keeps its own label after a switch (a gr.State inside gr.Tabs once shifted them by one).
+    labels = page.evaluate("() => [...document.querySelectorAll('[role=tab]')].map(b => b.innerText.trim())")
+    assert labels[-7:] == ["Feature maps", "Residual magnitudes", "Lesions", "Readout", "Grad-CAM", "Compare", "Export"]
     page.locator("#compare-run").click()
     text = page.locator("#compare-text")
     sync_api.expect(text).to_contain_text("they", timeout=60_000)
