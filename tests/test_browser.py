@@ -1,4 +1,4 @@
-"""A real headless Chromium (Debian's package) driven by Playwright: upload, wait, draw, see it update.
+"""A real headless Chromium (Debian's package) driven by Playwright: upload, draw, stream the webcam, upload a model, compare.
 
 Skips only where Chromium is absent and CI is not set; `.ci/run` installs it.
 """

@@ -243,3 +243,36 @@ def test_the_image_limit_still_holds_while_checkpoints_may_be_larger(server, tmp
         f.write(b"\0" * (11 * 2**20))
     with pytest.raises(AppError, match="the limit is 10 MiB"):
         analyse(client_for(server), "auto", big)
+
+
+def test_sessions_uploading_and_analysing_at_once_see_only_their_own(server, resnet18_file, tutorial_file, tmp_path):
+    # Two sessions at the same time, each uploading its own model and analysing with it, twice over: every
+    # answer must be its own model's (the resnet18 has 7 classes named kind 0..6, the tutorial's Net CIFAR-10's).
+    import threading
+
+    names = "\n".join(f"kind {i}" for i in range(7))
+    jobs = {"r18": (resnet18_file, dict(preset="imagenet", classes=names)), "net": (tutorial_file, {})}
+    results, errors = {}, []
+
+    def session(name):
+        try:
+            client = client_for(server)
+            path, kwargs = jobs[name]
+            copy = tmp_path / f"{name}-{path.name}"
+            copy.write_bytes(path.read_bytes())
+            key, _ = upload(client, copy, **kwargs)
+            results[name] = [analyse(client, key)[0] for _ in range(2)]
+        except Exception as exc:  # noqa: BLE001 - reported below with the session's name
+            errors.append(f"{name}: {exc!r}")
+
+    threads = [threading.Thread(target=session, args=(n,)) for n in jobs]
+    [t.start() for t in threads]
+    [t.join(timeout=300) for t in threads]
+    assert errors == []
+    r18 = library(resnet18_file, tmp_path, preset="imagenet", class_names=names.split("\n")).analyze(str(PHOTO), k=5)
+    net = library(tutorial_file, tmp_path, preset="cifar10",
+                  default_classes=lambda n: default_class_names("cifar10", n)).analyze(str(PHOTO), k=5)
+    assert [p["label"] for p in results["r18"]] == [r18.predictions[0].label] * 2
+    assert [p["label"] for p in results["net"]] == [net.predictions[0].label] * 2
+    assert all(c["label"].startswith("kind ") for p in results["r18"] for c in p["confidences"])
+    assert not any(c["label"].startswith("kind ") for p in results["net"] for c in p["confidences"])
