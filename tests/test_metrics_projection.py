@@ -372,10 +372,6 @@ def test_an_in_place_module_given_as_an_instance_attribute_makes_the_capture_cop
     torch.testing.assert_close(records[1].y, torch.relu(records[1].f + records[1].s), rtol=0, atol=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="capture reuses the previous block's copy of y as x even when an in-place module changed it in between",
-)
 def test_x_of_a_block_after_an_in_place_module_is_the_input_it_received():
     torch.manual_seed(0)
     model = randomise_bn(build_model(TINY_PROJ), seed=0)

@@ -183,14 +183,25 @@ def capture(
 
         return hook
 
-    # A block's input is usually the previous block's output: share that copy instead of making another.
-    previous: list = [None, None]  # [output tensor of the last recorded block, its copy]
+    # Without in-place modules a block's input is usually the previous block's output tensor, unchanged:
+    # share it. With them, something between two blocks may have written into it (an in-place ReLU
+    # on the previous output), so the input is copied as the block receives it, in a pre-hook.
+    share = copy is _keep
+    previous: list = [None, None]  # [output tensor of the last recorded block, its record]
+
+    def on_block_input(rec: BlockRecord):
+        def hook(_module, inputs):
+            if threading.get_ident() == owner:
+                rec.x = copy(inputs[0])
+
+        return hook
 
     def on_block(rec: BlockRecord, identity: bool):
         def hook(_module, inputs, output):
             if threading.get_ident() == owner:
-                x = inputs[0]
-                rec.x = previous[1] if x is previous[0] else copy(x)
+                if share:
+                    x = inputs[0]
+                    rec.x = previous[1] if x is previous[0] else copy(x)
                 if identity:
                     rec.s = rec.x
                 rec.y = copy(output)
@@ -208,6 +219,8 @@ def capture(
             if rec is not None:
                 if spec.shortcut is not None:
                     handles.append(spec.shortcut.register_forward_hook(on_shortcut(rec)))
+                if not share:
+                    handles.append(spec.module.register_forward_pre_hook(on_block_input(rec)))
                 handles.append(spec.module.register_forward_hook(on_block(rec, spec.shortcut is None)))
         yield result
     finally:
