@@ -374,3 +374,41 @@ def test_evalset_rebuilds_from_the_shared_archive(tmp_path):
     info = build_evalset(archive, tmp_path / "mnist_test500.npz", per_class=50, seed=0)
     rebuilt, shipped = load_evalset(info["file"]), load_evalset("mnist_test500")
     assert torch.equal(rebuilt.images, shipped.images) and torch.equal(rebuilt.labels, shipped.labels)
+
+
+def test_snapshot_steps_are_log_spaced_and_end_at_the_last_step():
+    from resnet_demo.training.train import snapshot_steps
+
+    assert snapshot_steps(1000, 4) == [1, 10, 100, 1000]
+    assert snapshot_steps(6, 10) == [1, 2, 3, 4, 5, 6]  # a short run: fewer, never repeated
+    assert snapshot_steps(50, 1) == [50] and snapshot_steps(50, 0) == []
+
+
+def test_training_saves_a_timeline_whose_cards_hold_the_step_and_the_snapshots_own_accuracy(tmp_path):
+    tar = make_tar(tmp_path / "colours.tar.gz", {"train": 24, "test": 8}, {"red": (200, 40, 40), "blue": (40, 40, 200)})
+    out = tmp_path / "weights"
+    argv = ["--data", str(tar), "--name", "colours", "--config", "tiny", "--epochs", "3", "--batch-size", "8",
+            "--lr", "0.05", "--ema", "0.9", "--snapshots", "3", "--out-dir", str(out), "--cache-dir",
+            str(tmp_path / "cache"), "--device", "cpu", "--seed", "1", "--no-progress"]
+    card = train_main(argv)
+    files = sorted((out / "colours_timeline").glob("step-*.safetensors"))
+    total = card.training["steps"]
+    assert total == 3 * (48 // 8)
+    from resnet_demo.training.train import snapshot_steps
+
+    assert [int(f.stem.split("-")[1]) for f in files] == snapshot_steps(total, 3) == [1, 4, 18]
+    test = load_data(tar, "test", cache_dir=None)
+    for f in files:
+        snap = ModelCard.read(f.with_suffix(".json"))
+        step = int(f.stem.split("-")[1])
+        assert snap.training["step"] == step and snap.training["steps"] == total
+        assert snap.training["epoch"] == 1 + (step - 1) // 6
+        assert snap.weights_sha256 == file_sha256(f)
+        model, loaded = load_model(f)  # the accuracy on its card is the snapshot's own, as saved
+        assert evaluate(model, test.images, test.labels, loaded, "cpu")["accuracy"] == pytest.approx(
+            snap.metrics["test_acc"], abs=1e-6)
+    # The last snapshot is the run's final weights (EMA included), so it equals the shipped file.
+    final, _ = load_model(out / "colours.safetensors")
+    last, _ = load_model(files[-1])
+    for (k, a), b in zip(final.state_dict().items(), last.state_dict().values()):
+        assert torch.equal(a, b), k

@@ -22,7 +22,8 @@ import platform
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,8 +223,14 @@ def train(
     labels: Tensor,
     cfg: TrainConfig,
     device: str | torch.device = "cpu",
+    *,
+    snapshot: Callable[[int, int, nn.Module], None] | None = None,
+    snapshot_steps: Collection[int] = (),
 ) -> dict:
     """Train ``model`` in place on uint8 ``images`` ``(N, C, H, W)`` and int64 ``labels``.
+
+    ``snapshot(step, epoch, weights)`` is called after each step (counted from 1) in ``snapshot_steps``
+    with the weights the run would ship at that moment (the EMA's, when there is one), in a copy.
 
     The data set is moved to ``device`` once. Each epoch visits a seeded permutation in full batches
     (one batch of all images when there are fewer than ``batch_size``). With ``cfg.ema`` the model ends
@@ -286,6 +293,8 @@ def train(
                 sched.step()
                 if ema is not None:
                     ema.update()
+                if snapshot is not None and len(losses) + 1 in snapshot_steps:
+                    snapshot(len(losses) + 1, epoch + 1, _shipped_copy(model, ema))
                 losses.append(loss.detach())
                 corrects.append((logits.detach().argmax(1) == y).sum())
                 bar.update(1)
@@ -334,6 +343,26 @@ def train(
         "amp": amp,
         "ema": ema is not None,
     }
+
+
+def _shipped_copy(model: nn.Module, ema: WeightEMA | None) -> nn.Module:
+    """A copy of the weights as the run would ship them now, in eval mode, on the CPU, in contiguous format."""
+    copy = deepcopy(model)
+    if ema is not None:
+        ema.copy_to(copy)
+    return copy.eval().cpu().to(memory_format=torch.contiguous_format)
+
+
+def snapshot_steps(total: int, count: int) -> list[int]:
+    """``count`` training steps from 1 to ``total``, spaced evenly in log(step): the early steps change most.
+
+    Fewer when rounding makes two equal (a short run); always ends with ``total``.
+    """
+    if count < 1 or total < 1:
+        return []
+    if count == 1:
+        return [total]
+    return sorted({max(1, min(total, round(total ** (i / (count - 1))))) for i in range(count)})
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -395,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="decoded-data cache (default: data/cache)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (epoch lines are still printed)")
+    p.add_argument("--snapshots", type=int, default=0,
+                   help="also save this many snapshots of the weights, log-spaced over the steps (a training timeline)")
+    p.add_argument("--snapshot-dir", default=None, help="where the snapshots go (default: <out-dir>/<name>_timeline)")
     return p
 
 
@@ -437,8 +469,13 @@ def main(argv: Sequence[str] | None = None) -> ModelCard:
         f"batch {run.recipe.batch_size}, lr {run.recipe.lr}, on {run.device}",
         file=sys.stderr,
     )
-    history = train(model, run.train_set.images, run.train_set.labels, run.recipe, run.device)
     out = Path(args.out_dir) / f"{args.name}.safetensors"
+    steps = snapshot_steps((len(run.train_set.labels) // min(run.recipe.batch_size, len(run.train_set.labels)))
+                           * run.recipe.epochs, args.snapshots)
+    folder = Path(args.snapshot_dir) if args.snapshot_dir else out.with_name(f"{args.name}_timeline")
+    saver = _Snapshots(args.name, run, folder, command, args.data, steps[-1] if steps else 0) if steps else None
+    history = train(model, run.train_set.images, run.train_set.labels, run.recipe, run.device,
+                    snapshot=saver, snapshot_steps=set(steps))
     card = save_weights(model, _card(args.name, run, _training_record(run, history, command, args.data)), out)
     try:
         _judge(card, out, run)
@@ -523,6 +560,22 @@ def _training_record(run: _Run, history: dict, command: str, data: str) -> dict:
     }
 
 
+class _Snapshots:
+    """Saves one snapshot of a run: fp16 weights and a card with its step, epoch and the test accuracy
+    measured on the file as saved (``<folder>/step-000123.safetensors`` and ``.json``)."""
+
+    def __init__(self, name: str, run: _Run, folder: Path, command: str, data: str, total: int) -> None:
+        self.name, self.run, self.folder, self.command, self.data, self.total = name, run, folder, command, data, total
+
+    def __call__(self, step: int, epoch: int, weights: nn.Module) -> None:
+        path = self.folder / f"step-{step:06d}.safetensors"
+        training = {"run": self.name, "step": step, "epoch": epoch, "steps": self.total, "command": self.command,
+                    "data": self.data, "hardware": device_name(self.run.device)}
+        card = save_weights(weights, _card(f"{self.name} @ step {step}", self.run, training), path)
+        _judge(card, path, self.run, quiet=True)
+        card.write(path.with_suffix(".json"))
+
+
 def _card(name: str, run: _Run, training: dict) -> ModelCard:
     size = int(run.train_set.images.shape[-1])
     channels = run.train_set.images.shape[1]
@@ -543,7 +596,7 @@ def _card(name: str, run: _Run, training: dict) -> ModelCard:
     )
 
 
-def _judge(card: ModelCard, out: Path, run: _Run) -> None:
+def _judge(card: ModelCard, out: Path, run: _Run, *, quiet: bool = False) -> None:
     """Fill the card's test metrics from the file as shipped: fp16 weights and fp32 BN statistics, read back.
 
     Raises:
@@ -561,6 +614,8 @@ def _judge(card: ModelCard, out: Path, run: _Run) -> None:
         else "none: the model was trained without flips",
         "per_class_acc": {c: round(v, 4) for c, v in result["per_class"].items()},
     }
+    if quiet:
+        return
     print(
         f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB) and {out.with_suffix('.json').name}: "
         f"test accuracy {100 * result['accuracy']:.2f}%"
