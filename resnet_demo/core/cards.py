@@ -33,6 +33,7 @@ __all__ = [
     "ShippedModel",
     "WeightsError",
     "imagenet_classes",
+    "numbered_classes",
     "preset_for",
     "read_class_names",
     "tutorial_card",
@@ -199,6 +200,11 @@ class ModelCard:
     @property
     def resnet_config(self) -> ResNetConfig:
         return ResNetConfig.from_dict(self.config or {})
+
+
+def numbered_classes(n: int) -> list[str]:
+    """Names for a head whose classes nobody named: ``class 0`` … ``class n-1``."""
+    return [f"class {i}" for i in range(n)]
 
 
 def tutorial_card(name: str = "tutorial", *, trained: bool = True) -> ModelCard:

@@ -19,19 +19,16 @@ from torch import nn
 
 from . import insight
 from .capture import BlockRecord, capture_forward, find_blocks
-from .cards import ModelCard, upload_card
+from .cards import ModelCard, numbered_classes, upload_card
 from .errors import WeightsError
 from .load import load_model
 from .metrics import BlockMetrics, Prediction, block_metrics, topk
 from .preprocess import Prepared, prepare
+from .recognise import build_recognised, fit_recognised, read_checkpoint, recognise
 from .runtime import GraphedCapture, on_zero_gpu, pack_records, pick_device, unpack_records
 from .weights import file_sha256
 
 __all__ = ["Analysis", "Explorer"]
-
-def _numbered(n: int) -> list[str]:
-    return [f"class {i}" for i in range(n)]
-
 
 _MAX_GRAPHS = 4  # recorded input shapes per explorer; the shipped models need one each
 
@@ -125,8 +122,6 @@ class Explorer:
             WeightsError: the file is refused, fits no supported architecture, or the class names,
                 preset or normalisation do not fit it; the message says which.
         """
-        from .recognise import build_recognised, fit_recognised, read_checkpoint, recognise
-
         path = Path(path)
         sd = read_checkpoint(path)
         architecture = recognise(sd, override=arch)
@@ -134,7 +129,7 @@ class Explorer:
         fit_recognised(model, sd, architecture, f"checkpoint {path.name}")
         del sd
         n = architecture.num_classes
-        classes = list(class_names) if class_names else (default_classes or _numbered)(n)
+        classes = list(class_names) if class_names else (default_classes or numbered_classes)(n)
         if len(classes) != n:
             raise WeightsError(
                 f"{len(classes)} class names were given, but the checkpoint's classifier has {n} classes"

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .cards import IMAGENET, ModelCard, WeightsError, imagenet_classes, read_class_names
+from .cards import IMAGENET, ModelCard, WeightsError, imagenet_classes, numbered_classes, read_class_names
 from .weights import file_sha256, load_state_dict_file, load_weights_into
 
 __all__ = [
@@ -250,7 +250,7 @@ def load_torchvision(
             )
         card.classes = names
     elif num_classes != len(card.classes):
-        card.classes = [f"class {i}" for i in range(num_classes)]
+        card.classes = numbered_classes(num_classes)
         card.dataset = ""
     model = build_torchvision(arch, num_classes=num_classes)
     fit_torchvision_weights(model, sd, arch, source)

@@ -253,7 +253,7 @@ def train(
         raise ValueError("no training images")
     bs = min(cfg.batch_size, n)
     steps_per_epoch = n // bs
-    total = steps_per_epoch * cfg.epochs
+    total = total_steps(n, cfg.batch_size, cfg.epochs)
 
     model.to(device)
     if cfg.channels_last:
@@ -351,6 +351,11 @@ def _shipped_copy(model: nn.Module, ema: WeightEMA | None) -> nn.Module:
     if ema is not None:
         ema.copy_to(copy)
     return copy.eval().cpu().to(memory_format=torch.contiguous_format)
+
+
+def total_steps(n: int, batch_size: int, epochs: int) -> int:
+    """Steps of a run over ``n`` images: full batches only (one batch of all when fewer than ``batch_size``)."""
+    return n // min(batch_size, n) * epochs if n else 0
 
 
 def snapshot_steps(total: int, count: int) -> list[int]:
@@ -470,8 +475,8 @@ def main(argv: Sequence[str] | None = None) -> ModelCard:
         file=sys.stderr,
     )
     out = Path(args.out_dir) / f"{args.name}.safetensors"
-    steps = snapshot_steps((len(run.train_set.labels) // min(run.recipe.batch_size, len(run.train_set.labels)))
-                           * run.recipe.epochs, args.snapshots)
+    steps = snapshot_steps(total_steps(len(run.train_set.labels), run.recipe.batch_size, run.recipe.epochs),
+                           args.snapshots)
     folder = Path(args.snapshot_dir) if args.snapshot_dir else out.with_name(f"{args.name}_timeline")
     saver = _Snapshots(args.name, run, folder, command, args.data, steps[-1] if steps else 0) if steps else None
     history = train(model, run.train_set.images, run.train_set.labels, run.recipe, run.device,

@@ -58,33 +58,14 @@ def rank_channels(fmap: torch.Tensor) -> np.ndarray:
     return fmap.abs().mean(dim=(1, 2)).argsort(descending=True).cpu().numpy()
 
 
-def feature_grid(
-    fmap: torch.Tensor,
-    *,
-    signed: bool = False,
-    channels: Sequence[int] | None = None,
-    max_channels: int = 16,
-    cell: int = 48,
-    pad: int = 2,
-    per_channel_scale: bool = False,
-) -> Image.Image:
+def feature_grid(fmap: torch.Tensor, *, signed: bool = False, **options) -> Image.Image:
     """Tile channels of a (C, H, W) feature map into one palette image (mode ``"P"``).
 
-    Args:
-        fmap: one image's feature map.
-        signed: colour around zero (blue < 0 < red, ``RdBu_r``) instead of 0..max (``magma``).
-        channels: which channels, in order; the ``max_channels`` most active by default.
-        cell: size in pixels of one channel tile (nearest-neighbour upscaling keeps pixels honest).
-        per_channel_scale: scale each tile to its own maximum (shows faint channels' patterns)
-            instead of one scale for the whole grid (shows which channels are strong).
-
-    The colour map has :data:`LEVELS` levels, then a grey ramp for text and white for the padding:
-    one byte per pixel, which PNG compresses 3 times smaller and 4 times faster than RGB
-    (``.convert("RGB")`` for pixels).
+    ``options`` are :func:`grid_codes`'s. The colour map has :data:`LEVELS` levels, then a grey ramp for
+    text and white for the padding: one byte per pixel, which PNG compresses 3 times smaller and 4 times
+    faster than RGB (``.convert("RGB")`` for pixels).
     """
-    codes = grid_codes(fmap, signed=signed, channels=channels, max_channels=max_channels, cell=cell, pad=pad,
-                       per_channel_scale=per_channel_scale)
-    return palette_image(codes, "RdBu_r" if signed else "magma")
+    return palette_image(grid_codes(fmap, signed=signed, **options), "RdBu_r" if signed else "magma")
 
 
 def grid_codes(
@@ -97,7 +78,16 @@ def grid_codes(
     pad: int = 2,
     per_channel_scale: bool = False,
 ) -> np.ndarray:
-    """:func:`feature_grid`'s palette indices, (H, W) uint8: colour-map levels, :data:`WHITE` between tiles."""
+    """Palette indices (H, W) uint8 of channels of a (C, H, W) map tiled: colour-map levels, :data:`WHITE` between.
+
+    Args:
+        fmap: one image's feature map.
+        signed: colour around zero (blue < 0 < red, ``RdBu_r``) instead of 0..max (``magma``).
+        channels: which channels, in order; the ``max_channels`` most active by default.
+        cell: size in pixels of one channel tile (nearest-neighbour upscaling keeps pixels honest).
+        per_channel_scale: scale each tile to its own maximum (shows faint channels' patterns)
+            instead of one scale for the whole grid (shows which channels are strong).
+    """
     fmap = fmap.detach().float().cpu()
     if fmap.ndim != 3:
         raise ValueError(f"feature_grid expects (C, H, W), got {tuple(fmap.shape)}")

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..core.cards import IMAGENET, MNIST, PRESETS, WeightsError, imagenet_classes, read_class_names
+from ..core.cards import IMAGENET, MNIST, PRESETS, WeightsError, imagenet_classes, numbered_classes, read_class_names
 from ..core.explorer import Explorer
 from ..core.tv import SUPPORTED_ARCHS
 
@@ -76,7 +76,7 @@ def default_class_names(preset: str, num_classes: int) -> list[str]:
     known = PRESETS.get(preset)
     if known is not None and len(known.classes) == num_classes:
         return list(known.classes)
-    return [f"class {i}" for i in range(num_classes)]
+    return numbered_classes(num_classes)
 
 
 class UserModels:
