@@ -9,6 +9,8 @@ size, colour mode, kind of input); training, the torchvision adapter and the reg
 from __future__ import annotations
 
 import json
+import os
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -38,6 +40,7 @@ __all__ = [
     "read_class_names",
     "tutorial_card",
     "upload_card",
+    "write_card_field",
 ]
 
 MAX_INPUT_SIZE = 1024  # pixels per side of a model's input: larger would make one analysis take seconds
@@ -146,6 +149,9 @@ class ModelCard:
     training: dict[str, Any] = field(default_factory=dict)
     weights_sha256: str = ""
     reference_bands: dict[str, Any] = field(default_factory=dict)
+    # Results of data-set studies computed by a command and stored with the card, by study name
+    # ("lesions", "probes", "strangeness", "exemplars", ...): see the README's data-set view.
+    studies: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
@@ -180,6 +186,7 @@ class ModelCard:
 
     def write(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json())
+
 
     def headline(self) -> tuple[str, float] | None:
         """The accuracy that judges this model: its target's metric, else flip-TTA accuracy, else plain."""
@@ -317,3 +324,21 @@ def upload_card(
     fields.setdefault("dataset", "")
     return ModelCard(name=name, arch=arch, config=config.to_dict() if config is not None else None,
                      trained=True, **fields)
+
+
+def write_card_field(card_path: str | Path, key: str, value: Any, *, study: bool = False) -> None:
+    """Set one field of a card's JSON (or one entry of its ``studies`` when ``study``), keeping every other
+    field as it is; written to a temporary file and renamed, so a reader never sees half a card.
+
+    Commands that add what they computed beside the weights (bands, studies) use this: the weights file,
+    and so its sha256, is untouched.
+    """
+    card_path = Path(card_path)
+    d = json.loads(card_path.read_text())
+    if study:
+        d.setdefault("studies", {})[key] = value
+    else:
+        d[key] = value
+    tmp = card_path.with_name(f"{card_path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(d, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, card_path)

@@ -10,8 +10,6 @@ statistics themselves are :func:`resnet_demo.core.bands.compute_bands`.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,21 +17,12 @@ from pathlib import Path
 from torch import nn
 
 from ..core.bands import DEFAULT_BATCH, compute_bands
-from ..core.cards import WeightsError
+from ..core.cards import WeightsError, write_card_field
 from ..core.load import load_model
 from ..core.runtime import pick_device
 from .data import DEFAULT_CACHE_DIR, DataError, Normalise, load_data, subset
 
 # --- command line ----------------------------------------------------------------------------------
-
-
-def _write_bands(card_path: Path, bands: dict) -> None:
-    """Set ``reference_bands`` in the card's JSON, keeping every other field as it is."""
-    d = json.loads(card_path.read_text())
-    d["reference_bands"] = bands
-    tmp = card_path.with_name(f"{card_path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(d, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, card_path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -67,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     bands = compute_bands(model, data.images, normalise=normalise, batch_size=args.batch_size)
     bands["data"] = args.data if ":" in args.data else Path(args.data).name
     bands["split"] = args.split
-    _write_bands(card_path, bands)
+    write_card_field(card_path, "reference_bands", bands)
 
     print(f"{card.name}: reference bands over {bands['n']} images of {bands['data']} [{args.split}], {device}")
     names = list(bands["ratio"])
