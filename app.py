@@ -35,6 +35,7 @@ from resnet_demo.view.page import (  # noqa: E402
     AnalysisView,
     Pages,
     Settings,
+    Timelines,
     UploadRequest,
 )
 from resnet_demo.view.registry import (  # noqa: E402
@@ -118,6 +119,11 @@ HOW_TO_READ = {
     "every block of A and every block of B over A's shipped test images: a bright cell means the two blocks "
     "represent those images alike (up to rotation and scale). A against itself shows the network's own block "
     "structure; two trainings of one architecture show where they diverge.",
+    "timeline": "**Training timeline**: the same image through snapshots of one training run (saved with "
+    "`train --snapshots N`, log-spaced: early steps change most). Move the slider to see the prediction, the residual "
+    "magnitudes and the readout at that moment. The chart below follows every block's **median** ‖F(x)‖/‖s(x)‖ and "
+    "cosine over the shipped test images across the run: how the blocks settle, as the network learns, from "
+    "rewriting their input to refining it. Snapshots can also be model B in *Compare*.",
     "export": "Download the current analysis: a JSON with predictions, every per-block metric, the lesion of the "
     "blocks chosen in *Lesions*, the sweep, the readout and a reference to the model card, plus the images as PNG.",
 }
@@ -426,6 +432,47 @@ def compare_tab(pages: Pages, c: Controls, model_choices: list, view: gr.Radio) 
     return CompareTab(tab, model_b)
 
 
+def timeline_tab(pages: Pages, c: Controls) -> gr.Tab:
+    runs = pages.timelines.choices()
+    first = pages.timelines.runs[runs[0][1]] if runs else None
+    with gr.Tab("Timeline") as tab:
+        gr.Markdown(HOW_TO_READ["timeline"])
+        if first is None:
+            gr.Markdown("No training run on this server: start the app with `--timeline <run folder>`.")
+            return tab
+        with gr.Row():
+            run = gr.Dropdown(runs, value=runs[0][1], label="Training run", elem_id="timeline-run")
+            index = gr.Slider(1, len(first), value=len(first), step=1, label="Snapshot (in step order)",
+                              elem_id="timeline-snapshot")
+            button = gr.Button("Show this snapshot", variant="primary", elem_id="timeline-show")
+        text = gr.Markdown(elem_id="timeline-text")
+        with gr.Row():
+            predictions = gr.Label(label="Prediction at this snapshot", num_top_classes=5, elem_id="timeline-preds")
+            residual = gr.Image(label="Residual magnitudes at this snapshot", interactive=False, format="png")
+        readout = gr.Image(label="Readout at this snapshot", interactive=False)
+        history = gr.Image(label="Every block over the run (medians over the test images)", interactive=False,
+                           elem_id="timeline-history")
+
+    @to_gr_error
+    @gpu
+    def show(state, model_key, k, name, position, request: gr.Request, progress=gr.Progress()):  # noqa: B008
+        v = pages.timeline(state, settings_of(request, model_key, k), name, int(position) - 1,
+                           progress=lambda share: progress(share, desc="Blocks over the run"))
+        return {predictions: v.predictions, residual: v.residual, readout: v.readout, history: v.history, text: v.text}
+
+    def pick_run(name):
+        n = len(pages.timelines.get(name))
+        return gr.update(maximum=n, value=n)
+
+    outputs = [predictions, residual, readout, history, text]
+    button.click(show, [c.state, c.model_key, c.k, run, index], outputs, api_name="timeline")
+    index.release(show, [c.state, c.model_key, c.k, run, index], outputs, api_visibility="private",
+                  trigger_mode="always_last")
+    run.input(pick_run, run, index, api_visibility="private").then(
+        show, [c.state, c.model_key, c.k, run, index], outputs, api_visibility="private")
+    return tab
+
+
 def export_tab(pages: Pages, c: Controls, lesion_blocks: gr.CheckboxGroup) -> gr.Tab:
     with gr.Tab("Export") as tab:
         gr.Markdown(HOW_TO_READ["export"])
@@ -502,7 +549,8 @@ def wire_uploads(pages: Pages, panel: YourModelPanel, c: Controls, analysis: Ana
         )
         v = pages.upload(request.session_hash or "", checkpoint, ask)
         choices = [("Auto (photo → CIFAR-10, drawing → MNIST)", AUTO), *v.choices]
-        return {c.model_key: gr.update(choices=choices, value=v.key), model_b: gr.update(choices=choices),
+        return {c.model_key: gr.update(choices=choices, value=v.key),
+                model_b: gr.update(choices=choices + pages.timelines.snapshot_choices()),
                 panel.status: v.text, panel.checkpoint: None}
 
     inputs = [panel.checkpoint, panel.class_file, panel.class_text, panel.preset, panel.arch, panel.size, panel.mean,
@@ -515,9 +563,11 @@ def wire_uploads(pages: Pages, panel: YourModelPanel, c: Controls, analysis: Ana
 # --- the whole page ----------------------------------------------------------------------------------
 
 
-def make_demo(registry: Registry, default_model: str = AUTO, uploads: UserModels | None = None) -> gr.Blocks:
-    """The page; ``uploads`` holds visitors' own models (``None``: the "Your model" panel is not shown)."""
-    pages = Pages(registry, uploads)
+def make_demo(registry: Registry, default_model: str = AUTO, uploads: UserModels | None = None,
+              timelines: Timelines | None = None) -> gr.Blocks:
+    """The page; ``uploads`` holds visitors' own models (``None``: the "Your model" panel is not shown);
+    ``timelines``: the training runs offered (the shipped ones by default)."""
+    pages = Pages(registry, uploads, timelines if timelines is not None else Timelines())
     model_choices = [("Auto (photo → CIFAR-10, drawing → MNIST)", AUTO)] + [
         (c.label, c.key) for c in registry.choices.values()
     ]
@@ -548,7 +598,8 @@ def make_demo(registry: Registry, default_model: str = AUTO, uploads: UserModels
             lesions = lesions_tab(pages, controls)
             readout_tab(pages, controls)
             cam = gradcam_tab(pages, controls)
-            compare = compare_tab(pages, controls, model_choices, maps.view)
+            compare = compare_tab(pages, controls, model_choices + pages.timelines.snapshot_choices(), maps.view)
+            timeline_tab(pages, controls)
             export_tab(pages, controls, lesions.blocks)
         # Which tab is open decides whether analyses draw the residual chart.
         tabs.select(residual_open, None, residual.is_open, api_visibility="private", show_progress="hidden")
@@ -659,6 +710,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--download-weights", action="store_true",
                         help="with --arch and no --weights: fetch torchvision's published ImageNet weights")
     parser.add_argument("--classes", help="with --arch: a file of class names, one per line, for a fine-tuned model")
+    parser.add_argument("--timeline", action="append", default=[], metavar="RUN_FOLDER",
+                        help="a training run's snapshot folder (train --snapshots N) for the Timeline tab; repeatable")
     parser.add_argument("--concurrency", type=int, default=None,
                         help="analyses run at once (default: 2 on a CPU, 4 on a GPU)")
     parser.add_argument("--no-uploads", action="store_true",
@@ -682,7 +735,11 @@ def main(argv: list[str] | None = None) -> None:
     if not registry.loaded:
         sys.exit("error: no model could be loaded; see the lines above for where the weights should be.")
     uploads = None if args.no_uploads else UserModels(args.uploads_per_session, args.uploaded_models)
-    demo = make_demo(registry, default_model=CUSTOM if CUSTOM in registry.choices else AUTO, uploads=uploads)
+    timelines = Timelines(args.timeline, device=args.device)
+    for folder, error in timelines.errors.items():
+        print(f"training run {folder} not offered: {error}")
+    demo = make_demo(registry, default_model=CUSTOM if CUSTOM in registry.choices else AUTO, uploads=uploads,
+                     timelines=timelines)
     concurrency = start_serving(registry, args.concurrency)
     demo.queue(default_concurrency_limit=concurrency, max_size=256)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, footer_links=["api"],

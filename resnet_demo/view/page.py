@@ -49,6 +49,7 @@ from .render import (
     similarity_map,
     slot_at,
 )
+from .timeline_view import RUN_PREFIX, Timelines, TimelineView, timeline_view
 from .uploads import UPLOAD_PREFIX, UserModels, load_upload, parse_class_names
 
 __all__ = [
@@ -71,6 +72,8 @@ __all__ = [
     "UploadView",
     "Sizes",
     "SweepView",
+    "TimelineView",
+    "Timelines",
     "block_at",
     "build_page",
     "metrics_table",
@@ -393,9 +396,11 @@ def upload_error(path: str) -> str:
 class Pages:
     """The page's handlers without Gradio: each takes the session's state and settings, returns a typed view."""
 
-    def __init__(self, registry: Registry, uploads: UserModels | None = None) -> None:
+    def __init__(self, registry: Registry, uploads: UserModels | None = None,
+                 timelines: Timelines | None = None) -> None:
         self.registry = registry
         self.uploads = uploads
+        self.timelines = timelines if timelines is not None else Timelines(shipped=False)
         self._similarity: dict[tuple, Similarity] = {}
         self._lock = threading.Lock()
 
@@ -404,6 +409,8 @@ class Pages:
             if self.uploads is None:
                 raise WeightsError("uploaded models are turned off on this server")
             return model_key, self.uploads.get(session, model_key)
+        if model_key.startswith(RUN_PREFIX):
+            return model_key, self.timelines.explorer(model_key)
         key = self.registry.resolve(model_key, kind)
         return key, self.registry.get(key)
 
@@ -411,6 +418,19 @@ class Pages:
         """(label, key) of the models this session may choose: the server's, then its own uploads."""
         shipped = [(c.label, c.key) for c in self.registry.choices.values()]
         return shipped + (self.uploads.choices(session) if self.uploads is not None else [])
+
+    def compare_choices(self, session: str) -> list[tuple[str, str]]:
+        """Model B's choices: the session's models and every snapshot of the server's training runs."""
+        return self.model_choices(session) + self.timelines.snapshot_choices()
+
+    def timeline(self, state: PageState | None, settings: Settings, run: str, index: int,
+                 progress: Callable[[float], None] | None = None) -> TimelineView:
+        """The session's image through snapshot ``index`` of ``run``, with the run's block history."""
+        if state is None:
+            raise ValueError("Analyse an image first: upload, paste, photograph or draw one, or pick an example.")
+        timeline = self.timelines.get(run)
+        history = self.timelines.history(run, progress)
+        return timeline_view(timeline, int(index), state.source, state.kind, int(settings.k), history)
 
     def upload(self, session: str, checkpoint: str | None, request: UploadRequest) -> UploadView:
         """Load an uploaded checkpoint into this session's models (the file is deleted once read)."""
