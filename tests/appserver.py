@@ -26,7 +26,7 @@ def weights_dir(tmp: Path) -> Path:
 
 
 @contextmanager
-def running_app(wdir: Path, concurrency: int = 2, uploads: bool = True):
+def running_app(wdir: Path, concurrency: int = 2, uploads: bool = True, timelines=None):
     import app
     from resnet_demo.view.registry import default_registry
 
@@ -34,7 +34,7 @@ def running_app(wdir: Path, concurrency: int = 2, uploads: bool = True):
     registry.load_all()
     from resnet_demo.view.uploads import UserModels
 
-    demo = app.make_demo(registry, uploads=UserModels() if uploads else None)
+    demo = app.make_demo(registry, uploads=UserModels() if uploads else None, timelines=timelines)
     demo.queue(default_concurrency_limit=concurrency, max_size=512)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,

@@ -153,3 +153,25 @@ def test_the_shipped_mnist_timeline_is_small_fp16_log_spaced_and_learns():
     e = run.explorer(len(run) - 1)
     acc = (e.logits(e.batch_input(data.images)).argmax(1) == data.labels).double().mean().item()
     assert acc == pytest.approx(accuracy[-1], abs=0.015)
+
+
+def test_the_timeline_through_the_real_server(tmp_path):
+    gradio_client = pytest.importorskip("gradio_client")
+    from appserver import running_app, weights_dir
+
+    write_run(tmp_path / "tiny_timeline")
+    timelines = Timelines([tmp_path / "tiny_timeline"], shipped=False, device="cpu")
+    digit = tmp_path / "digit.png"
+    Image.fromarray(load_evalset("mnist_test500").images[3, 0].numpy()).save(digit)
+    with running_app(weights_dir(tmp_path / "w"), timelines=timelines) as (url, registry):
+        client = gradio_client.Client(url, verbose=False)
+        client.predict(gradio_client.handle_file(str(digit)), "mnist", 3, "f", "", [], api_name="/analyze_photo")
+        label, residual, readout, history, text = client.predict("mnist", 3, "tiny_timeline", 2, api_name="/timeline")
+        want = timelines.get("tiny_timeline").explorer(1).analyze(str(digit), kind="photo", k=3)
+        got = {c["label"]: c["confidence"] for c in label["confidences"]}
+        assert got == pytest.approx({p.label: p.prob for p in want.predictions}, abs=1e-6)
+        assert "snapshot 2 of 3" in text and Image.open(history).size[0] >= 900
+        # A snapshot is model B of the comparison.
+        _, _, preds_b, *_ = client.predict("mnist", 3, "run:tiny_timeline:40", "f", api_name="/compare")
+        want_b = timelines.get("tiny_timeline").explorer(2).analyze(str(digit), kind="photo", k=3)
+        assert preds_b["label"] == want_b.predictions[0].label
