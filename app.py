@@ -29,12 +29,15 @@ from gradio.utils import _parse_file_size  # noqa: E402
 
 from resnet_demo.core.errors import WeightsError  # noqa: E402
 from resnet_demo.view import page as pages_mod  # noqa: E402
+from resnet_demo.view.dataset_page import SHIPPED_SET, SORTS, USER_SET  # noqa: E402
 from resnet_demo.view.page import (  # noqa: E402
     METRIC_COLUMNS,
     SWEEP_COLUMNS,
     AnalysisView,
     Pages,
+    SetFilter,
     Settings,
+    SetView,
     Timelines,
     UploadRequest,
 )
@@ -124,6 +127,11 @@ HOW_TO_READ = {
     "magnitudes and the readout at that moment. The chart below follows every block's **median** ‖F(x)‖/‖s(x)‖ and "
     "cosine over the shipped test images across the run: how the blocks settle, as the network learns, from "
     "rewriting their input to refining it. Snapshots can also be model B in *Compare*.",
+    "dataset": "**The data set behind one image.** The model's predictions over the shipped test images of its "
+    "data (or a labelled ZIP of yours: one folder per class, named as the model's classes, at most 2,000 images). "
+    "The **confusion matrix** counts true classes (rows) against predicted ones (columns); click a cell to see "
+    "those images, or a class name for all of its row or column. The gallery shows the most confidently wrong "
+    "first; click an image to analyse it in the main view.",
     "export": "Download the current analysis: a JSON with predictions, every per-block metric, the lesion of the "
     "blocks chosen in *Lesions*, the sweep, the readout and a reference to the model card, plus the images as PNG.",
 }
@@ -473,6 +481,112 @@ def timeline_tab(pages: Pages, c: Controls) -> gr.Tab:
     return tab
 
 
+ANY_CLASS = "(any)"
+
+
+@dataclass
+class DatasetTab:
+    source: gr.Radio
+    zip_file: gr.File
+    scan: gr.Button
+    summary: gr.Markdown
+    confusion: gr.Image
+    which: gr.Radio
+    true: gr.Dropdown
+    predicted: gr.Dropdown
+    sort: gr.Dropdown
+    count: gr.Markdown
+    gallery: gr.Gallery
+    shown: gr.State
+
+    @property
+    def filters(self) -> list:
+        return [self.which, self.true, self.predicted, self.sort]
+
+    @property
+    def outputs(self) -> list:
+        return [self.summary, self.confusion, self.gallery, self.shown, self.count, self.true, self.predicted]
+
+    def show(self, v: SetView) -> dict:
+        names = [ANY_CLASS, *v.classes]
+        return {self.summary: v.summary, self.confusion: v.confusion, self.gallery: v.gallery, self.shown: v.shown,
+                self.count: v.count, self.true: gr.update(choices=names), self.predicted: gr.update(choices=names)}
+
+
+def set_filter(which, true, predicted, sort) -> SetFilter:
+    return SetFilter(which, None if true in (None, ANY_CLASS) else true,
+                     None if predicted in (None, ANY_CLASS) else predicted, sort)
+
+
+def dataset_tab() -> DatasetTab:
+    with gr.Tab("Data set") as _tab:
+        gr.Markdown(HOW_TO_READ["dataset"])
+        with gr.Row():
+            source = gr.Radio([("Shipped test images", SHIPPED_SET), ("Your labelled ZIP", USER_SET)],
+                              value=SHIPPED_SET, label="Images", elem_id="dataset-source")
+            zip_file = gr.File(label="A labelled ZIP (one folder per class)", file_types=[".zip"], type="filepath",
+                               elem_id="dataset-zip")
+            scan = gr.Button("Scan the set", variant="primary", elem_id="dataset-scan")
+        summary = gr.Markdown(elem_id="dataset-summary")
+        with gr.Row():
+            confusion = gr.Image(label="Confusion matrix (click a cell)", interactive=False, format="png",
+                                 elem_id="dataset-confusion")
+            with gr.Column():
+                which = gr.Radio(["wrong", "right", "all"], value="wrong", label="Show")
+                true = gr.Dropdown([ANY_CLASS], value=ANY_CLASS, label="True class", elem_id="dataset-true")
+                predicted = gr.Dropdown([ANY_CLASS], value=ANY_CLASS, label="Predicted class",
+                                        elem_id="dataset-predicted")
+                sort = gr.Dropdown(list(SORTS), value="confidently_wrong", label="Order")
+                count = gr.Markdown(elem_id="dataset-count")
+        gallery = gr.Gallery(columns=10, height=420, object_fit="contain", allow_preview=False,
+                             label="Images (true → predicted, confidence)", elem_id="dataset-gallery")
+    return DatasetTab(source, zip_file, scan, summary, confusion, which, true, predicted, sort, count, gallery,
+                      gr.State([]))
+
+
+def wire_dataset(pages: Pages, c: Controls, t: DatasetTab, photo: gr.Image) -> None:
+    def kind(state) -> str:
+        return state.kind if state is not None else "photo"
+
+    @to_gr_error
+    @gpu
+    def scan(state, model_key, k, source, which, true, predicted, sort, request: gr.Request,
+             progress=gr.Progress()):  # noqa: B008
+        v = pages.dataset(settings_of(request, model_key, k), kind(state), source,
+                          set_filter(which, true, predicted, sort),
+                          progress=lambda share: progress(share, desc="Predicting every image"))
+        return t.show(v)
+
+    @to_gr_error
+    @gpu
+    def upload(state, model_key, k, path, which, true, predicted, sort, request: gr.Request,
+               progress=gr.Progress()):  # noqa: B008
+        v = pages.dataset_upload(settings_of(request, model_key, k), kind(state), path, None,
+                                 set_filter(which, true, predicted, sort),
+                                 progress=lambda share: progress(share, desc="Predicting every image"))
+        return {**t.show(v), t.source: USER_SET, t.zip_file: None}
+
+    @to_gr_error
+    def click(state, model_key, k, source, which, true, predicted, sort, evt: gr.SelectData, request: gr.Request):
+        filt, v = pages.dataset_click(settings_of(request, model_key, k), kind(state), source,
+                                      set_filter(which, true, predicted, sort), *evt.index)
+        return {**t.show(v), t.which: filt.which, t.true: filt.true or ANY_CLASS,
+                t.predicted: filt.predicted or ANY_CLASS}
+
+    @to_gr_error
+    def pick(state, model_key, k, source, shown, evt: gr.SelectData, request: gr.Request):
+        return pages.dataset_pick(settings_of(request, model_key, k), kind(state), source, shown, evt.index)
+
+    inputs = [c.state, c.model_key, c.k, t.source, *t.filters]
+    t.scan.click(scan, inputs, t.outputs, api_name="dataset")
+    t.zip_file.upload(upload, [c.state, c.model_key, c.k, t.zip_file, *t.filters],
+                      [*t.outputs, t.source, t.zip_file], api_name="dataset_upload")
+    for control in t.filters:
+        control.input(scan, inputs, t.outputs, api_visibility="private", trigger_mode="always_last")
+    t.confusion.select(click, inputs, [*t.outputs, t.which], api_visibility="private")
+    t.gallery.select(pick, [c.state, c.model_key, c.k, t.source, t.shown], photo, api_name="dataset_pick")
+
+
 def export_tab(pages: Pages, c: Controls, lesion_blocks: gr.CheckboxGroup) -> gr.Tab:
     with gr.Tab("Export") as tab:
         gr.Markdown(HOW_TO_READ["export"])
@@ -600,10 +714,12 @@ def make_demo(registry: Registry, default_model: str = AUTO, uploads: UserModels
             cam = gradcam_tab(pages, controls)
             compare = compare_tab(pages, controls, model_choices + pages.timelines.snapshot_choices(), maps.view)
             timeline_tab(pages, controls)
+            dataset = dataset_tab()
             export_tab(pages, controls, lesions.blocks)
         # Which tab is open decides whether analyses draw the residual chart.
         tabs.select(residual_open, None, residual.is_open, api_visibility="private", show_progress="hidden")
         analysis = wire_analysis(pages, registry, inputs, controls, results, maps, residual, lesions, cam)
+        wire_dataset(pages, controls, dataset, inputs.photo)
         if panel is not None:
             wire_uploads(pages, panel, controls, analysis, compare.model_b)
         demo.unload(end_session_for(pages))

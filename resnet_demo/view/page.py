@@ -31,6 +31,8 @@ from ..core.insight import LesionResult, Readout
 from ..core.metrics import METRIC_NAMES
 from ..core.preprocess import InputError, load_image
 from ..core.similarity import Similarity, block_similarity
+from .dataset_page import USER_SET, SetFilter, SetView, UserSets, cell_filter, pick_image, set_view, the_set
+from .error_view import labelled_summary
 from .export import export_zip
 from .registry import Registry
 from .render import (
@@ -71,6 +73,8 @@ __all__ = [
     "UploadRequest",
     "UploadView",
     "Sizes",
+    "SetFilter",
+    "SetView",
     "SweepView",
     "TimelineView",
     "Timelines",
@@ -401,6 +405,7 @@ class Pages:
         self.registry = registry
         self.uploads = uploads
         self.timelines = timelines if timelines is not None else Timelines(shipped=False)
+        self.user_sets = UserSets()
         self._similarity: dict[tuple, Similarity] = {}
         self._lock = threading.Lock()
 
@@ -501,6 +506,39 @@ class Pages:
     def end_session(self, session: str) -> None:
         if self.uploads is not None and session:
             self.uploads.end_session(session)
+        if session:
+            self.user_sets.end_session(session)
+
+    # --- the data-set tab ------------------------------------------------------------------------------
+
+    def dataset(self, settings: Settings, kind: str, which: str, filt: SetFilter,
+                progress: Callable[[float], None] | None = None) -> SetView:
+        """Where the model fails on the shipped evaluation set or the session's labelled set."""
+        _, explorer = self.explorer(settings.model_key, kind, settings.session)
+        data = the_set(explorer, which, settings.session, self.user_sets)
+        note = labelled_summary(data) if which == USER_SET else ""
+        return set_view(explorer, data, filt, progress, note)
+
+    def dataset_upload(self, settings: Settings, kind: str, path: str | None, name: str | None,
+                       filt: SetFilter, progress: Callable[[float], None] | None = None) -> SetView:
+        """Read the session's labelled ZIP (deleted once read) and scan it."""
+        if not path:
+            raise ValueError("Choose a ZIP file first: one folder per class, named as the model's classes.")
+        _, explorer = self.explorer(settings.model_key, kind, settings.session)
+        self.user_sets.read(settings.session, explorer, path, name)
+        return self.dataset(settings, kind, USER_SET, filt, progress)
+
+    def dataset_click(self, settings: Settings, kind: str, which: str, filt: SetFilter, x: float, y: float,
+                      ) -> tuple[SetFilter, SetView]:
+        """A click on the confusion matrix: filter by the clicked cell's (or name's) classes."""
+        _, explorer = self.explorer(settings.model_key, kind, settings.session)
+        filt = cell_filter(list(explorer.classes), x, y, filt)
+        return filt, self.dataset(settings, kind, which, filt)
+
+    def dataset_pick(self, settings: Settings, kind: str, which: str, shown: list[int], position: int) -> Image.Image:
+        """The image behind a gallery item, for the main view."""
+        _, explorer = self.explorer(settings.model_key, kind, settings.session)
+        return pick_image(the_set(explorer, which, settings.session, self.user_sets), shown, position)
 
     def analyze(
         self, source: Any, kind: str, settings: Settings, previous: PageState | None = None, *, chart: bool = True

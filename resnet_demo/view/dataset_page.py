@@ -1,0 +1,141 @@
+"""The data-set tab without Gradio: where the model fails on a labelled set, and what the stored studies say.
+
+The set is the shipped evaluation set of the model's data (``weights/evalset/``) or a labelled ZIP the
+visitor gives (one folder per class), read by :mod:`resnet_demo.core.labelled` with its bounds and kept for
+that browser session only (the upload itself is deleted once read). Every scan is cached
+(:data:`resnet_demo.core.errorscan.SCANS`), so changing a filter costs no forward pass.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from ..core.errors import DataError
+from ..core.errorscan import SORTS, WHICH, LabelledImages, scan_set
+from ..core.evalsets import evalset_for, load_evalset
+from ..core.explorer import Explorer
+from ..core.labelled import LabelledSet, read_labelled
+from .error_view import confusion_cell, confusion_image, gallery_items, scan_summary, set_image
+
+__all__ = ["SHIPPED_SET", "SORTS", "USER_SET", "SetFilter", "SetView", "UserSets", "cell_filter", "pick_image",
+           "set_view", "the_set"]
+
+SHIPPED_SET = "shipped"  # the shipped evaluation set of the model's data
+USER_SET = "yours"  # the labelled ZIP this session gave
+GALLERY_LIMIT = 120  # images shown at once; the filter narrows the rest down
+
+
+@dataclass(frozen=True)
+class SetFilter:
+    """Which images of the scanned set the gallery shows, and in what order."""
+
+    which: str = "wrong"  # all, wrong, right
+    true: str | None = None  # a class name, or None for any
+    predicted: str | None = None
+    sort: str = "confidently_wrong"
+
+    def __post_init__(self) -> None:
+        if self.which not in WHICH:
+            raise ValueError(f"show must be one of {WHICH}, not {self.which!r}")
+        if self.sort not in SORTS:
+            raise ValueError(f"sort must be one of {SORTS}, not {self.sort!r}")
+
+
+@dataclass
+class SetView:
+    """The tab's outputs for one scan and filter."""
+
+    summary: str
+    confusion: Image.Image
+    gallery: list[tuple[Image.Image, str]]
+    shown: list[int]  # the set's index of each gallery item, in order
+    classes: list[str]
+    count: str  # how many images match the filter
+
+
+class UserSets:
+    """Labelled sets visitors gave, one per browser session, the least recently used dropped beyond ``total``."""
+
+    def __init__(self, total: int = 16) -> None:
+        self.total = total
+        self._sets: OrderedDict[tuple[str, str], LabelledSet] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def read(self, session: str, explorer: Explorer, path: str | Path, name: str | None = None) -> LabelledSet:
+        """Read the ZIP at ``path`` for ``explorer``'s classes and input; the file is deleted afterwards."""
+        try:
+            data = read_labelled(Path(path), explorer.card, name=name or Path(path).name)
+        finally:
+            Path(path).unlink(missing_ok=True)
+        with self._lock:
+            self._sets[(session, explorer.card.weights_sha256 or explorer.card.name)] = data
+            while len(self._sets) > self.total:
+                self._sets.popitem(last=False)
+        return data
+
+    def get(self, session: str, explorer: Explorer) -> LabelledSet:
+        key = (session, explorer.card.weights_sha256 or explorer.card.name)
+        with self._lock:
+            data = self._sets.get(key)
+            if data is not None:
+                self._sets.move_to_end(key)
+        if data is None:
+            raise DataError(f"No labelled set of yours for {explorer.card.name} in this session: upload a ZIP with "
+                            "one folder per class first.")
+        return data
+
+    def end_session(self, session: str) -> None:
+        with self._lock:
+            for key in [k for k in self._sets if k[0] == session]:
+                del self._sets[key]
+
+
+def the_set(explorer: Explorer, which: str, session: str, user_sets: UserSets) -> LabelledImages:
+    """The shipped evaluation set of the model's data, or the session's own labelled set."""
+    if which == USER_SET:
+        return user_sets.get(session, explorer)
+    name = evalset_for(explorer.card)
+    if name is None:
+        raise DataError(f"No evaluation set ships for {explorer.card.name}'s classes: upload a labelled ZIP "
+                        "(one folder per class) to browse its errors.")
+    return load_evalset(name)
+
+
+def set_view(explorer: Explorer, data: LabelledImages, filt: SetFilter,
+             progress: Callable[[float], None] | None = None, note: str = "") -> SetView:
+    """Scan ``data`` with ``explorer`` (cached) and show the images ``filt`` selects."""
+    scan = scan_set(explorer, data, progress=progress)
+    true = scan.class_index(filt.true) if filt.true else None
+    predicted = scan.class_index(filt.predicted) if filt.predicted else None
+    matching = scan.filter(true=true, predicted=predicted, which=filt.which, sort=filt.sort)
+    shown = matching[:GALLERY_LIMIT]
+    count = f"{len(matching)} image(s) match" + (f"; the first {len(shown)} are shown" if len(shown) < len(matching)
+                                                  else "")
+    summary = scan_summary(scan) + (f"  \n{note}" if note else "")
+    return SetView(summary, confusion_image(scan), gallery_items(data.images, scan, shown), shown,
+                   list(scan.classes), count + ". Click an image to analyse it above.")
+
+
+def cell_filter(classes: list[str], x: float, y: float, filt: SetFilter) -> SetFilter:
+    """The filter after a click at pixel (x, y) of the confusion matrix: a cell picks true and predicted class,
+    a row's or column's name one of them; elsewhere the filter is unchanged."""
+    hit = confusion_cell(classes, x, y)
+    if hit is None:
+        return filt
+    t, p = hit
+    which = "all" if t is not None and p is not None else filt.which
+    return SetFilter(which, classes[t] if t is not None else None, classes[p] if p is not None else None, filt.sort)
+
+
+def pick_image(data: LabelledImages, shown: list[int], position: int) -> Image.Image:
+    """The set's image behind gallery item ``position``, at its own size, for the main view."""
+    if not 0 <= position < len(shown):
+        raise ValueError("That image is no longer in the gallery: scan the set again.")
+    return set_image(data.images, shown[position])
+
