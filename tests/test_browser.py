@@ -248,6 +248,19 @@ def test_drawing_updates_the_page_while_drawing(server):
 # --- the page's features: your own model, the strip, compare --------------------------------------------
 
 
+TOOL_TABS = ["Feature maps", "Residual magnitudes", "Lesions", "Readout", "Grad-CAM", "Compare", "Timeline",
+             "Data set", "Export"]
+
+
+def open_tab(page, name: str) -> None:
+    """Click the tool tab ``name``, in the tab bar or, when the page is narrow, in Gradio's overflow menu."""
+    shown = page.locator(f'button[role="tab"]:visible:text-is("{name}")')
+    if shown.count() == 0:
+        page.locator(".overflow-menu button, button.overflow-dropdown, .tab-container button[aria-label]").last.click()
+        shown = page.locator(f'button:visible:text-is("{name}")')
+    shown.first.click()
+
+
 @pytest.fixture
 def page(server):
     with sync_api.sync_playwright() as p:
@@ -299,10 +312,10 @@ def test_compare_two_models_on_one_image_in_the_page(page, server):
     example = ROOT / "examples" / "cifar10-frog-0.jpg"
     page.locator("#photo input[type=file]").set_input_files(str(example))
     sync_api.expect(page.locator("#summary")).to_contain_text("predicts", timeout=60_000)
-    page.get_by_role("tab", name="Compare").click()
+    open_tab(page, "Compare")
     # Every tab keeps its own label after a switch (a gr.State inside gr.Tabs once shifted them by one).
     labels = page.evaluate("() => [...document.querySelectorAll('[role=tab]')].map(b => b.innerText.trim())")
-    assert labels[-7:] == ["Feature maps", "Residual magnitudes", "Lesions", "Readout", "Grad-CAM", "Compare", "Export"]
+    assert labels[-len(TOOL_TABS):] == TOOL_TABS
     page.locator("#compare-run").click()
     text = page.locator("#compare-text")
     sync_api.expect(text).to_contain_text("they", timeout=60_000)
@@ -313,3 +326,44 @@ def test_compare_two_models_on_one_image_in_the_page(page, server):
     sync_api.expect(page.locator("#compare-cka-map img")).to_have_count(1, timeout=120_000)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "browser-compare.png"), full_page=True)
+
+
+def test_the_error_browser_sends_a_wrong_image_to_the_main_view(page, server):
+    from resnet_demo.core.evalsets import load_evalset
+
+    _, registry = server
+    e = registry.get("cifar10")
+    data = load_evalset("cifar10_test500")
+    logits = e.logits(e.batch_input(data.images))
+    conf, pred = torch.softmax(logits, 1).max(1)
+    wrong = [i for i in range(len(pred)) if pred[i] != data.labels[i]]
+    first = max(wrong, key=lambda i: float(conf[i]))  # the gallery's first: the most confidently wrong
+    open_tab(page, "Data set")
+    page.locator("#dataset-scan").click()
+    sync_api.expect(page.locator("#dataset-count")).to_contain_text(f"{len(wrong)} image(s) match", timeout=120_000)
+    sync_api.expect(page.locator("#dataset-summary")).to_contain_text("of 500 images of cifar10_test500")
+    page.locator("#dataset-gallery").get_by_role("button", name=re.compile(r"^Thumbnail 1 of")).click()
+    # The main view analyses that image: its prediction is the scan's (the set's image goes in at its own size).
+    label = data.classes[int(pred[first])]
+    sync_api.expect(page.locator("#summary")).to_contain_text(f"predicts {label}", timeout=60_000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "browser-dataset.png"), full_page=True)
+
+
+def test_the_timeline_slider_shows_each_snapshot(page, server):
+    from resnet_demo.view.timeline_view import Timelines
+
+    runs = Timelines()
+    if not runs.runs:
+        pytest.skip("no shipped training run in weights/")
+    name, run = next(iter(runs.runs.items()))
+    digit = next(p for p in (ROOT / "examples").glob("mnist-*"))
+    page.locator("#photo input[type=file]").set_input_files(str(digit))
+    sync_api.expect(page.locator("#summary")).to_contain_text("predicts", timeout=60_000)
+    open_tab(page, "Timeline")
+    page.locator("#timeline-show").click()
+    text = page.locator("#timeline-text")
+    sync_api.expect(text).to_contain_text(f"snapshot {len(run)} of {len(run)}", timeout=180_000)
+    sync_api.expect(page.locator("#timeline-history img")).to_have_count(1, timeout=30_000)
+    last = run.explorer(len(run) - 1).analyze(str(digit), kind="photo").predictions[0].label
+    sync_api.expect(page.locator("#timeline-preds")).to_contain_text(last, timeout=10_000)
