@@ -196,6 +196,78 @@ def test_lesion_nothing_gives_intact_logits_and_lesion_equals_hand_forward(seed_
     assert hook_count(seed_model) == 0
 
 
+def scaled_hand_forward(model, x, scales):
+    """The project's ResNet written out, block ``name`` computing relu(alpha * F(x) + s(x))."""
+    with torch.no_grad():
+        h = model.stem(x)
+        for stage in model.stages:
+            h = stage.transition(h)
+            for name, block in stage.blocks.named_children():
+                h = torch.relu(block.branch(h) * scales[name] + block.shortcut(h)) if name in scales else block(h)
+        return model.forward_head(h)
+
+
+def test_a_scaled_branch_is_alpha_times_f_and_alpha_0_and_1_are_the_lesion_and_the_intact_model(seed_model):
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    intact, _ = capture_forward(seed_model, x)
+    lesioned, _ = capture_forward(seed_model, x, lesion=["res5"])
+    zero, zero_records = capture_forward(seed_model, x, scale={"res5": 0.0})
+    one, one_records = capture_forward(seed_model, x, scale={"res5": 1.0, "res2": 1})
+    assert torch.equal(zero, lesioned) and torch.equal(one, intact)
+    assert not torch.equal(zero, intact)
+    assert zero_records[4].f.abs().sum() == 0
+    _, intact_records = capture_forward(seed_model, x)
+    assert torch.equal(one_records[4].f, intact_records[4].f)
+    scales = {"res2": 2.0, "res5": 0.5}
+    graded, records = capture_forward(seed_model, x, scale=scales)
+    assert torch.equal(graded, scaled_hand_forward(seed_model, x, scales))
+    res5 = records[4]  # its record holds the branch as it was added
+    with torch.no_grad():
+        assert torch.equal(res5.f, seed_model.stages[1].blocks.res5.branch(res5.x) * 0.5)
+    assert torch.equal(res5.y, torch.relu(res5.f + res5.s))
+    with torch.inference_mode():
+        assert torch.equal(seed_model(x), intact)
+    assert hook_count(seed_model) == 0
+
+
+def test_bad_scales_are_refused_with_a_reason(seed_model):
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(KeyError, match=r"unknown block\(s\) \['res42'\] for scale"):
+        capture_forward(seed_model, x, scale={"res42": 0.5})
+    with pytest.raises(ValueError, match="the scale of block res5 must be a finite number, got nan"):
+        capture_forward(seed_model, x, scale={"res5": float("nan")})
+    with pytest.raises(ValueError, match="block res5 is both lesioned and scaled by 0.5"):
+        capture_forward(seed_model, x, lesion=["res5"], scale={"res5": 0.5})
+    both, _ = capture_forward(seed_model, x, lesion=["res5"], scale={"res5": 0})
+    assert torch.equal(both, capture_forward(seed_model, x, lesion=["res5"])[0])
+    assert hook_count(seed_model) == 0
+
+
+def test_a_scale_in_one_thread_leaves_another_threads_forward_intact(tiny_model):
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        intact = tiny_model(x)
+    scaled_want, _ = capture_forward(tiny_model, x, scale={"res1": 2.0, "res3": 0.25})
+    assert not torch.equal(scaled_want, intact)
+    stop, got = threading.Event(), []
+
+    def scaler():
+        while not stop.is_set():
+            got.append(capture_forward(tiny_model, x, scale={"res1": 2.0, "res3": 0.25})[0])
+
+    t = threading.Thread(target=scaler)
+    t.start()
+    try:
+        for _ in range(30):
+            with torch.inference_mode():
+                assert torch.equal(tiny_model(x), intact)
+    finally:
+        stop.set()
+        t.join()
+    assert got and all(torch.equal(g, scaled_want) for g in got)
+    assert hook_count(tiny_model) == 0
+
+
 def test_pack_and_unpack_move_a_capture_in_one_tensor_and_keep_its_sharing(tiny_model):
     # The GPU path packs logits and every record into one tensor for a single device-to-host copy.
     torch.manual_seed(1)

@@ -121,6 +121,36 @@ def test_lesion_sweep_lesions_each_block_alone_and_charts(seed_model):
     assert img.size[0] > 300 and hook_count(seed_model) == 0
 
 
+def test_graded_lesion_runs_from_the_lesion_at_alpha_0_to_the_intact_model_at_alpha_1(seed_model):
+    x = image(5)
+    intact = logits_of(seed_model, x)
+    zero = insight.lesion(seed_model, x, ["res3"], CLASSES, alpha=0.0)
+    assert torch.equal(zero.logits, insight.lesion(seed_model, x, ["res3"], CLASSES).logits)
+    assert zero.alpha == 0.0 and zero.to_dict()["alpha"] == 0.0
+    one = insight.lesion(seed_model, x, ["res3", "res7"], CLASSES, alpha=1.0)
+    assert torch.equal(one.logits, intact) and one.kl == 0.0 and one.delta == 0.0 and one.alpha == 1.0
+    half = insight.lesion(seed_model, x, ["res3"], CLASSES, alpha=0.5)
+    with torch.no_grad():  # res3 computing relu(0.5 F(x) + x)
+        h = seed_model.stem(x)
+        for name, block in seed_model.stages[0].blocks.named_children():
+            h = torch.relu(block.branch(h) * 0.5 + block.shortcut(h)) if name == "res3" else block(h)
+        for stage in seed_model.stages[1:]:
+            h = stage.blocks(stage.transition(h))
+        want = seed_model.forward_head(h)[0]
+    assert torch.equal(half.logits, want) and half.to_dict()["alpha"] == 0.5
+    assert half.kl == pytest.approx(hand_kl(intact, want), rel=1e-9) and 0 < half.kl < zero.kl
+    sweep = insight.lesion_sweep(seed_model, x, CLASSES, alpha=0.5)
+    assert [r.alpha for r in sweep] == [0.5] * 9 and torch.equal(sweep[2].logits, half.logits)
+    ex = Explorer(seed_model, tutorial_card(trained=False), "cpu")
+    analysis = ex.analyze(x)
+    assert torch.equal(ex.lesion(analysis, ["res3"], alpha=0.5).logits, half.logits)
+    assert torch.equal(ex.sweep(analysis, alpha=0.5)[2].logits, half.logits)
+    assert ex.lesion(analysis, ["res3"]).alpha == 0.0
+    with pytest.raises(ValueError, match="must be a finite number, got inf"):
+        ex.lesion(analysis, ["res3"], alpha=float("inf"))
+    assert hook_count(seed_model) == 0
+
+
 def test_unknown_lesion_block_is_refused(seed_model):
     with pytest.raises(KeyError, match="unknown block"):
         insight.lesion(seed_model, image(), ["res42"], CLASSES)

@@ -12,6 +12,11 @@ Hooks exist only inside :func:`capture`, are removed in ``finally``, and act onl
 opened the capture: another thread running the same model at the same time is neither recorded nor
 lesioned, so concurrent requests on one shared model never mix.
 
+The same branch hook makes interventions: a *lesion* removes a block's branch (``y = relu(s(x))``, Veit
+et al. 2016) and a *graded* one scales it, ``y = relu(alpha * F(x) + s(x))``. ``alpha = 0`` is the lesion
+exactly (the branch becomes zeros, not ``F * 0``, which would keep a NaN or infinity) and ``alpha = 1``
+leaves the tensor untouched, so its logits are the intact model's bit for bit.
+
 Recorded tensors are copies wherever the model could change them in place later in the pass
 (torchvision's blocks add the shortcut into F and apply an in-place ReLU). The project's own
 :class:`~resnet_demo.core.model.ResNet` never writes into a tensor it has produced, so for it the hooks
@@ -21,11 +26,14 @@ third of what capturing costs.
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import torch
 from torch import nn
@@ -131,6 +139,26 @@ def _keep(t: torch.Tensor) -> torch.Tensor:
     return t.detach()
 
 
+def _scales(specs: list[BlockSpec], lesion: Iterable[str], scale: Mapping[str, float]) -> dict[str, float]:
+    """Block name -> the factor its branch is multiplied by (0 for a lesion); blocks left at 1 are absent.
+
+    Raises:
+        KeyError: an unknown block name. ValueError: a factor that is not a finite number, or a block
+        both lesioned and scaled by something other than 0.
+    """
+    lesioned = {s.name for s in _select(specs, lesion, "lesion")}
+    _select(specs, scale, "scale")
+    factors = dict.fromkeys(lesioned, 0.0)
+    for name, alpha in scale.items():
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+            raise ValueError(f"the scale of block {name} must be a finite number, got {alpha!r}")
+        if name in lesioned and alpha != 0:
+            raise ValueError(f"block {name} is both lesioned and scaled by {alpha:g}: give one or the other")
+        if alpha != 1:
+            factors[name] = float(alpha)
+    return factors
+
+
 @contextmanager
 def capture(
     model: nn.Module,
@@ -138,6 +166,7 @@ def capture(
     blocks: Iterable[str] | None = None,
     lesion: Iterable[str] = (),
     record: bool = True,
+    scale: Mapping[str, float] = MappingProxyType({}),
 ) -> Iterator[Capture]:
     """Record x, F(x), s(x), y of every block (or of ``blocks``) during forward passes in this context.
 
@@ -146,17 +175,21 @@ def capture(
         blocks: names of the blocks to record; all by default.
         lesion: names of blocks whose branch is removed for passes in this context (y = relu(s(x)),
             Veit et al. 2016). The model itself is not changed.
-        record: set ``False`` to lesion without copying tensors.
+        record: set ``False`` to lesion or scale without copying tensors.
+        scale: block name -> alpha: that block computes ``y = relu(alpha * F(x) + s(x))`` for passes in
+            this context. 0 is the lesion, 1 the intact block (its tensor is not touched). A scaled or
+            lesioned block's record holds the branch as it was added (``alpha * F(x)``, zeros).
 
     Raises:
-        KeyError: a name in ``blocks`` or ``lesion`` is not a block of ``model``.
-        ValueError: ``model`` has no residual blocks.
+        KeyError: a name in ``blocks``, ``lesion`` or ``scale`` is not a block of ``model``.
+        ValueError: ``model`` has no residual blocks; a scale is not a finite number, or a lesioned block
+            is also scaled by something other than 0.
     """
     specs, inplace = _scan(model)
     if not specs:
         raise ValueError(f"{type(model).__name__} has no residual blocks to capture")
     recorded = _select(specs, blocks, "capture") if record else []
-    lesioned = {s.name for s in _select(specs, lesion, "lesion")}
+    factors = _scales(specs, lesion, scale)
     owner = threading.get_ident()
     # The project's ResNet itself (not a subclass, whose forward could differ) with no in-place module
     # creates a new tensor at every step, so its activations can be kept; anything else gets copies.
@@ -164,15 +197,15 @@ def capture(
     result = Capture(recorded, {s.name: BlockRecord(s.name, s.stage) for s in recorded})
     handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def on_branch(rec: BlockRecord | None, zero: bool):
+    def on_branch(rec: BlockRecord | None, alpha: float | None):
         def hook(_module, _inputs, output):
             if threading.get_ident() != owner:
                 return None
-            if zero:
-                output = torch.zeros_like(output)
+            if alpha is not None:
+                output = torch.zeros_like(output) if alpha == 0 else output * alpha
             if rec is not None:
                 rec.f = copy(output)
-            return output if zero else None
+            return None if alpha is None else output
 
         return hook
 
@@ -212,10 +245,10 @@ def capture(
     try:
         for spec in specs:
             rec = result.records.get(spec.name)
-            zero = spec.name in lesioned
-            if rec is None and not zero:
+            alpha = factors.get(spec.name)
+            if rec is None and alpha is None:
                 continue
-            handles.append(spec.branch_end.register_forward_hook(on_branch(rec, zero)))
+            handles.append(spec.branch_end.register_forward_hook(on_branch(rec, alpha)))
             if rec is not None:
                 if spec.shortcut is not None:
                     handles.append(spec.shortcut.register_forward_hook(on_shortcut(rec)))
@@ -235,8 +268,9 @@ def capture_forward(
     *,
     blocks: Iterable[str] | None = None,
     lesion: Iterable[str] = (),
+    scale: Mapping[str, float] = MappingProxyType({}),
 ) -> tuple[torch.Tensor, list[BlockRecord]]:
     """One forward pass under ``torch.inference_mode`` with capture; returns (logits, records)."""
-    with torch.inference_mode(), capture(model, blocks=blocks, lesion=lesion) as cap:
+    with torch.inference_mode(), capture(model, blocks=blocks, lesion=lesion, scale=scale) as cap:
         logits = model(x)
     return logits, cap.blocks

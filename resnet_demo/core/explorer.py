@@ -231,19 +231,25 @@ class Explorer:
 
     # --- the insight tools, on an analysis this explorer made ----------------------------------------
 
-    def lesion(self, analysis: Analysis, blocks: Sequence[str], k: int = 5) -> insight.LesionResult:
-        """The image of ``analysis`` with the branches of ``blocks`` removed (``y = relu(s(x))``), for this call only.
+    def lesion(
+        self, analysis: Analysis, blocks: Sequence[str], k: int = 5, alpha: float = 0.0
+    ) -> insight.LesionResult:
+        """The image of ``analysis`` with the branches of ``blocks`` removed (``y = relu(s(x))``), or scaled by
+        ``alpha`` (0 the lesion, 1 intact), for this call only.
 
         Raises:
-            ValueError: no block chosen. KeyError: a name that is not one of this model's blocks.
+            ValueError: no block chosen, or ``alpha`` not a finite number. KeyError: a name that is not one of
+                this model's blocks.
         """
         if not blocks:
             raise ValueError("Choose at least one block to lesion.")
-        return insight.lesion(self.model, analysis.input, blocks, self.classes, k, intact_logits=analysis.logits)
+        return insight.lesion(self.model, analysis.input, blocks, self.classes, k, intact_logits=analysis.logits,
+                              alpha=alpha)
 
-    def sweep(self, analysis: Analysis, k: int = 5) -> list[insight.LesionResult]:
-        """Each block lesioned alone, in forward order."""
-        return insight.lesion_sweep(self.model, analysis.input, self.classes, k, intact_logits=analysis.logits)
+    def sweep(self, analysis: Analysis, k: int = 5, alpha: float = 0.0) -> list[insight.LesionResult]:
+        """Each block lesioned (or scaled by ``alpha``) alone, in forward order."""
+        return insight.lesion_sweep(self.model, analysis.input, self.classes, k, intact_logits=analysis.logits,
+                                    alpha=alpha)
 
     def readout(self, analysis: Analysis) -> insight.Readout:
         """The classifier head applied to every block as wide as the head.

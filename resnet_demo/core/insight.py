@@ -1,8 +1,9 @@
 """What the residual blocks contribute: block lesions, per-block readout, Grad-CAM.
 
 - **Lesion** (Veit et al. 2016, "Residual networks behave like ensembles of relatively shallow
-  networks"): a lesioned block computes ``y = relu(s(x))``, its branch removed. Done with the capture's
-  thread-scoped hooks for one forward pass; the shared model is never modified.
+  networks"): a lesioned block computes ``y = relu(s(x))``, its branch removed. Graded: its branch
+  scaled by ``alpha``, ``y = relu(alpha * F(x) + s(x))`` (0 the lesion, 1 intact). Done with the
+  capture's thread-scoped hooks for one forward pass; the shared model is never modified.
 - **Readout**: the classifier head (global pool + linear) applied to the output of every block whose
   width equals the head's input width, showing how the prediction forms with depth. The last block's
   readout is the model's own logits.
@@ -69,7 +70,8 @@ def _pred_dict(p: Prediction) -> dict:
 
 @dataclass
 class LesionResult:
-    """One image through the network with ``lesioned`` blocks' branches removed.
+    """One image through the network with ``lesioned`` blocks' branches removed (``alpha`` 0) or scaled by
+    ``alpha``.
 
     ``orig_*`` refer to the intact network's top-1 class; ``delta`` is its probability after minus
     before; ``kl`` is KL(intact || lesioned) of the softmax distributions, in nats.
@@ -85,6 +87,7 @@ class LesionResult:
     p_orig_top1_after: float
     delta: float
     kl: float
+    alpha: float = 0.0  # the factor of the lesioned blocks' branches: 0 removes them, 1 leaves them intact
 
     @property
     def top1_changed(self) -> bool:
@@ -93,6 +96,7 @@ class LesionResult:
     def to_dict(self) -> dict:
         return {
             "lesioned": list(self.lesioned),
+            "alpha": self.alpha,
             "logits": self.logits.tolist(),
             "predictions": [_pred_dict(p) for p in self.predictions],
             "intact_predictions": [_pred_dict(p) for p in self.intact_predictions],
@@ -106,8 +110,8 @@ class LesionResult:
         }
 
 
-def _forward(model: nn.Module, x: torch.Tensor, lesioned: tuple[str, ...]) -> torch.Tensor:
-    with torch.inference_mode(), capture(model, lesion=lesioned, record=False):
+def _forward(model: nn.Module, x: torch.Tensor, lesioned: tuple[str, ...], alpha: float = 0.0) -> torch.Tensor:
+    with torch.inference_mode(), capture(model, scale=dict.fromkeys(lesioned, alpha), record=False):
         return model(x.to(_device(model)))[0].float().cpu()
 
 
@@ -118,7 +122,12 @@ def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
 
 
 def _lesion_result(
-    lesioned: tuple[str, ...], logits: torch.Tensor, intact: torch.Tensor, classes: Sequence[str], k: int
+    lesioned: tuple[str, ...],
+    logits: torch.Tensor,
+    intact: torch.Tensor,
+    classes: Sequence[str],
+    k: int,
+    alpha: float,
 ) -> LesionResult:
     intact_preds = topk(intact, list(classes), k)
     orig = intact_preds[0].index
@@ -136,6 +145,7 @@ def _lesion_result(
         p_orig_top1_after=after,
         delta=after - before,
         kl=_kl(intact, logits),
+        alpha=alpha,
     )
 
 
@@ -146,8 +156,10 @@ def lesion(
     classes: Sequence[str],
     k: int = 5,
     intact_logits: torch.Tensor | None = None,
+    alpha: float = 0.0,
 ) -> LesionResult:
-    """Run one image with the branches of ``blocks`` removed (``y = relu(s(x))``), for this call only.
+    """Run one image with the branches of ``blocks`` removed (``y = relu(s(x))``), or scaled by ``alpha``
+    (``y = relu(alpha * F(x) + s(x))``), for this call only.
 
     Args:
         model: the shared model, in eval mode; it is not modified.
@@ -156,18 +168,21 @@ def lesion(
         classes: class names, in logit order.
         k: how many predictions to return.
         intact_logits: the intact network's logits for ``x`` if already known (saves a forward pass).
+        alpha: the factor of the branches of ``blocks``: 0 (the default) is the lesion, 1 the intact
+            network exactly; in between and above, a graded intervention.
 
     Raises:
         KeyError: a name in ``blocks`` is not a block of ``model``.
+        ValueError: ``alpha`` is not a finite number.
     """
     x = _one_image(x)
     names = tuple(dict.fromkeys([blocks] if isinstance(blocks, str) else blocks))
-    logits = _forward(model, x, names)
+    logits = _forward(model, x, names, alpha)
     if intact_logits is None:
-        intact = logits if not names else _forward(model, x, ())
+        intact = logits if not names or alpha == 1 else _forward(model, x, ())
     else:
         intact = intact_logits.detach().reshape(-1).float().cpu()
-    return _lesion_result(names, logits, intact, classes, k)
+    return _lesion_result(names, logits, intact, classes, k, float(alpha))
 
 
 def lesion_sweep(
@@ -176,11 +191,12 @@ def lesion_sweep(
     classes: Sequence[str],
     k: int = 5,
     intact_logits: torch.Tensor | None = None,
+    alpha: float = 0.0,
 ) -> list[LesionResult]:
-    """Lesion each block alone, in forward order: one :class:`LesionResult` per block."""
+    """Lesion (or scale by ``alpha``) each block alone, in forward order: one :class:`LesionResult` per block."""
     x = _one_image(x)
     intact = _forward(model, x, ()) if intact_logits is None else intact_logits.detach().reshape(-1).float().cpu()
-    return [lesion(model, x, [spec.name], classes, k, intact_logits=intact) for spec in find_blocks(model)]
+    return [lesion(model, x, [spec.name], classes, k, intact_logits=intact, alpha=alpha) for spec in find_blocks(model)]
 
 
 # --- per-block readout -----------------------------------------------------------------------------

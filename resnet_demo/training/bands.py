@@ -3,26 +3,64 @@
     python -m resnet_demo.training.bands --weights weights/cifar10_resnet.safetensors \\
         --data ../shared/datasets/cifar10-jpeg.tar.gz [--split test] [--limit N]
 
+Data-parallel under ``torchrun`` (``torchrun --nproc-per-node 2 -m resnet_demo.training.bands ...``): each
+process computes the metrics of its shard of the images, in the same batches one process would run, and
+the per-image values are gathered back into data order before the percentiles are taken, so the bands
+are exactly one process's. Only rank 0 writes.
+
 Rewrites only the card (``weights/<name>.json``); the weights file, and so its sha256, is untouched. The
-statistics themselves are :func:`resnet_demo.core.bands.compute_bands`.
+percentiles are :func:`resnet_demo.core.bands.bands_from_values`, as in
+:func:`resnet_demo.core.bands.compute_bands`.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from ..core.bands import DEFAULT_BATCH, compute_bands
+from ..core.bands import BAND_METRICS, DEFAULT_BATCH, PERCENTILES, bands_from_values
+from ..core.capture import capture_forward, find_blocks
 from ..core.cards import WeightsError, write_card_field
-from ..core.load import load_model
-from ..core.runtime import pick_device
-from .data import DEFAULT_CACHE_DIR, DataError, Normalise, load_data, subset
+from ..core.distributed import Dist
+from ..core.metrics import block_metrics
+from .data import DEFAULT_CACHE_DIR, DataError, Normalise
+from .scan import load_for_scan
 
-# --- command line ----------------------------------------------------------------------------------
+__all__ = ["band_values", "main"]
+
+
+@torch.inference_mode()
+def band_values(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    normalise: Callable[[torch.Tensor], torch.Tensor],
+    dist: Dist | None = None,
+    batch_size: int = DEFAULT_BATCH,
+    metrics: Sequence[str] = BAND_METRICS,
+) -> dict[str, dict[str, list[float]]]:
+    """``values[metric][block]``: one number per image of ``images`` (uint8), in data order, whichever
+    process computed it. Each process runs its shard in whole batches of ``batch_size`` and every process
+    gets all the values (``all_gather``)."""
+    dist = dist or Dist()
+    index = dist.shard(len(images), block=batch_size)
+    names = [b.name for b in find_blocks(model)]
+    rows = []
+    for start in range(0, len(index), batch_size):
+        _, records = capture_forward(model, normalise(images[index[start : start + batch_size]]))
+        per_image = block_metrics(records)
+        if [m.name for m in per_image[0]] != names:
+            raise ValueError(f"a forward pass reached only the blocks {[m.name for m in per_image[0]]} of {names}")
+        rows.extend([getattr(m, metric) for metric in metrics for m in image] for image in per_image)
+    local = torch.tensor(rows, dtype=torch.float64).reshape(len(index), len(metrics) * len(names))
+    table = dist.gather(local, index)  # (N, metrics x blocks), in data order
+    return {metric: {name: table[:, i * len(names) + j].tolist() for j, name in enumerate(names)}
+            for i, metric in enumerate(metrics)}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -37,28 +75,36 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--download", action="store_true", help="let torchvision download its data set")
     args = p.parse_args(argv)
 
-    weights = Path(args.weights)
-    card_path = weights.with_suffix(".json")
     try:
-        if not card_path.is_file():
-            raise WeightsError(f"no model card {card_path} beside {weights}: the bands are stored in the card")
-        model, card = load_model(weights)
-        data = load_data(args.data, args.split, size=card.input_size, cache_dir=args.cache_dir, download=args.download)
-        if list(data.classes) != list(card.classes):
-            raise DataError(f"the classes of {args.data} {data.classes} do not match the model card's {card.classes}")
-        data = subset(data, args.limit)
-        device = pick_device(args.device)
-    except (WeightsError, DataError, ValueError) as exc:
+        dist = Dist.from_env(args.device)
+    except ValueError as exc:
         p.exit(2, f"error: {exc}\n")
-    model = model.to(device).eval()
-    in_channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
-    normalise = Normalise(card.mean, card.std, in_channels, device, channels_last=False)
-    bands = compute_bands(model, data.images, normalise=normalise, batch_size=args.batch_size)
-    bands["data"] = args.data if ":" in args.data else Path(args.data).name
-    bands["split"] = args.split
-    write_card_field(card_path, "reference_bands", bands)
+    with dist:
+        try:
+            model, card, data = load_for_scan(args, dist)
+        except (WeightsError, DataError, ValueError) as exc:
+            p.exit(2, f"error: {exc}\n")
+        if len(data.images) == 0:
+            p.exit(2, "error: no images to compute reference bands from\n")
+        in_channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+        normalise = Normalise(card.mean, card.std, in_channels, dist.device, channels_last=False)
+        values = band_values(model, data.images, normalise=normalise, dist=dist, batch_size=args.batch_size)
+        bands: dict = bands_from_values(values, PERCENTILES)
+        bands["percentiles"] = list(PERCENTILES)
+        bands["n"] = len(data.images)
+        bands["data"] = args.data if ":" in args.data else Path(args.data).name
+        bands["split"] = args.split
+        if dist.main:
+            _report(card.name, bands, args.split, dist)
+            card_path = Path(args.weights).with_suffix(".json")
+            write_card_field(card_path, "reference_bands", bands)
+            print(f"written to {card_path} (the weights file is unchanged)")
+    return bands
 
-    print(f"{card.name}: reference bands over {bands['n']} images of {bands['data']} [{args.split}], {device}")
+
+def _report(name: str, bands: dict, split: str, dist: Dist) -> None:
+    print(f"{name}: reference bands over {bands['n']} images of {bands['data']} [{split}], {dist.device}, "
+          f"{dist.world} process(es)")
     names = list(bands["ratio"])
     width = max(len(n) for n in names)
     print(f"{'block':<{width}}  {'ratio p5 / p50 / p95':>26}  {'cosine p5 / p50 / p95':>26}")
@@ -68,8 +114,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
             f"{name:<{width}}  {r['p5']:8.3f} {r['p50']:8.3f} {r['p95']:8.3f}  "
             f"{c.get('p5', float('nan')):8.3f} {c.get('p50', float('nan')):8.3f} {c.get('p95', float('nan')):8.3f}"
         )
-    print(f"written to {card_path} (the weights file is unchanged)")
-    return bands
 
 
 if __name__ == "__main__":
