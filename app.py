@@ -12,6 +12,7 @@ components by name. This file talks to ``resnet_demo.view`` only, and to the cor
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import sys
@@ -34,6 +35,7 @@ from resnet_demo.view.page import (  # noqa: E402
     METRIC_COLUMNS,
     SWEEP_COLUMNS,
     AnalysisView,
+    ChannelView,
     Pages,
     SetFilter,
     Settings,
@@ -98,6 +100,10 @@ HOW_TO_READ = {
     "block *adds*: red is positive, blue negative, white zero. **x** and **y** are the block's input and output "
     "(after ReLU, so never negative: dark = 0, bright = large). Each grid shares one colour scale, so strong "
     "channels look strong. Pick a block below (or click a grid) to see all its channels, each on its own scale.",
+    "channel": "**What does a channel respond to?** Click a tile of the enlarged block (or give a channel number): "
+    "its map on your image, the shipped test images that excite it most (each cropped where the channel peaks, "
+    "with its mean value) and, for F(x), those it pushes down most: the branch both adds and removes. *Optimise* "
+    "draws an image that excites the channel as much as it can (Olah et al., Distill 2017), for F(x) and y.",
     "residual": "Bars: **‖F(x)‖ / ‖s(x)‖**, how much each block changes what flows through it "
     "(Jastrzębski et al. 2018). Near 0 the block is almost an identity; near 1 it rewrites its input. "
     "The line: **cosine(F, s)**: positive = the branch amplifies the input, negative = it suppresses it. "
@@ -238,6 +244,7 @@ class FeatureMapsTab:
     grids: gr.Image
     detail_block: gr.Dropdown
     detail: gr.Image
+    channels: ChannelPanel
 
     def show(self, view: AnalysisView) -> dict:
         shown = {self.grids: view.page.grids.image, self.detail: view.page.detail}
@@ -253,9 +260,75 @@ def feature_maps_tab() -> FeatureMapsTab:
                          interactive=False, format="png", elem_id="block-grids")
         gr.Markdown(HOW_TO_READ["maps"])
         detail_block = gr.Dropdown([], label="Block to enlarge", allow_custom_value=True, elem_id="detail-block")
-        detail = gr.Image(label="All channels of the chosen block", interactive=False, height=480, format="png",
-                          elem_classes=["pixelated"], elem_id="detail")
-    return FeatureMapsTab(tab, view, grids, detail_block, detail)
+        detail = gr.Image(label="All channels of the chosen block: click one to see what it responds to",
+                          interactive=False, height=480, format="png", elem_classes=["pixelated"], elem_id="detail")
+        channels = channel_panel()
+    return FeatureMapsTab(tab, view, grids, detail_block, detail, channels)
+
+
+@dataclass
+class ChannelPanel:
+    channel: gr.Number
+    show: gr.Button
+    visualise: gr.Button
+    text: gr.Markdown
+    on_image: gr.Image
+    exemplars: gr.Image
+    picture: gr.Image
+    picture_text: gr.Markdown
+
+    def outputs(self) -> list:
+        return [self.channel, self.text, self.on_image, self.exemplars]
+
+    def shown(self, v: ChannelView) -> dict:
+        return {self.channel: v.channel, self.text: v.text, self.on_image: v.on_image, self.exemplars: v.exemplars}
+
+
+def channel_panel() -> ChannelPanel:
+    gr.Markdown(HOW_TO_READ["channel"])
+    with gr.Row():
+        channel = gr.Number(0, precision=0, minimum=0, label="Channel", elem_id="channel-index")
+        show = gr.Button("Show this channel", elem_id="channel-show")
+        visualise = gr.Button("Optimise an image for it (a few seconds)", elem_id="channel-visualise")
+    text = gr.Markdown(elem_id="channel-text")
+    with gr.Row():
+        on_image = gr.Image(label="The channel on your image", interactive=False, format="png",
+                            elem_id="channel-map")
+        picture = gr.Image(label="Images optimised to excite it: F(x) and y", interactive=False, format="png",
+                           elem_id="channel-picture")
+    picture_text = gr.Markdown()
+    exemplars = gr.Image(label="Test images that excite it most (and, for F(x), least)", interactive=False,
+                         format="png", elem_id="channel-exemplars")
+    return ChannelPanel(channel, show, visualise, text, on_image, exemplars, picture, picture_text)
+
+
+def wire_channels(pages: Pages, c: Controls, maps: FeatureMapsTab) -> None:
+    p = maps.channels
+    settings = [c.state, c.model_key, c.k, maps.view, maps.detail_block]
+
+    @to_gr_error
+    @gpu
+    def clicked(state, model_key, k, view, block, evt: gr.SelectData, request: gr.Request,
+                progress=gr.Progress()):  # noqa: B008
+        v = pages.channel_click(state, settings_of(request, model_key, k, view, block), *evt.index,
+                                progress=lambda share: progress(share, desc="Scanning the test images"))
+        return gr.skip() if v is None else p.shown(v)
+
+    @to_gr_error
+    @gpu
+    def show(state, model_key, k, view, block, channel, request: gr.Request, progress=gr.Progress()):  # noqa: B008
+        v = pages.channel(state, settings_of(request, model_key, k, view, block), int(channel or 0),
+                          progress=lambda share: progress(share, desc="Scanning the test images"))
+        return p.shown(v)
+
+    @to_gr_error
+    @gpu
+    def visualise(state, model_key, k, view, block, channel, request: gr.Request):
+        return pages.visualise(state, settings_of(request, model_key, k, view, block), int(channel or 0))
+
+    maps.detail.select(clicked, settings, p.outputs(), api_visibility="private")
+    p.show.click(show, [*settings, p.channel], p.outputs(), api_name="channel")
+    p.visualise.click(visualise, [*settings, p.channel], [p.picture, p.picture_text], api_name="visualise")
 
 
 @dataclass
@@ -317,6 +390,9 @@ def lesions_tab(pages: Pages, c: Controls) -> LesionsTab:
         gr.Markdown(HOW_TO_READ["lesions"])
         with gr.Row():
             blocks = gr.CheckboxGroup([], label="Remove the residual branch of these blocks")
+            alpha = gr.Slider(0, 2, value=0, step=0.05, label="α: scale their branch, y = relu(α·F(x) + s(x))",
+                              info="0 removes it (the lesion), 1 leaves the block intact, 2 doubles it",
+                              elem_id="lesion-alpha")
             lesion_btn = gr.Button("Lesion", variant="primary", scale=0)
         with gr.Row():
             preds = gr.Label(label="Predictions with the lesion", num_top_classes=10)
@@ -327,8 +403,9 @@ def lesions_tab(pages: Pages, c: Controls) -> LesionsTab:
 
     @to_gr_error
     @gpu
-    def lesion(state, model_key, k, chosen, request: gr.Request):
-        v = pages.lesion(state, settings_of(request, model_key, k, lesion_blocks=chosen))
+    def lesion(state, model_key, k, chosen, factor, request: gr.Request):
+        v = pages.lesion(state, dataclasses.replace(settings_of(request, model_key, k, lesion_blocks=chosen),
+                                                    alpha=float(factor)))
         return {c.state: v.state, preds: v.predictions, text: v.text}
 
     @to_gr_error
@@ -337,7 +414,9 @@ def lesions_tab(pages: Pages, c: Controls) -> LesionsTab:
         v = pages.sweep(state, settings_of(request, model_key, k))
         return {c.state: v.state, sweep_chart: v.chart, sweep_table: v.rows}
 
-    lesion_btn.click(lesion, [c.state, c.model_key, c.k, blocks], [preds, text, c.state], api_name="lesion")
+    lesion_btn.click(lesion, [c.state, c.model_key, c.k, blocks, alpha], [preds, text, c.state], api_name="lesion")
+    alpha.release(lesion, [c.state, c.model_key, c.k, blocks, alpha], [preds, text, c.state],
+                  api_visibility="private", trigger_mode="always_last")
     sweep_btn.click(sweep, [c.state, c.model_key, c.k], [sweep_chart, sweep_table, c.state], api_name="lesion_sweep")
     return LesionsTab(tab, blocks)
 
@@ -720,6 +799,7 @@ def make_demo(registry: Registry, default_model: str = AUTO, uploads: UserModels
         tabs.select(residual_open, None, residual.is_open, api_visibility="private", show_progress="hidden")
         analysis = wire_analysis(pages, registry, inputs, controls, results, maps, residual, lesions, cam)
         wire_dataset(pages, controls, dataset, inputs.photo)
+        wire_channels(pages, controls, maps)
         if panel is not None:
             wire_uploads(pages, panel, controls, analysis, compare.model_b)
         demo.unload(end_session_for(pages))

@@ -179,6 +179,13 @@ def test_insight_tools_through_the_server(server):
     want = lesion(explorer.model, analysis.input, ["res5", "res8"], explorer.card.classes, 5)
     assert preds["label"] == want.predictions[0].label
     assert f"KL(intact ‖ lesioned) = {want.kl:.3f}" in text
+    # Graded: the branch scaled by α; α = 1 is the intact network exactly.
+    preds, text = client.predict("auto", 5, ["res7"], 0.5, api_name="/lesion")
+    want = lesion(explorer.model, analysis.input, ["res7"], explorer.card.classes, 5, alpha=0.5)
+    assert preds["label"] == want.predictions[0].label and "scaled by α = 0.5" in text
+    assert f"KL(intact ‖ lesioned) = {want.kl:.3f}" in text
+    _, text = client.predict("auto", 5, ["res7"], 1, api_name="/lesion")
+    assert "KL(intact ‖ lesioned) = 0.000" in text and "The top-1 is unchanged." in text
 
     chart, text = client.predict("auto", 5, api_name="/readout")
     want = readout(explorer.model, analysis, explorer.card.classes)

@@ -367,3 +367,32 @@ def test_the_timeline_slider_shows_each_snapshot(page, server):
     sync_api.expect(page.locator("#timeline-history img")).to_have_count(1, timeout=30_000)
     last = run.explorer(len(run) - 1).analyze(str(digit), kind="photo").predictions[0].label
     sync_api.expect(page.locator("#timeline-preds")).to_contain_text(last, timeout=10_000)
+
+
+def test_a_click_on_a_channel_tile_shows_what_it_responds_to(page, server):
+    from resnet_demo.view.page import SCREEN, block_tensor
+    from resnet_demo.view.render import rank_channels
+
+    _, registry = server
+    example = ROOT / "examples" / "cifar10-ship-0.jpg"
+    analysis = registry.get("cifar10").analyze(str(example))
+    # The tile in row 8, column 8 of the 16 x 16 grid of res9's 256 channels (the picture's top left corner is
+    # under the image's label): channel number 136 in order of activity on this image.
+    chosen = int(rank_channels(block_tensor(analysis, "res9", "f"))[8 * 16 + 8])
+    page.locator("#photo input[type=file]").set_input_files(str(example))
+    sync_api.expect(page.locator("#summary")).to_contain_text("predicts", timeout=60_000)
+    detail = page.locator("#detail img")
+    sync_api.expect(detail).to_have_count(1, timeout=30_000)
+    detail.scroll_into_view_if_needed()
+    box = detail.bounding_box()
+    nw, nh = page.evaluate("() => [document.querySelector('#detail img').naturalWidth,"
+                           " document.querySelector('#detail img').naturalHeight]")
+    scale = min(box["width"] / nw, box["height"] / nh)  # object-fit: contain centres the picture in its box
+    left, top = box["x"] + (box["width"] - nw * scale) / 2, box["y"] + (box["height"] - nh * scale) / 2
+    centre = SCREEN.pad + 8 * (SCREEN.detail_cell + SCREEN.pad) + SCREEN.detail_cell / 2  # in the picture's pixels
+    page.mouse.click(left + centre * scale, top + centre * scale)
+    text = page.locator("#channel-text")
+    sync_api.expect(text).to_contain_text(f"res9 F(x), channel {chosen} of 256", timeout=60_000)
+    sync_api.expect(page.locator("#channel-exemplars img")).to_have_count(1, timeout=30_000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "browser-channel.png"), full_page=True)

@@ -54,3 +54,27 @@ def test_residual_chart_bar_heights_follow_the_ratio():
         heights.append(int((np.abs(column - blue).sum(axis=1) < 30).sum()))
     assert heights[1] > heights[2] > heights[0] > 0
     assert abs(heights[1] / heights[0] - 4) < 0.3
+
+
+def test_tile_at_finds_the_tile_under_every_pixel_of_a_grid():
+    from resnet_demo.view.render import WHITE, grid_codes, tile_at
+
+    n, h, w, cell, pad = 7, 4, 4, 16, 1
+    # Each channel constant at its own value, so a tile's colour code says which channel it shows.
+    fmap = torch.arange(1, n + 1, dtype=torch.float32)[:, None, None].expand(n, h, w).contiguous()
+    channels = list(range(n))
+    codes = grid_codes(fmap, channels=channels, cell=cell, pad=pad)
+    level_of = {int(codes[pad + 2, pad + 2 + i * (cell + pad)]) if i < 3 else None: i for i in range(3)}
+    hits = 0
+    for y in range(codes.shape[0]):
+        for x in range(codes.shape[1]):
+            tile = tile_at(n, h, w, cell, pad, x + 0.5, y + 0.5)
+            if codes[y, x] == WHITE:
+                assert tile is None, (x, y)
+            else:
+                assert tile is not None
+                hits += 1
+                if tile < 3:
+                    assert level_of[int(codes[y, x])] == tile
+    assert hits == n * cell * cell  # every pixel of every tile, and only those
+    assert tile_at(n, h, w, cell, pad, -1, 5) is None and tile_at(n, h, w, cell, pad, 10_000, 5) is None

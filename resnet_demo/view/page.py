@@ -31,6 +31,7 @@ from ..core.insight import LesionResult, Readout
 from ..core.metrics import METRIC_NAMES
 from ..core.preprocess import InputError, load_image
 from ..core.similarity import Similarity, block_similarity
+from .channel_page import ChannelView, channel_view, visualisation
 from .dataset_page import USER_SET, SetFilter, SetView, UserSets, cell_filter, pick_image, set_view, the_set
 from .error_view import labelled_summary
 from .export import export_zip
@@ -46,10 +47,12 @@ from .render import (
     lesion_sweep_chart,
     overlay,
     palette_image,
+    rank_channels,
     readout_chart,
     residual_chart,
     similarity_map,
     slot_at,
+    tile_at,
 )
 from .timeline_view import RUN_PREFIX, Timelines, TimelineView, timeline_view
 from .uploads import UPLOAD_PREFIX, UserModels, load_upload, parse_class_names
@@ -58,6 +61,7 @@ __all__ = [
     "METRIC_COLUMNS",
     "SWEEP_COLUMNS",
     "AnalysisView",
+    "ChannelView",
     "CompareView",
     "SimilarityView",
     "GradcamView",
@@ -147,6 +151,16 @@ def block_detail(
                         per_channel_scale=True)
 
 
+def detail_channel(analysis: Analysis, block: str, view: str, x: float, y: float, max_channels: int = 256,
+                   sizes: Sizes = SCREEN) -> int | None:
+    """The channel whose tile is under pixel (x, y) of :func:`block_detail`'s picture (tiles are in order of
+    activity on this image, so the same pixel is another channel on another image)."""
+    fmap = block_tensor(analysis, block, view)
+    n = min(fmap.shape[0], max_channels)
+    tile = tile_at(n, fmap.shape[1], fmap.shape[2], sizes.detail_cell, sizes.pad, x, y)
+    return None if tile is None else int(rank_channels(fmap)[tile])
+
+
 def summarise(analysis: Analysis) -> str:
     top = analysis.predictions[0]
     metrics = analysis.metrics
@@ -213,6 +227,7 @@ class Settings:
     detail_block: str | None = None
     lesion_blocks: tuple[str, ...] = ()
     session: str = ""  # the browser session: uploaded models are visible to theirs only
+    alpha: float = 0.0  # the lesion tab's branch factor: 0 removes the chosen branches, 1 leaves them intact
 
 
 @dataclass
@@ -330,8 +345,11 @@ class GradcamView:
 
 def lesion_text(result: LesionResult) -> str:
     after = result.predictions[0]
+    names = ", ".join(result.lesioned)
+    what = (f"Without the branch of **{names}**" if result.alpha == 0
+            else f"With the branch of **{names}** scaled by α = {result.alpha:g} (y = relu(α·F(x) + s(x)))")
     return (
-        f"Without the branch of **{', '.join(result.lesioned)}**, the network predicts **{after.label}** "
+        f"{what}, the network predicts **{after.label}** "
         f"({after.prob:.1%}). The original top-1 **{result.orig_label}** goes from "
         f"{result.p_orig_top1_before:.1%} to {result.p_orig_top1_after:.1%} (Δ {result.delta:+.1%}); "
         f"KL(intact ‖ lesioned) = {result.kl:.3f} nats."
@@ -509,6 +527,28 @@ class Pages:
         if session:
             self.user_sets.end_session(session)
 
+    # --- what a channel responds to --------------------------------------------------------------------
+
+    def channel(self, state: PageState | None, settings: Settings, channel: int,
+                progress: Callable[[float], None] | None = None) -> ChannelView:
+        """Channel ``channel`` of the enlarged block (``settings.detail_block``) in the chosen view."""
+        state, explorer, analysis = self._current(state, settings)
+        block = settings.detail_block or analysis.metrics[-1].name
+        return channel_view(explorer, analysis, block, settings.view, int(channel), progress)
+
+    def channel_click(self, state: PageState | None, settings: Settings, x: float, y: float,
+                      progress: Callable[[float], None] | None = None) -> ChannelView | None:
+        """The channel whose tile is under pixel (x, y) of the enlarged block's picture (``None``: no tile)."""
+        state, explorer, analysis = self._current(state, settings)
+        block = settings.detail_block or analysis.metrics[-1].name
+        channel = detail_channel(analysis, block, settings.view, x, y)
+        return None if channel is None else channel_view(explorer, analysis, block, settings.view, channel, progress)
+
+    def visualise(self, state: PageState | None, settings: Settings, channel: int) -> tuple[Image.Image, str]:
+        state, explorer, analysis = self._current(state, settings)
+        block = settings.detail_block or analysis.metrics[-1].name
+        return visualisation(explorer, analysis, block, settings.view, int(channel))
+
     # --- the data-set tab ------------------------------------------------------------------------------
 
     def dataset(self, settings: Settings, kind: str, which: str, filt: SetFilter,
@@ -586,7 +626,7 @@ class Pages:
 
     def lesion(self, state: PageState | None, settings: Settings) -> LesionView:
         state, explorer, analysis = self._current(state, settings)
-        result = explorer.lesion(analysis, list(settings.lesion_blocks), int(settings.k))
+        result = explorer.lesion(analysis, list(settings.lesion_blocks), int(settings.k), alpha=float(settings.alpha))
         state = dataclasses.replace(state, lesion=result)
         return LesionView(state, {p.label: p.prob for p in result.predictions}, lesion_text(result))
 
@@ -621,7 +661,7 @@ class Pages:
         blocks = tuple(settings.lesion_blocks)
         lesion = state.lesion if state.lesion is not None and state.lesion.lesioned == blocks else None
         if lesion is None and blocks:
-            lesion = explorer.lesion(analysis, list(blocks), int(settings.k))
+            lesion = explorer.lesion(analysis, list(blocks), int(settings.k), alpha=float(settings.alpha))
         sweep = state.sweep if state.sweep is not None else explorer.sweep(analysis)
         readout = state.readout
         if readout is None:

@@ -29,6 +29,7 @@ __all__ = [
     "feature_grid",
     "feature_strip",
     "slot_at",
+    "tile_at",
     "grid_codes",
     "figure_to_image",
     "input_image",
@@ -199,6 +200,20 @@ def _grid_index(n: int, h: int, w: int, rep: int, pad: int) -> np.ndarray:
         index[y0 : y0 + th, x0 : x0 + tw] = i * h * w + tile
     index.flags.writeable = False
     return index
+
+
+def tile_at(n: int, h: int, w: int, cell: int, pad: int, x: float, y: float) -> int | None:
+    """Which of the ``n`` tiles of a grid drawn by :func:`grid_codes` (tiles of (h, w) maps, ``cell`` and
+    ``pad`` as given there) is under pixel (x, y) of the grid's own image; ``None`` on the padding or outside."""
+    rep = max(1, cell // max(h, w))
+    th, tw = h * rep, w * rep
+    cols = math.ceil(math.sqrt(n))
+    c, dx = divmod(x - pad, tw + pad)
+    r, dy = divmod(y - pad, th + pad)
+    if x < pad or y < pad or dx >= tw or dy >= th or c >= cols:
+        return None
+    i = int(r) * cols + int(c)
+    return i if i < n else None
 
 
 def input_image(tensor: torch.Tensor, card: ModelCard, size: int = 160) -> Image.Image:
