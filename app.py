@@ -138,6 +138,9 @@ HOW_TO_READ = {
     "The **confusion matrix** counts true classes (rows) against predicted ones (columns); click a cell to see "
     "those images, or a class name for all of its row or column. The gallery shows the most confidently wrong "
     "first; click an image to analyse it in the main view.",
+    "study": "**Which blocks each class needs** (Veit et al.'s lesion study, by class): each block's branch removed in "
+    "turn over the test images. A red cell: that class loses accuracy without that block. The chart scales one "
+    "branch at a time by α from 0 (removed) through 1 (intact) to 2 (doubled): how much of a block's size matters.",
     "export": "Download the current analysis: a JSON with predictions, every per-block metric, the lesion of the "
     "blocks chosen in *Lesions*, the sweep, the readout and a reference to the model card, plus the images as PNG.",
 }
@@ -577,6 +580,7 @@ class DatasetTab:
     count: gr.Markdown
     gallery: gr.Gallery
     shown: gr.State
+    study: StudyPanel
 
     @property
     def filters(self) -> list:
@@ -619,8 +623,29 @@ def dataset_tab() -> DatasetTab:
                 count = gr.Markdown(elem_id="dataset-count")
         gallery = gr.Gallery(columns=10, height=420, object_fit="contain", allow_preview=False,
                              label="Images (true → predicted, confidence)", elem_id="dataset-gallery")
+        study = study_panel()
     return DatasetTab(source, zip_file, scan, summary, confusion, which, true, predicted, sort, count, gallery,
-                      gr.State([]))
+                      gr.State([]), study)
+
+
+@dataclass
+class StudyPanel:
+    button: gr.Button
+    text: gr.Markdown
+    lesion_map: gr.Image
+    alpha_chart: gr.Image
+
+
+def study_panel() -> StudyPanel:
+    gr.Markdown(HOW_TO_READ["study"])
+    button = gr.Button("Which blocks each class needs", elem_id="study-run")
+    text = gr.Markdown(elem_id="study-text")
+    with gr.Row():
+        lesion_map = gr.Image(label="Accuracy change per class with each block lesioned", interactive=False,
+                              format="png", elem_id="study-map")
+        alpha_chart = gr.Image(label="Accuracy with one block's branch scaled by α", interactive=False,
+                               format="png", elem_id="study-alpha")
+    return StudyPanel(button, text, lesion_map, alpha_chart)
 
 
 def wire_dataset(pages: Pages, c: Controls, t: DatasetTab, photo: gr.Image) -> None:
@@ -664,6 +689,16 @@ def wire_dataset(pages: Pages, c: Controls, t: DatasetTab, photo: gr.Image) -> N
         control.input(scan, inputs, t.outputs, api_visibility="private", trigger_mode="always_last")
     t.confusion.select(click, inputs, [*t.outputs, t.which], api_visibility="private")
     t.gallery.select(pick, [c.state, c.model_key, c.k, t.source, t.shown], photo, api_name="dataset_pick")
+
+    @to_gr_error
+    @gpu
+    def study(state, model_key, k, request: gr.Request, progress=gr.Progress()):  # noqa: B008
+        v = pages.lesion_study(settings_of(request, model_key, k), kind(state),
+                               progress=lambda share: progress(share, desc="Lesioning each block over the test images"))
+        return v.text, v.lesion_map, v.alpha_chart
+
+    p = t.study
+    p.button.click(study, [c.state, c.model_key, c.k], [p.text, p.lesion_map, p.alpha_chart], api_name="lesion_study")
 
 
 def export_tab(pages: Pages, c: Controls, lesion_blocks: gr.CheckboxGroup) -> gr.Tab:

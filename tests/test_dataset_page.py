@@ -109,3 +109,29 @@ def test_the_error_browser_through_the_real_server(tmp_path):
         wrong = int((pred != data.labels).sum())
         assert len(gallery) == wrong and f"{wrong} image(s) match" in count
         assert Image.open(confusion).size[0] > 300
+
+
+def test_the_lesion_study_is_the_cards_or_computed_for_another_model(pages, tmp_path):
+    import json
+
+    from test_timeline import write_run
+
+    from resnet_demo.core.cards import WEIGHTS_DIR
+    from resnet_demo.core.explorer import Explorer
+    from resnet_demo.view.dataset_page import lesion_study
+
+    stored = json.loads((WEIGHTS_DIR / "mnist_resnet.json").read_text())
+    study = stored["studies"].get("lesions")
+    if study is None:
+        pytest.skip("the shipped MNIST card has no lesion study")
+    v = pages.lesion_study(SETTINGS, "drawing")
+    assert f"intact accuracy {study['accuracy']['none']:.1%}" in v.text and "stored in the model card" in v.text
+    assert pages.lesion_study(SETTINGS, "drawing") is v  # cached
+    # A model without a stored study: computed now over the shipped test digits; "none" is its plain accuracy.
+    run = write_run(tmp_path / "tiny_timeline", steps=(5,))
+    tiny = Explorer.from_weights(run / "step-000005.safetensors", "cpu")
+    data = load_evalset("mnist_test500")
+    v = lesion_study(tiny)
+    acc = (tiny.logits(tiny.batch_input(data.images)).argmax(1) == data.labels).double().mean().item()
+    assert f"intact accuracy {acc:.1%}" in v.text and "500 images of mnist_test500, computed now" in v.text
+    assert v.lesion_map.size[0] > 400 and v.alpha_chart.size[0] > 400

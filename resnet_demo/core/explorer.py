@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import insight
+from . import insight, scans
 from .capture import BlockRecord, capture_forward, find_blocks
 from .cards import ModelCard, numbered_classes, upload_card
 from .errors import WeightsError
@@ -250,6 +250,16 @@ class Explorer:
         """Each block lesioned (or scaled by ``alpha``) alone, in forward order."""
         return insight.lesion_sweep(self.model, analysis.input, self.classes, k, intact_logits=analysis.logits,
                                     alpha=alpha)
+
+    def lesion_scan(
+        self, images: torch.Tensor, labels: torch.Tensor, *, alphas: Sequence[float] = (0.0, 0.5, 1.0, 1.5, 2.0),
+        progress: Callable[[float], None] | None = None,
+    ) -> scans.LesionScan:
+        """Per-class accuracy over uint8 ``images`` with each block lesioned, and accuracy with each block's
+        branch scaled by each of ``alphas`` (see :func:`~.scans.lesion_scan`); ``progress`` gets the share done."""
+        report = None if progress is None else (lambda done, total: progress(done / max(total, 1)))
+        return scans.lesion_scan(self.model, images, labels, classes=self.classes, normalise=self.batch_input,
+                                 alphas=alphas, progress=report)
 
     def readout(self, analysis: Analysis) -> insight.Readout:
         """The classifier head applied to every block as wide as the head.

@@ -21,10 +21,24 @@ from ..core.errorscan import SORTS, WHICH, LabelledImages, scan_set
 from ..core.evalsets import evalset_for, load_evalset
 from ..core.explorer import Explorer
 from ..core.labelled import LabelledSet, read_labelled
+from ..core.scans import LesionScan
 from .error_view import confusion_cell, confusion_image, gallery_items, scan_summary, set_image
+from .lesion_charts import alpha_chart, class_lesion_map
 
-__all__ = ["SHIPPED_SET", "SORTS", "USER_SET", "SetFilter", "SetView", "UserSets", "cell_filter", "pick_image",
-           "set_view", "the_set"]
+__all__ = [
+    "SHIPPED_SET",
+    "SORTS",
+    "USER_SET",
+    "SetFilter",
+    "SetView",
+    "StudyView",
+    "UserSets",
+    "cell_filter",
+    "lesion_study",
+    "pick_image",
+    "set_view",
+    "the_set",
+]
 
 SHIPPED_SET = "shipped"  # the shipped evaluation set of the model's data
 USER_SET = "yours"  # the labelled ZIP this session gave
@@ -139,3 +153,40 @@ def pick_image(data: LabelledImages, shown: list[int], position: int) -> Image.I
         raise ValueError("That image is no longer in the gallery: scan the set again.")
     return set_image(data.images, shown[position])
 
+
+
+@dataclass
+class StudyView:
+    """Which blocks each class needs: the block x class lesion map, accuracy against alpha, and words."""
+
+    lesion_map: Image.Image
+    alpha_chart: Image.Image
+    text: str
+
+
+def lesion_study(explorer: Explorer, progress: Callable[[float], None] | None = None) -> StudyView:
+    """The lesion study stored in the model's card (``studies["lesions"]``, by ``python -m
+    resnet_demo.training.scan``), else one computed now over the shipped evaluation set of its data."""
+    stored = explorer.card.studies.get("lesions")
+    if stored:
+        result = LesionScan.from_dict(stored)
+        source = (f"{result.n} images of {stored.get('data', 'its test set')} ({stored.get('split', 'test')}), "
+                  "stored in the model card")
+    else:
+        name = evalset_for(explorer.card)
+        if name is None:
+            raise DataError(f"{explorer.card.name} has no stored lesion study and no shipped evaluation set fits its "
+                            "classes: run python -m resnet_demo.training.scan on its data.")
+        data = load_evalset(name)
+        result = explorer.lesion_scan(data.images, data.labels, progress=progress)
+        source = f"the {result.n} images of {name}, computed now"
+    lesions = result.lesions
+    overall = dict(zip(lesions.rows, lesions.overall))
+    intact = overall.pop("none")
+    worst = sorted(overall.items(), key=lambda kv: kv[1])[:3]
+    text = (f"Over {source}: intact accuracy {intact:.1%}; without "
+            + ", ".join(f"**{b}** {a:.1%}" for b, a in worst)
+            + ". Each cell of the map is a class's accuracy change with that block's branch removed; the chart scales "
+            "one branch at a time by α (0 removes it, 1 is the intact network).")
+    return StudyView(class_lesion_map(lesions, title=f"Which blocks each class needs: {explorer.card.name}"),
+                     alpha_chart(result.curves), text)

@@ -32,7 +32,18 @@ from ..core.metrics import METRIC_NAMES
 from ..core.preprocess import InputError, load_image
 from ..core.similarity import Similarity, block_similarity
 from .channel_page import ChannelView, channel_view, visualisation
-from .dataset_page import USER_SET, SetFilter, SetView, UserSets, cell_filter, pick_image, set_view, the_set
+from .dataset_page import (
+    USER_SET,
+    SetFilter,
+    SetView,
+    StudyView,
+    UserSets,
+    cell_filter,
+    lesion_study,
+    pick_image,
+    set_view,
+    the_set,
+)
 from .error_view import labelled_summary
 from .export import export_zip
 from .registry import Registry
@@ -79,6 +90,7 @@ __all__ = [
     "Sizes",
     "SetFilter",
     "SetView",
+    "StudyView",
     "SweepView",
     "TimelineView",
     "Timelines",
@@ -424,6 +436,7 @@ class Pages:
         self.uploads = uploads
         self.timelines = timelines if timelines is not None else Timelines(shipped=False)
         self.user_sets = UserSets()
+        self._studies: dict[tuple, StudyView] = {}
         self._similarity: dict[tuple, Similarity] = {}
         self._lock = threading.Lock()
 
@@ -558,6 +571,21 @@ class Pages:
         data = the_set(explorer, which, settings.session, self.user_sets)
         note = labelled_summary(data) if which == USER_SET else ""
         return set_view(explorer, data, filt, progress, note)
+
+    def lesion_study(self, settings: Settings, kind: str,
+                     progress: Callable[[float], None] | None = None) -> StudyView:
+        """Which blocks each class needs: stored with the model, or computed once over its test images (cached)."""
+        _, explorer = self.explorer(settings.model_key, kind, settings.session)
+        key = (id(explorer), explorer.card.weights_sha256)
+        with self._lock:
+            found = self._studies.get(key)
+        if found is None:
+            found = lesion_study(explorer, progress)
+            with self._lock:
+                self._studies[key] = found
+                while len(self._studies) > 16:
+                    self._studies.pop(next(iter(self._studies)))
+        return found
 
     def dataset_upload(self, settings: Settings, kind: str, path: str | None, name: str | None,
                        filt: SetFilter, progress: Callable[[float], None] | None = None) -> SetView:
