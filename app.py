@@ -113,7 +113,11 @@ HOW_TO_READ = {
     "paths); the sweep shows which blocks this image cannot do without. KL is the divergence of the lesioned "
     "prediction from the intact one.",
     "readout": "**Readout**: the classifier head (pool + linear) applied to the output of every block as wide as "
-    "the head. It shows how the prediction forms with depth, and the block from which it no longer changes.",
+    "the head. It shows how the prediction forms with depth, and the block from which it no longer changes. "
+    "**Linear probes** (for the shipped models): a linear classifier trained on each block's pooled output, "
+    "measured on held-out test images, beside the head's own accuracy at that block: where the class is already "
+    "linearly readable, against where the network's head can use it. Dots: the probes' probability of this "
+    "image's predicted class.",
     "gradcam": "**Grad-CAM** (Selvaraju et al. 2017): the block's channels weighted by the gradient of the class "
     "score, summed, kept where positive: where in the image the evidence for the class sits at that depth.",
     "upload": "Explore **your own ResNet**: a `.safetensors` file or a PyTorch state dict saved with "
@@ -213,7 +217,8 @@ def inputs_panel() -> InputsPanel:
             webcam = gr.Image(sources=["webcam"], streaming=True, type="pil", label="Webcam stream")
         with gr.Tab("Examples", id="examples"):
             gallery = gr.Gallery(value=[(str(p), example_caption(p)) for p in EXAMPLES], columns=6, height=260,
-                                 object_fit="contain", allow_preview=False, label="Test-set examples")
+                                 object_fit="contain", allow_preview=False, label="Test-set examples",
+                                 elem_id="examples")
     # The sketchpad starts with no tool selected; pick the brush so the user can draw at once.
     draw_tab.select(None, None, None, js=SELECT_BRUSH_JS)
     return InputsPanel(photo, sketch, webcam, gallery)
@@ -430,14 +435,16 @@ def readout_tab(pages: Pages, c: Controls) -> gr.Tab:
         button = gr.Button("Read out every block", variant="primary")
         chart = gr.Image(label="The classifier head applied after each block", interactive=False)
         text = gr.Markdown()
+        probes = gr.Image(label="Linear probes: where the class becomes linearly readable", interactive=False,
+                          format="png", elem_id="readout-probes")
 
     @to_gr_error
     @gpu
     def readout(state, model_key, k, request: gr.Request):
         v = pages.readout(state, settings_of(request, model_key, k))
-        return {c.state: v.state, chart: v.chart, text: v.text}
+        return {c.state: v.state, chart: v.chart, text: v.text, probes: v.probes}
 
-    button.click(readout, [c.state, c.model_key, c.k], [chart, text, c.state], api_name="readout")
+    button.click(readout, [c.state, c.model_key, c.k], [chart, text, c.state, probes], api_name="readout")
     return tab
 
 

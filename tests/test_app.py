@@ -187,9 +187,11 @@ def test_insight_tools_through_the_server(server):
     _, text = client.predict("auto", 5, ["res7"], 1, api_name="/lesion")
     assert "KL(intact ‖ lesioned) = 0.000" in text and "The top-1 is unchanged." in text
 
-    chart, text = client.predict("auto", 5, api_name="/readout")
+    chart, text, probes = client.predict("auto", 5, api_name="/readout")
     want = readout(explorer.model, analysis, explorer.card.classes)
     assert Path(chart).is_file() and f"Final top-1: **{want.final.label}**" in text
+    if explorer.card.studies.get("probes"):  # the shipped model's linear probes, beside the head
+        assert Image.open(probes).size[0] > 400 and "linearly" in text
 
     cam = client.predict("auto", 5, "res7", "", api_name="/gradcam")  # an update: new image and label
     assert Image.open(cam["value"]).size == (256, 256)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import insight, scans
+from . import insight, probes, scans
 from .capture import BlockRecord, capture_forward, find_blocks
 from .cards import ModelCard, numbered_classes, upload_card
 from .errors import WeightsError
@@ -260,6 +260,20 @@ class Explorer:
         report = None if progress is None else (lambda done, total: progress(done / max(total, 1)))
         return scans.lesion_scan(self.model, images, labels, classes=self.classes, normalise=self.batch_input,
                                  alphas=alphas, progress=report)
+
+    def probe_readings(self, analysis: Analysis) -> list[probes.ProbeReading]:
+        """What the linear probes stored beside the weights read from each block of ``analysis`` (empty when
+        there are none); the probes are loaded once.
+
+        Raises:
+            WeightsError: the probes file is damaged or was fitted for other weights.
+        """
+        with self._graphs_lock:
+            if not hasattr(self, "_probes"):
+                self._probes = probes.find_probes(self.card, self.model)
+        if self._probes is None:
+            return []
+        return probes.probe_readings(self._probes, analysis.blocks, final_index=analysis.predictions[0].index)
 
     def readout(self, analysis: Analysis) -> insight.Readout:
         """The classifier head applied to every block as wide as the head.

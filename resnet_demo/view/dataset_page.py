@@ -188,5 +188,23 @@ def lesion_study(explorer: Explorer, progress: Callable[[float], None] | None = 
             + ", ".join(f"**{b}** {a:.1%}" for b, a in worst)
             + ". Each cell of the map is a class's accuracy change with that block's branch removed; the chart scales "
             "one branch at a time by α (0 removes it, 1 is the intact network).")
+    odd = strangeness_text(explorer.card.studies.get("strangeness"))
     return StudyView(class_lesion_map(lesions, title=f"Which blocks each class needs: {explorer.card.name}"),
-                     alpha_chart(result.curves), text)
+                     alpha_chart(result.curves), text + (f"  \n{odd}" if odd else ""))
+
+
+def strangeness_text(study: dict | None) -> str:
+    """How well the page's strange-input score separates the test images from other data (AUROC per set)."""
+    if not study:
+        return ""
+    score = study.get("score", "band_rms")
+    sets = ", ".join(f"{_set_name(name, s)} {s['auroc'][score]:.3f}" for name, s in study.get("sets", {}).items())
+    test = study.get("test", {})
+    return (f"**Strange-input warning**: the score ({score}) separates {test.get('n', '?')} held-out test images from "
+            f"other data with AUROC {sets}; the page warns above {study.get('threshold', float('nan')):.2f}, "
+            f"which {test.get('warned', 0.05):.0%} of test images exceed.")
+
+
+def _set_name(name: str, entry: dict) -> str:
+    """``other`` is the other data set, named by its description's first part (its file)."""
+    return entry.get("description", name).split(",")[0] if name == "other" else name.replace("_", " ")

@@ -31,6 +31,7 @@ from ..core.insight import LesionResult, Readout
 from ..core.metrics import METRIC_NAMES
 from ..core.preprocess import InputError, load_image
 from ..core.similarity import Similarity, block_similarity
+from ..core.strange import strangeness
 from .channel_page import ChannelView, channel_view, visualisation
 from .dataset_page import (
     USER_SET,
@@ -46,6 +47,7 @@ from .dataset_page import (
 )
 from .error_view import labelled_summary
 from .export import export_zip
+from .probe_charts import probe_chart, probe_summary
 from .registry import Registry
 from .render import (
     VIEWS,
@@ -181,6 +183,11 @@ def summarise(analysis: Analysis) -> str:
     against = [m.name for m in metrics if m.cosine < -0.2]
     lines = [
         f"**{analysis.card.name}** predicts **{top.label}** ({top.prob:.1%}).",
+    ]
+    odd = strangeness(metrics, analysis.logits, analysis.card)
+    if odd is not None and odd.strange:
+        lines.append(f"⚠ {odd.message}")
+    lines += [
         f"Block **{busiest.name}** changes its input most (‖F‖/‖s‖ = {busiest.ratio:.2f}); "
         f"**{quietest.name}** least ({quietest.ratio:.2f}).",
     ]
@@ -346,6 +353,7 @@ class ReadoutView:
     state: PageState
     chart: Image.Image
     text: str
+    probes: Image.Image | None = None  # linear probes per block beside the head, where the card has them
 
 
 @dataclass
@@ -666,7 +674,13 @@ class Pages:
     def readout(self, state: PageState | None, settings: Settings) -> ReadoutView:
         state, explorer, analysis = self._current(state, settings)
         result = explorer.readout(analysis)
-        return ReadoutView(dataclasses.replace(state, readout=result), readout_chart(result), readout_text(result))
+        study = explorer.card.studies.get("probes")
+        probes = None
+        if study:
+            readings = explorer.probe_readings(analysis)
+            probes = probe_chart(study, readings=readings)
+        text = readout_text(result) + (f"  \n{probe_summary(study)}" if study else "")
+        return ReadoutView(dataclasses.replace(state, readout=result), readout_chart(result), text, probes)
 
     def gradcam(self, state: PageState | None, settings: Settings, block: str | None, label: str | None) -> GradcamView:
         state, explorer, analysis = self._current(state, settings)
