@@ -301,12 +301,12 @@ def channel_panel() -> ChannelPanel:
     text = gr.Markdown(elem_id="channel-text")
     with gr.Row():
         on_image = gr.Image(label="The channel on your image", interactive=False, format="png",
-                            elem_id="channel-map")
+                            elem_id="channel-map", show_label=False)
         picture = gr.Image(label="Images optimised to excite it: F(x) and y", interactive=False, format="png",
-                           elem_id="channel-picture")
+                           elem_id="channel-picture", show_label=False)
     picture_text = gr.Markdown()
     exemplars = gr.Image(label="Test images that excite it most (and, for F(x), least)", interactive=False,
-                         format="png", elem_id="channel-exemplars")
+                         format="png", elem_id="channel-exemplars", show_label=False)
     return ChannelPanel(channel, show, visualise, text, on_image, exemplars, picture, picture_text)
 
 
@@ -545,10 +545,11 @@ def timeline_tab(pages: Pages, c: Controls) -> gr.Tab:
         text = gr.Markdown(elem_id="timeline-text")
         with gr.Row():
             predictions = gr.Label(label="Prediction at this snapshot", num_top_classes=5, elem_id="timeline-preds")
-            residual = gr.Image(label="Residual magnitudes at this snapshot", interactive=False, format="png")
-        readout = gr.Image(label="Readout at this snapshot", interactive=False)
+            residual = gr.Image(label="Residual magnitudes at this snapshot", interactive=False, format="png",
+                                show_label=False)
+        readout = gr.Image(label="Readout at this snapshot", interactive=False, show_label=False)
         history = gr.Image(label="Every block over the run (medians over the test images)", interactive=False,
-                           elem_id="timeline-history")
+                           elem_id="timeline-history", show_label=False)
 
     @to_gr_error
     @gpu
@@ -620,7 +621,7 @@ def dataset_tab() -> DatasetTab:
         summary = gr.Markdown(elem_id="dataset-summary")
         with gr.Row():
             confusion = gr.Image(label="Confusion matrix (click a cell)", interactive=False, format="png",
-                                 elem_id="dataset-confusion")
+                                 elem_id="dataset-confusion", show_label=False)
             with gr.Column():
                 which = gr.Radio(["wrong", "right", "all"], value="wrong", label="Show")
                 true = gr.Dropdown([ANY_CLASS], value=ANY_CLASS, label="True class", elem_id="dataset-true")
@@ -649,9 +650,9 @@ def study_panel() -> StudyPanel:
     text = gr.Markdown(elem_id="study-text")
     with gr.Row():
         lesion_map = gr.Image(label="Accuracy change per class with each block lesioned", interactive=False,
-                              format="png", elem_id="study-map")
+                              format="png", elem_id="study-map", show_label=False)
         alpha_chart = gr.Image(label="Accuracy with one block's branch scaled by α", interactive=False,
-                               format="png", elem_id="study-alpha")
+                               format="png", elem_id="study-alpha", show_label=False)
     return StudyPanel(button, text, lesion_map, alpha_chart)
 
 
