@@ -191,7 +191,7 @@ def test_insight_tools_through_the_server(server):
     want = readout(explorer.model, analysis, explorer.card.classes)
     assert Path(chart).is_file() and f"Final top-1: **{want.final.label}**" in text
     if explorer.card.studies.get("probes"):  # the shipped model's linear probes, beside the head
-        assert Image.open(probes).size[0] > 400 and "linearly" in text
+        assert Image.open(probes).size[0] > 400 and "A linear probe reads the class at" in text
 
     cam = client.predict("auto", 5, "res7", "", api_name="/gradcam")  # an update: new image and label
     assert Image.open(cam["value"]).size == (256, 256)

@@ -110,8 +110,9 @@ def test_the_tutorials_net_is_recognised_and_every_tool_works_with_it(server, tu
     assert [m.name for m in want.metrics] == [f"res{i}" for i in range(1, 10)]
     preds, text = client.predict(key, 5, ["res3"], api_name="/lesion")
     assert "Without the branch of **res3**" in text
-    chart, text = client.predict(key, 5, api_name="/readout")
+    chart, text, probes = client.predict(key, 5, api_name="/readout")
     assert Path(chart).is_file() and f"Final top-1: **{want.predictions[0].label}**" in text
+    assert probes is None  # no linear probes are stored for an uploaded model
 
 
 def test_another_session_can_neither_choose_nor_reach_an_uploaded_model(server, tutorial_file):

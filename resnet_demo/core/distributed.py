@@ -172,7 +172,12 @@ class Dist:
     def __enter__(self) -> Dist:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        # On a normal exit every process waits for the others before leaving the group: a process that
+        # finished its share early (the others still reducing or writing) would otherwise tear down gloo's
+        # connections under them, and the job dies with "terminate called without an active exception".
+        if exc_type is None and self._owns_group and self.world > 1:
+            self.barrier()
         self.close()
 
     def __repr__(self) -> str:

@@ -181,6 +181,22 @@ def bench_resnet50(args) -> dict:
             "full_analysis": timed(full, runs, 2, lambda: None), "peak_rss_mb": peak_rss_mb()}
 
 
+def bench_featurevis(explorer: Explorer, channels: int) -> dict:
+    """Seconds to optimise one channel's image (the page's *Optimise*), per block and view, for the first
+    ``channels`` channels of res1, the middle block and the last (uncached: a new seed each time)."""
+    from ..core.featurevis import visualise
+
+    names = explorer.block_names
+    picks = [names[0], names[len(names) // 2], names[-1]]
+    out = {}
+    for block in picks:
+        for view in ("f", "y"):
+            times = [visualise(explorer.model, explorer.card, block, view, c, seed=100 + c).seconds
+                     for c in range(channels)]
+            out[f"{block} {view}"] = {"mean_s": statistics.mean(times), "max_s": max(times), "channels": channels}
+    return out
+
+
 def print_table(report: dict) -> None:
     print(f"machine: {report['machine']}")
     for r in report["results"]:
@@ -205,6 +221,8 @@ def print_table(report: dict) -> None:
         if "peak_gpu_memory_mb" in r:
             print(f"  peak GPU memory        {r['peak_gpu_memory_mb']:.0f} MB")
         print(f"  peak RSS               {r['peak_rss_mb']:.0f} MB")
+    for name, t in report.get("featurevis", {}).items():
+        print(f"  feature visualisation {name:<10} mean {t['mean_s']:5.1f} s   max {t['max_s']:5.1f} s per channel")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -216,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", action="append", help="cpu and/or cuda (default: cpu, plus cuda when present)")
     parser.add_argument("--resnet50", action="store_true", help="also time a torchvision ResNet-50 analysis")
     parser.add_argument("--threads", type=int, help="torch CPU threads (the app on a 2-core CPU uses 1 per request)")
+    parser.add_argument("--featurevis", type=int, default=0, metavar="N",
+                        help="also time feature visualisation of N channels of the first, middle and last block")
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
     parser.add_argument("--glibc-defaults", action="store_true",
                         help="leave glibc's malloc settings alone (the app tunes them; see explorer.tune_malloc)")
@@ -229,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
               "results": [bench_device(explorer, torch.device(d), args) for d in devices]}
     if args.resnet50:
         report["results"].append(bench_resnet50(args))
+    if args.featurevis:
+        report["featurevis"] = bench_featurevis(explorer, args.featurevis)
     print_table(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
