@@ -22,7 +22,7 @@ from ..core.evalsets import EvalSet
 from ..core.exemplars import ChannelExemplars, Exemplar
 from ..core.explorer import Analysis
 from ..core.featurevis import FeatureVis
-from .render import VIEWS, _text, _text_mask, colour_lut, input_image, overlay
+from .render import VIEWS, colour_lut, draw_text, input_image, overlay, text_mask
 
 __all__ = ["channel_map", "exemplar_grid", "featurevis_panel", "view_name"]
 
@@ -54,7 +54,7 @@ def _enlarged(img: Image.Image, size: int) -> Image.Image:
 
 def _slot(tiles: Sequence[Image.Image], captions: Sequence[tuple[str, str]]) -> int:
     """Width of a tile's slot: the widest tile or caption line."""
-    lines = [_text_mask(line, FONT_PX, "mt")[0].size[0] + 4 for pair in captions for line in pair]
+    lines = [text_mask(line, FONT_PX, "mt")[0].size[0] + 4 for pair in captions for line in pair]
     return max([max(t.size) for t in tiles] + lines)
 
 
@@ -65,20 +65,20 @@ def _captioned_row(tiles: Sequence[Image.Image], captions: Sequence[tuple[str, s
     tile = max(max(t.size) for t in tiles)
     slot = slot or _slot(tiles, captions)
     row = Image.new("RGB", (label_w + len(tiles) * (slot + GAP), tile + CAPTION_H), BACKGROUND)
-    _text(row, (4, tile // 2), label, INK, FONT_PX, "lm")
+    draw_text(row, (4, tile // 2), label, INK, FONT_PX, "lm")
     for i, (t, (first, second)) in enumerate(zip(tiles, captions)):
         x = label_w + i * (slot + GAP)
         row.paste(t, (x + (slot - t.size[0]) // 2, (tile - t.size[1]) // 2))
-        _text(row, (x + slot / 2, tile + 2), first, INK, FONT_PX, "mt")
-        _text(row, (x + slot / 2, tile + 2 + FONT_PX + 2), second, MUTED, FONT_PX - 1, "mt")
+        draw_text(row, (x + slot / 2, tile + 2), first, INK, FONT_PX, "mt")
+        draw_text(row, (x + slot / 2, tile + 2 + FONT_PX + 2), second, MUTED, FONT_PX - 1, "mt")
     return row
 
 
 def _stack(title: str, rows: Sequence[Image.Image]) -> Image.Image:
     """A title line over ``rows``, as wide as the widest of them."""
-    width = max(max(r.size[0] for r in rows), _text_mask(title, FONT_PX + 1, "lm")[0].size[0] + 8)
+    width = max(max(r.size[0] for r in rows), text_mask(title, FONT_PX + 1, "lm")[0].size[0] + 8)
     out = Image.new("RGB", (width, TITLE_H + sum(r.size[1] + GAP for r in rows)), BACKGROUND)
-    _text(out, (4, TITLE_H // 2), title, INK, FONT_PX + 1, "lm")
+    draw_text(out, (4, TITLE_H // 2), title, INK, FONT_PX + 1, "lm")
     y = TITLE_H
     for r in rows:
         out.paste(r, (0, y))

@@ -17,7 +17,7 @@ from PIL import Image
 
 from ..core.errorscan import Scan
 from ..core.labelled import LabelledSet
-from .render import _font, _text, _text_mask
+from .render import chart_font, draw_text, text_mask
 
 __all__ = [
     "ConfusionLayout",
@@ -76,7 +76,7 @@ def _layout(classes: tuple[str, ...]) -> ConfusionLayout:
     k = len(classes)
     cell = max(2, min(40, 520 // max(k, 1)))
     font = min(11, cell - 2) if cell >= 10 else 0
-    label = max((_font(font).getlength(_short(c)) for c in classes), default=0) if font else 0
+    label = max((chart_font(font).getlength(_short(c)) for c in classes), default=0) if font else 0
     left = _PAD + int(label) + 8 + 40  # names, then room for the "true" axis title
     top = 40 + int(label) + 8  # two lines of title, then the column names written upwards
     width = max(left + k * cell + 60, 420)  # the accuracy column on the right
@@ -116,12 +116,12 @@ def _cells(img: Image.Image, d, confusion: np.ndarray, lay: ConfusionLayout) -> 
                         outline=RIGHT_RGB if t == p else GRID_LINE if lay.cell >= 6 else None)
             if count and lay.cell >= 18:
                 ink = "white" if 0.15 + 0.85 * share > 0.55 else "#222222"
-                _text(img, (x + lay.cell / 2, y + lay.cell / 2), str(count), ink, min(11, lay.cell // 2), "mm")
+                draw_text(img, (x + lay.cell / 2, y + lay.cell / 2), str(count), ink, min(11, lay.cell // 2), "mm")
 
 
 def _upright(img: Image.Image, xy: tuple[int, int], text: str, size: int, *, middle: bool = False) -> None:
     """``text`` written upwards, centred on column ``xy[0]``, starting at row ``xy[1]`` (or centred on it)."""
-    mask = _text_mask(text, size, "lt")[0].rotate(90, expand=True)
+    mask = text_mask(text, size, "lt")[0].rotate(90, expand=True)
     top = xy[1] - (mask.size[1] // 2 if middle else mask.size[1])
     img.paste("#222222", (xy[0] - mask.size[0] // 2, top), mask)
 
@@ -131,13 +131,13 @@ def _labels(img: Image.Image, classes: Sequence[str], acc: Sequence[float], lay:
     if lay.font:
         for i, name in enumerate(classes):
             mid = i * lay.cell + lay.cell / 2
-            _text(img, (lay.left - 6, lay.top + mid), _short(name), "#222222", lay.font, "rm")
+            draw_text(img, (lay.left - 6, lay.top + mid), _short(name), "#222222", lay.font, "rm")
             _upright(img, (round(lay.left + mid), lay.top - 6), _short(name), lay.font)
             if acc[i] == acc[i]:  # not NaN: the class has images
-                _text(img, (edge + 8, lay.top + mid), f"{acc[i]:.0%}", "#222222", lay.font, "lm")
-    _text(img, (edge + 8, lay.top - 6), "right", "#444444", 10, "ls")
+                draw_text(img, (edge + 8, lay.top + mid), f"{acc[i]:.0%}", "#222222", lay.font, "lm")
+    draw_text(img, (edge + 8, lay.top - 6), "right", "#444444", 10, "ls")
     _upright(img, (_PAD + 8, lay.top + lay.k * lay.cell // 2), "true class", 11, middle=True)
-    _text(img, (lay.left + lay.k * lay.cell / 2, lay.top + lay.k * lay.cell + 8), "predicted class", "#444444", 11,
+    draw_text(img, (lay.left + lay.k * lay.cell / 2, lay.top + lay.k * lay.cell + 8), "predicted class", "#444444", 11,
           "mt")
 
 
@@ -153,8 +153,8 @@ def confusion_image(scan: Scan, *, title: str | None = None) -> Image.Image:
     _cells(img, d, scan.confusion.numpy(), lay)
     _labels(img, scan.classes, scan.per_class_accuracy.tolist(), lay)
     head = title or f"Confusion matrix: {scan.name}, {scan.n} images, {scan.accuracy:.1%} right"
-    _text(img, (_PAD, 16), head, "#111111", 12, "ls")
-    _text(img, (_PAD, 32), "Click a cell to see its images, a class name for its row or column.", "#555555", 10,
+    draw_text(img, (_PAD, 16), head, "#111111", 12, "ls")
+    draw_text(img, (_PAD, 32), "Click a cell to see its images, a class name for its row or column.", "#555555", 10,
           "ls")
     return img
 

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from ..core.scans import NONE, AlphaCurves, ClassLesions
-from .render import _nice_max, _text, colour_lut
+from .render import colour_lut, draw_text, nice_max
 
 __all__ = ["BLOCK_COLOURS", "alpha_chart", "class_lesion_map"]
 
@@ -69,29 +69,29 @@ def class_lesion_map(
     img = Image.new("RGB", (width, top + (len(blocks) + 1) * ch + 40), "white")
     d = ImageDraw.Draw(img)
     for j, name in enumerate(columns):
-        _text(img, (left + j * cw + cw / 2, top - 6), name, _INK, 10 if len(name) <= 9 else 9, "mb")
+        draw_text(img, (left + j * cw + cw / 2, top - 6), name, _INK, 10 if len(name) <= 9 else 9, "mb")
     intact = [*acc[base], overall[base]]
     for j, v in enumerate(intact):
         x = left + j * cw
         d.rectangle([x, top, x + cw - 2, top + ch - 2], fill="#eeeeee")
-        _text(img, (x + cw / 2, top + ch / 2), _percent(v), _INK, 10, "mm")
-    _text(img, (left - 6, top + ch / 2), "intact", _INK, 10, "rm")
+        draw_text(img, (x + cw / 2, top + ch / 2), _percent(v), _INK, 10, "mm")
+    draw_text(img, (left - 6, top + ch / 2), "intact", _INK, 10, "rm")
     finite = np.abs(change[np.isfinite(change)])
     vmax = max(5.0, float(finite.max()) if finite.size else 0.0)
     lut = colour_lut("RdBu")
     for i, name in enumerate(blocks):
         row, y = lesions.rows.index(name), top + (i + 1) * ch
-        _text(img, (left - 6, y + ch / 2), name, _INK, 10, "rm")
+        draw_text(img, (left - 6, y + ch / 2), name, _INK, 10, "rm")
         for j, v in enumerate(change[row]):
             x = left + j * cw
             level = 0.0 if not math.isfinite(v) else max(-1.0, min(1.0, v / vmax))
             colour = tuple(int(c) for c in lut[int(round(127.5 + level * 127.5))])
             d.rectangle([x, y, x + cw - 2, y + ch - 2], fill=colour)
-            _text(img, (x + cw / 2, y + ch / 2), _points(v), "white" if abs(level) > 0.55 else _INK, 10, "mm")
-    _text(img, (left, 22), title, _INK, 12, "ls")
-    _text(img, (left, 40), "cells: change in each class's accuracy, points, with the block's branch removed",
+            draw_text(img, (x + cw / 2, y + ch / 2), _points(v), "white" if abs(level) > 0.55 else _INK, 10, "mm")
+    draw_text(img, (left, 22), title, _INK, 12, "ls")
+    draw_text(img, (left, 40), "cells: change in each class's accuracy, points, with the block's branch removed",
           _SOFT, 10, "ls")
-    _text(img, (left, 55), f"(red: worse, blue: better; full colour at ±{vmax:.0f}); {lesions.n} images", _SOFT, 10,
+    draw_text(img, (left, 55), f"(red: worse, blue: better; full colour at ±{vmax:.0f}); {lesions.n} images", _SOFT, 10,
           "ls")
     return img
 
@@ -110,18 +110,18 @@ def _alpha_axes(img: Image.Image, d, box: tuple[float, float, float, float], alp
     while tick <= ymax + 1e-9:
         y = y1 - tick / ymax * (y1 - y0)
         d.line([(x0, y), (x1, y)], fill=_GRID, width=k)
-        _text(img, (x0 - 6 * k, y), f"{tick:g}%", "#333333", 11 * k, "rm")
+        draw_text(img, (x0 - 6 * k, y), f"{tick:g}%", "#333333", 11 * k, "rm")
         tick += ystep
     for a in alphas:
-        _text(img, (px(a), y1 + 6 * k), f"{a:g}", "#333333", 11 * k, "mt")
-    _text(img, ((x0 + x1) / 2, y1 + 24 * k), "α, the factor of the block's branch F(x)", _SOFT, 11 * k, "mt")
+        draw_text(img, (px(a), y1 + 6 * k), f"{a:g}", "#333333", 11 * k, "mt")
+    draw_text(img, ((x0 + x1) / 2, y1 + 24 * k), "α, the factor of the block's branch F(x)", _SOFT, 11 * k, "mt")
     if lo <= 1 <= hi:
         x = px(1.0)
         for s in range(int(y0), int(y1), 10 * k):
             d.line([(x, s), (x, min(s + 5 * k, y1))], fill="#555555", width=k)
         right = x > x0 + 0.75 * (x1 - x0)  # near the right edge: label to the left of the line
         label_x, anchor = (x - 4 * k, "rt") if right else (x + 4 * k, "lt")
-        _text(img, (label_x, y0 + 4 * k), "intact (α = 1)", _SOFT, 10 * k, anchor)
+        draw_text(img, (label_x, y0 + 4 * k), "intact (α = 1)", _SOFT, 10 * k, anchor)
 
 
 def alpha_chart(
@@ -139,7 +139,7 @@ def alpha_chart(
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     acc = curves.accuracy * 100  # (blocks, alphas)
-    ymax, ystep = _nice_max(max(float(acc.max()) if acc.size else 0.0, 1.0))
+    ymax, ystep = nice_max(max(float(acc.max()) if acc.size else 0.0, 1.0))
     x0, y0, x1, y1 = 62 * k, 48 * k, W - 110 * k, H - 50 * k
     _alpha_axes(img, d, (x0, y0, x1, y1), curves.alphas, ymax, ystep, k)
     lo, span = min(curves.alphas), (max(curves.alphas) - min(curves.alphas)) or 1.0
@@ -152,8 +152,8 @@ def alpha_chart(
             d.ellipse([x - 3 * k, y - 3 * k, x + 3 * k, y + 3 * k], fill=colour)
         ly = y0 + b * 17 * k
         d.line([(x1 + 14 * k, ly), (x1 + 34 * k, ly)], fill=colour, width=3 * k)
-        _text(img, (x1 + 40 * k, ly), name, _INK, 11 * k, "lm")
+        draw_text(img, (x1 + 40 * k, ly), name, _INK, 11 * k, "lm")
     d.rectangle([x0, y0, x1, y1], outline="#888888", width=k)
-    _text(img, (x0, y0 - 26 * k), title, _INK, 12 * k, "ls")
-    _text(img, (x0, y0 - 9 * k), f"α = 0 removes the branch (the lesion); {curves.n} images", _SOFT, 11 * k, "ls")
+    draw_text(img, (x0, y0 - 26 * k), title, _INK, 12 * k, "ls")
+    draw_text(img, (x0, y0 - 9 * k), f"α = 0 removes the branch (the lesion); {curves.n} images", _SOFT, 11 * k, "ls")
     return img.reduce(k)

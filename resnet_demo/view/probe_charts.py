@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from PIL import Image
 
 from ..core.probes import ProbeReading
-from .render import STAGE_COLOURS, _text
+from .render import STAGE_COLOURS, draw_text
 
 __all__ = ["probe_chart", "probe_summary"]
 
@@ -73,11 +73,11 @@ def probe_chart(
     if readings:
         _image_dots(d, frame, k, [next((g.p_final for g in readings if g.name == r["name"]), None) for r in rows])
     d.rectangle([x0, y0, x1, y1], outline="#888888", width=k)
-    _text(img, (x0, y0 - 28 * k), title, "#111111", 12 * k, "ls")
+    draw_text(img, (x0, y0 - 28 * k), title, "#111111", 12 * k, "ls")
     legend = "test accuracy of a linear probe (colour) and of the network's head (grey) · - - chance"
-    _text(img, (x0, y0 - 10 * k), legend, "#444444", 11 * k, "ls")
+    draw_text(img, (x0, y0 - 10 * k), legend, "#444444", 11 * k, "ls")
     if readings:
-        _text(img, (x1, y0 - 28 * k), "●— this image: probe's p(predicted class)", "#444444", 11 * k, "rs")
+        draw_text(img, (x1, y0 - 28 * k), "●— this image: probe's p(predicted class)", "#444444", 11 * k, "rs")
     return img.reduce(k)
 
 
@@ -92,7 +92,7 @@ def _axes(img: Image.Image, d, frame: tuple, k: int, *, chance: float | None) ->
     for tick in range(0, 101, 20):
         y = _y(frame, tick / 100)
         d.line([(x0, y), (x1, y)], fill="#e6e6e6", width=k)
-        _text(img, (x0 - 6 * k, y), f"{tick}%", "#333333", 11 * k, "rm")
+        draw_text(img, (x0 - 6 * k, y), f"{tick}%", "#333333", 11 * k, "rm")
     if chance is None:
         return
     y, step = _y(frame, chance), 8 * k
@@ -110,10 +110,10 @@ def _bars(img: Image.Image, d, frame: tuple, k: int, i: int, row: dict) -> None:
     left, right = (cx - slot * 0.36, cx - slot * 0.02), (cx + slot * 0.02, cx + slot * 0.36)
     _bar(img, d, frame, k, left, probe, colour, small)
     if head is None:
-        _text(img, ((right[0] + right[1]) / 2, y1 - 3 * k), "n/a", "#777777", small, "mb")
+        draw_text(img, ((right[0] + right[1]) / 2, y1 - 3 * k), "n/a", "#777777", small, "mb")
     else:
         _bar(img, d, frame, k, right, head, HEAD_COLOUR, small)
-    _text(img, (cx, y1 + 8 * k), row["name"], "#222222", small + k, "mt")
+    draw_text(img, (cx, y1 + 8 * k), row["name"], "#222222", small + k, "mt")
 
 
 def _bar(img: Image.Image, d, frame: tuple, k: int, span: tuple[float, float], value: float, colour: str,
@@ -122,8 +122,8 @@ def _bar(img: Image.Image, d, frame: tuple, k: int, span: tuple[float, float], v
     top, mid = _y(frame, value), (span[0] + span[1]) / 2
     d.rectangle([span[0], top, span[1], frame[3]], fill=colour)
     inside = frame[3] - top > 3 * size
-    _text(img, (mid, top + 3 * k if inside else top - 2 * k), f"{value * 100:.0f}", "white" if inside else "#222222",
-          size, "mt" if inside else "mb")
+    draw_text(img, (mid, top + 3 * k if inside else top - 2 * k), f"{value * 100:.0f}",
+              "white" if inside else "#222222", size, "mt" if inside else "mb")
 
 
 def _image_dots(d, frame: tuple, k: int, probs: list[float | None]) -> None:

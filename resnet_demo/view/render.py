@@ -24,16 +24,20 @@ from ..core.metrics import BlockMetrics
 
 __all__ = [
     "VIEWS",
+    "chart_font",
     "colour_lut",
+    "draw_text",
     "comparison_chart",
     "feature_grid",
     "feature_strip",
     "slot_at",
+    "text_mask",
     "tile_at",
     "grid_codes",
     "figure_to_image",
     "input_image",
     "lesion_sweep_chart",
+    "nice_max",
     "overlay",
     "rank_channels",
     "readout_chart",
@@ -136,7 +140,7 @@ def _palette(name: str) -> bytes:
 
 def _text_codes(text: str, size: int) -> np.ndarray:
     """``text`` as palette indices on white: its antialiasing mask mapped onto the grey ramp."""
-    mask = np.asarray(_text_mask(text, size, "lt")[0], dtype=np.float32)
+    mask = np.asarray(text_mask(text, size, "lt")[0], dtype=np.float32)
     level = np.rint(mask / 255 * GREYS).astype(np.int16)  # 0 = white ... GREYS = full ink
     return np.where(level == 0, WHITE, LEVELS - 1 + level).astype(np.uint8)
 
@@ -231,7 +235,7 @@ def input_image(tensor: torch.Tensor, card: ModelCard, size: int = 160) -> Image
     return img.resize((img.size[0] * rep, img.size[1] * rep), Image.NEAREST)
 
 
-def _nice_max(value: float) -> tuple[float, float]:
+def nice_max(value: float) -> tuple[float, float]:
     """A round axis maximum >= value and its tick step (1, 2 or 5 times a power of ten)."""
     value = max(value, 1e-6)
     step = 10 ** math.floor(math.log10(value / 4))
@@ -243,7 +247,7 @@ def _nice_max(value: float) -> tuple[float, float]:
 
 
 @lru_cache(maxsize=8)
-def _font(size: int):
+def chart_font(size: int):
     """DejaVu Sans from matplotlib's own files (it has ‖ ● ▲ ▼), else Pillow's default font."""
     from PIL import ImageFont
 
@@ -256,21 +260,21 @@ def _font(size: int):
 
 
 @lru_cache(maxsize=1024)
-def _text_mask(text: str, size: int, anchor: str) -> tuple[Image.Image, int, int]:
+def text_mask(text: str, size: int, anchor: str) -> tuple[Image.Image, int, int]:
     """``text`` rendered once as an 8-bit mask, with the offset of its box from the anchor point."""
     from PIL import ImageDraw
 
-    font = _font(size)
+    font = chart_font(size)
     left, top, right, bottom = font.getbbox(text, anchor=anchor)
     mask = Image.new("L", (max(1, right - left), max(1, bottom - top)), 0)
     ImageDraw.Draw(mask).text((-left, -top), text, fill=255, font=font, anchor=anchor)
     return mask, left, top
 
 
-def _text(img: Image.Image, xy: tuple[float, float], text: str, fill: str, size: int, anchor: str) -> None:
+def draw_text(img: Image.Image, xy: tuple[float, float], text: str, fill: str, size: int, anchor: str) -> None:
     """Draw ``text`` like ``ImageDraw.text`` but from a cache: a chart's labels repeat from page to page,
     and rasterising glyphs was most of a chart's cost."""
-    mask, left, top = _text_mask(text, size, anchor)
+    mask, left, top = text_mask(text, size, anchor)
     img.paste(fill, (round(xy[0]) + left, round(xy[1]) + top), mask)
 
 
@@ -321,7 +325,7 @@ def residual_chart(
     ref = (bands or {}).get("ratio", {})
     finite = [m.ratio for m in metrics if math.isfinite(m.ratio)]
     peak = max(finite + [ref[m.name]["p95"] for m in metrics if m.name in ref] + [1e-3])
-    ymax, ystep = _nice_max(peak * 1.08)
+    ymax, ystep = nice_max(peak * 1.08)
     x0, x1, y0, y1 = 62 * k, W - 62 * k, 46 * k, H - 44 * k
     fr = _Frame(Image.new("RGB", (W, H), "white"), k, x0, x1, y0, y1, ymax, (x1 - x0) / max(n, 1))
     d = ImageDraw.Draw(fr.img)
@@ -330,11 +334,11 @@ def residual_chart(
         _block_bar(fr, d, i, m, ref.get(m.name))
     _cosine_line(fr, d, [m.cosine for m in metrics])
     d.rectangle([x0, y0, x1, y1], outline="#888888", width=k)
-    _text(fr.img, (x0, y0 - 24 * k), title, "#111111", 12 * k, "ls")
+    draw_text(fr.img, (x0, y0 - 24 * k), title, "#111111", 12 * k, "ls")
     legend = "bars: ‖F(x)‖/‖s(x)‖ (left axis)   ●—● cosine(F, s) (right axis)"
     if ref:
         legend += "   grey: test-set 5–95 / 25–75 %"
-    _text(fr.img, (x0, y0 - 7 * k), legend, "#444444", 11 * k, "ls")
+    draw_text(fr.img, (x0, y0 - 7 * k), legend, "#444444", 11 * k, "ls")
     return fr.img.reduce(k)  # box-filter downsampling: the antialiasing, at a fraction of LANCZOS's cost
 
 
@@ -344,10 +348,10 @@ def _axes(fr: _Frame, d, ystep: float) -> None:
     while tick <= fr.ymax + 1e-9:
         y = fr.ry(tick)
         d.line([(fr.x0, y), (fr.x1, y)], fill="#e6e6e6", width=k)
-        _text(fr.img, (fr.x0 - 6 * k, y), f"{tick:g}", "#333333", 11 * k, "rm")
+        draw_text(fr.img, (fr.x0 - 6 * k, y), f"{tick:g}", "#333333", 11 * k, "rm")
         tick += ystep
     for c in (-1, -0.5, 0, 0.5, 1):
-        _text(fr.img, (fr.x1 + 6 * k, fr.cy(c)), f"{c:g}", "#333333", 11 * k, "lm")
+        draw_text(fr.img, (fr.x1 + 6 * k, fr.cy(c)), f"{c:g}", "#333333", 11 * k, "lm")
 
 
 def _block_bar(fr: _Frame, d, i: int, m: BlockMetrics, band: dict | None) -> None:
@@ -366,8 +370,8 @@ def _block_bar(fr: _Frame, d, i: int, m: BlockMetrics, band: dict | None) -> Non
         if math.isfinite(m.ratio):
             rank = percentile_rank(m.ratio, band)
             if rank >= 95 or rank <= 5:
-                _text(fr.img, (cx, fr.ry(m.ratio) - 3 * k), "▲" if rank >= 95 else "▼", "#b00020", 12 * k, "mb")
-    _text(fr.img, (cx, fr.y1 + 8 * k), m.name, "#222222", (11 if slot > 52 * k else 9) * k, "mt")
+                draw_text(fr.img, (cx, fr.ry(m.ratio) - 3 * k), "▲" if rank >= 95 else "▼", "#b00020", 12 * k, "mb")
+    draw_text(fr.img, (cx, fr.y1 + 8 * k), m.name, "#222222", (11 if slot > 52 * k else 9) * k, "mt")
 
 
 def _cosine_line(fr: _Frame, d, cosines: list[float]) -> None:
@@ -480,7 +484,7 @@ def comparison_chart(
     ref = (bands_a or {}).get("ratio", {})
     finite = [m.ratio for m in (*metrics_a, *metrics_b) if math.isfinite(m.ratio)]
     peak = max(finite + [ref[m.name]["p95"] for m in metrics_a if m.name in ref] + [1e-3])
-    ymax, ystep = _nice_max(peak * 1.08)
+    ymax, ystep = nice_max(peak * 1.08)
     x0, x1, y0, y1 = 62 * k, W - 62 * k, 52 * k, H - 58 * k
     fr = _Frame(Image.new("RGB", (W, H), "white"), k, x0, x1, y0, y1, ymax, (x1 - x0) / max(n, 1))
     d = ImageDraw.Draw(fr.img)
@@ -500,13 +504,14 @@ def comparison_chart(
     for i in range(n):
         names = [m[i].name if i < len(m) else "" for m in (metrics_a, metrics_b)]
         text = names[0] if names[0] == names[1] else " / ".join(x or "–" for x in names)
-        _text(fr.img, (fr.cx(i), y1 + 8 * k), text, "#222222", (10 if fr.slot > 60 * k else 8) * k, "mt")
+        draw_text(fr.img, (fr.cx(i), y1 + 8 * k), text, "#222222", (10 if fr.slot > 60 * k else 8) * k, "mt")
     d.rectangle([x0, y0, x1, y1], outline="#888888", width=k)
-    _text(fr.img, (x0, y0 - 30 * k), f"‖F(x)‖/‖s(x)‖ per block: A = {label_a}, B = {label_b}", "#111111", 12 * k, "ls")
+    draw_text(fr.img, (x0, y0 - 30 * k), f"‖F(x)‖/‖s(x)‖ per block: A = {label_a}, B = {label_b}", "#111111",
+              12 * k, "ls")
     legend = "bars: A (blue, left) · B (orange, right)   cosine(F, s): ●— A  ○-- B (right axis)"
     if ref:
         legend += "   grey: A's test-set 5–95 %"
-    _text(fr.img, (x0, y0 - 12 * k), legend, "#444444", 11 * k, "ls")
+    draw_text(fr.img, (x0, y0 - 12 * k), legend, "#444444", 11 * k, "ls")
     return fr.img.reduce(k)
 
 
@@ -543,10 +548,10 @@ def similarity_map(matrix: torch.Tensor, blocks_a: Sequence[str], blocks_b: Sequ
             colour = tuple(int(c) for c in lut[min(255, int(v * 255 + 0.5))])
             x, y = left + j * cell, top + i * cell
             d.rectangle([x, y, x + cell - 1, y + cell - 1], fill=colour)
-            _text(img, (x + cell / 2, y + cell / 2), f"{v:.2f}", "white" if v < 0.6 else "black", 9, "mm")
-        _text(img, (left - 6, top + i * cell + cell / 2), blocks_a[i], "#222222", 10, "rm")
+            draw_text(img, (x + cell / 2, y + cell / 2), f"{v:.2f}", "white" if v < 0.6 else "black", 9, "mm")
+        draw_text(img, (left - 6, top + i * cell + cell / 2), blocks_a[i], "#222222", 10, "rm")
     for j in range(cols):
-        _text(img, (left + j * cell + cell / 2, top + rows * cell + 6), blocks_b[j], "#222222", 9, "mt")
-    _text(img, (left, 22), f"Linear CKA: rows = blocks of A ({label_a})", "#111111", 12, "ls")
-    _text(img, (left, 40), f"columns = blocks of B ({label_b}); 1 = the same representation", "#444444", 11, "ls")
+        draw_text(img, (left + j * cell + cell / 2, top + rows * cell + 6), blocks_b[j], "#222222", 9, "mt")
+    draw_text(img, (left, 22), f"Linear CKA: rows = blocks of A ({label_a})", "#111111", 12, "ls")
+    draw_text(img, (left, 40), f"columns = blocks of B ({label_b}); 1 = the same representation", "#444444", 11, "ls")
     return img
