@@ -188,6 +188,15 @@ def test_imagefolder_tar_pads_gray_sorts_classes_and_caches(tmp_path, monkeypatc
     assert torch.equal(from_dir.images, load_data(tar, "test", cache_dir=None).images)
 
 
+def test_colour_images_come_out_contiguous_from_decoding_and_from_the_cache(tmp_path):
+    tar = make_tar(tmp_path / "colours.tar.gz", {"train": 3}, {"a": (200, 40, 40), "b": (40, 120, 200)}, size=32)
+    first = load_imagefolder(tar, "train", cache_dir=tmp_path / "cache").images
+    cached = load_imagefolder(tar, "train", cache_dir=tmp_path / "cache").images
+    assert first.shape == (6, 3, 32, 32) and first.is_contiguous() and cached.is_contiguous()
+    assert torch.equal(first, cached)
+    assert first[:3].float().mean(dim=(0, 2, 3)).tolist() == pytest.approx([200, 40, 40], abs=10)
+
+
 def test_missing_or_bad_data_sources_give_clear_errors(tmp_path):
     with pytest.raises(data_mod.DataError, match="not found"):
         load_data(tmp_path / "nothing.tar.gz")

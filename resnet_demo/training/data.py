@@ -120,7 +120,10 @@ def _decode_all(items: list, size: int, workers: int | None, what: str) -> np.nd
     arrays = [a for part in parts for a in part]
     if any(a.shape[0] == 3 for a in arrays):  # a few gray files in a colour set: replicate them
         arrays = [np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a for a in arrays]
-    return np.stack(arrays)
+    # The decoded (C, H, W) arrays are views of (H, W, C) pixels, and np.stack keeps their memory order: made
+    # C-contiguous here, as the cache gives them back, so a first run and later ones feed identical tensors
+    # (convolutions on channels-last memory differ from contiguous ones in the last bit).
+    return np.ascontiguousarray(np.stack(arrays))
 
 
 # --- ImageFolder trees and archives ----------------------------------------------------------------
