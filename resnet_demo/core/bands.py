@@ -27,10 +27,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from .capture import capture_forward
+from .capture import capture_forward, find_blocks
+from .distributed import Dist
 from .metrics import BlockMetrics, block_metrics
 
-__all__ = ["BAND_METRICS", "PERCENTILES", "bands_from_values", "compute_bands", "describe", "percentile_rank", "where"]
+__all__ = [
+    "BAND_METRICS",
+    "PERCENTILES",
+    "band_values",
+    "bands_from_values",
+    "compute_bands",
+    "describe",
+    "percentile_rank",
+    "where",
+]
 
 PERCENTILES = (5, 25, 50, 75, 95)
 BAND_METRICS = ("ratio", "cosine")
@@ -111,6 +121,34 @@ def compute_bands(
     bands["percentiles"] = [float(q) if q != int(q) else int(q) for q in percentiles]
     bands["n"] = n
     return bands
+
+
+def band_values(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    normalise: Callable[[torch.Tensor], torch.Tensor],
+    dist: Dist | None = None,
+    batch_size: int = DEFAULT_BATCH,
+    metrics: Sequence[str] = BAND_METRICS,
+) -> dict[str, dict[str, list[float]]]:
+    """``values[metric][block]``: one number per image of ``images`` (uint8), in data order, whichever
+    process computed it. Each process runs its shard in whole batches of ``batch_size`` and every process
+    gets all the values (``all_gather``)."""
+    dist = dist or Dist()
+    index = dist.shard(len(images), block=batch_size)
+    names = [b.name for b in find_blocks(model)]
+    rows = []
+    for start in range(0, len(index), batch_size):
+        _, records = capture_forward(model, normalise(images[index[start : start + batch_size]]))
+        per_image = block_metrics(records)
+        if [m.name for m in per_image[0]] != names:
+            raise ValueError(f"a forward pass reached only the blocks {[m.name for m in per_image[0]]} of {names}")
+        rows.extend([getattr(m, metric) for metric in metrics for m in image] for image in per_image)
+    local = torch.tensor(rows, dtype=torch.float64).reshape(len(index), len(metrics) * len(names))
+    table = dist.gather(local, index)  # (N, metrics x blocks), in data order
+    return {metric: {name: table[:, i * len(names) + j].tolist() for j, name in enumerate(names)}
+            for i, metric in enumerate(metrics)}
 
 
 def percentile_rank(value: float, band: dict[str, float]) -> float:

@@ -24,11 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .capture import capture_forward
+from .bands import band_values
 from .cards import ModelCard
 from .errors import WeightsError
 from .explorer import Explorer
-from .metrics import block_metrics
 
 __all__ = ["History", "Snapshot", "Timeline", "find_timelines"]
 
@@ -173,16 +172,9 @@ def _snapshot(path: Path) -> Snapshot:
 
 def _medians(explorer: Explorer, images: torch.Tensor, batch_size: int) -> tuple[list[float], list[float]]:
     """Per block, the median over ``images`` of ratio and of cosine (non-finite values left out, as in bands)."""
-    values: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in explorer.block_names}
-    for s in range(0, images.shape[0], batch_size):
-        x = explorer.batch_input(images[s : s + batch_size])
-        _, records = capture_forward(explorer.model, x)
-        for per_image in block_metrics(records):
-            for m in per_image:
-                values[m.name][0].append(m.ratio)
-                values[m.name][1].append(m.cosine)
-    return ([_median(values[b][0]) for b in explorer.block_names],
-            [_median(values[b][1]) for b in explorer.block_names])
+    values = band_values(explorer.model, images, normalise=explorer.batch_input, batch_size=batch_size)
+    return ([_median(values["ratio"][b]) for b in explorer.block_names],
+            [_median(values["cosine"][b]) for b in explorer.block_names])
 
 
 def _median(vals: list[float]) -> float:

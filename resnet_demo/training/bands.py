@@ -17,52 +17,22 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..core.bands import BAND_METRICS, DEFAULT_BATCH, PERCENTILES, bands_from_values
-from ..core.capture import capture_forward, find_blocks
+from ..core.bands import DEFAULT_BATCH, PERCENTILES, band_values, bands_from_values
 from ..core.cards import WeightsError, write_card_field
 from ..core.distributed import Dist
-from ..core.metrics import block_metrics
 from .data import DEFAULT_CACHE_DIR, DataError, Normalise
 from .scan import load_for_scan
 
-__all__ = ["band_values", "main"]
+__all__ = ["main"]
 
 
 @torch.inference_mode()
-def band_values(
-    model: nn.Module,
-    images: torch.Tensor,
-    *,
-    normalise: Callable[[torch.Tensor], torch.Tensor],
-    dist: Dist | None = None,
-    batch_size: int = DEFAULT_BATCH,
-    metrics: Sequence[str] = BAND_METRICS,
-) -> dict[str, dict[str, list[float]]]:
-    """``values[metric][block]``: one number per image of ``images`` (uint8), in data order, whichever
-    process computed it. Each process runs its shard in whole batches of ``batch_size`` and every process
-    gets all the values (``all_gather``)."""
-    dist = dist or Dist()
-    index = dist.shard(len(images), block=batch_size)
-    names = [b.name for b in find_blocks(model)]
-    rows = []
-    for start in range(0, len(index), batch_size):
-        _, records = capture_forward(model, normalise(images[index[start : start + batch_size]]))
-        per_image = block_metrics(records)
-        if [m.name for m in per_image[0]] != names:
-            raise ValueError(f"a forward pass reached only the blocks {[m.name for m in per_image[0]]} of {names}")
-        rows.extend([getattr(m, metric) for metric in metrics for m in image] for image in per_image)
-    local = torch.tensor(rows, dtype=torch.float64).reshape(len(index), len(metrics) * len(names))
-    table = dist.gather(local, index)  # (N, metrics x blocks), in data order
-    return {metric: {name: table[:, i * len(names) + j].tolist() for j, name in enumerate(names)}
-            for i, metric in enumerate(metrics)}
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m resnet_demo.training.bands", description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", required=True, help="weights/<name>.safetensors (its card <name>.json beside it)")
