@@ -21,13 +21,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..core.bands import DEFAULT_BATCH, PERCENTILES, band_values, bands_from_values
 from ..core.cards import WeightsError, write_card_field
 from ..core.distributed import Dist
-from .data import DEFAULT_CACHE_DIR, DataError, Normalise
-from .scan import load_for_scan
+from .data import DataError
+from .jobs import add_job_options, load_for_scan, model_input, start_job
 
 __all__ = ["main"]
 
@@ -39,25 +38,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--data", required=True, help="ImageFolder dir or .tar.gz, torchvision:<name>, evalset:<name>")
     p.add_argument("--split", default="test", help="split folder to use (default: test)")
     p.add_argument("--limit", type=int, default=None, help="use a fixed random subset of N images")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
-    p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default)")
-    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="decoded-data cache (default: data/cache)")
+    add_job_options(p, DEFAULT_BATCH)
     p.add_argument("--download", action="store_true", help="let torchvision download its data set")
     args = p.parse_args(argv)
-
-    try:
-        dist = Dist.from_env(args.device)
-    except ValueError as exc:
-        p.exit(2, f"error: {exc}\n")
-    with dist:
+    with start_job(p, args) as dist:
         try:
             model, card, data = load_for_scan(args, dist)
         except (WeightsError, DataError, ValueError) as exc:
             p.exit(2, f"error: {exc}\n")
         if len(data.images) == 0:
             p.exit(2, "error: no images to compute reference bands from\n")
-        in_channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
-        normalise = Normalise(card.mean, card.std, in_channels, dist.device, channels_last=False)
+        normalise = model_input(model, card, dist.device)
         values = band_values(model, data.images, normalise=normalise, dist=dist, batch_size=args.batch_size)
         bands: dict = bands_from_values(values, PERCENTILES)
         bands["percentiles"] = list(PERCENTILES)

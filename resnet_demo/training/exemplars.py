@@ -18,8 +18,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from ..core.cards import WeightsError, write_card_field
 from ..core.distributed import Dist
 from ..core.errors import DataError, InputError
@@ -37,7 +35,7 @@ from ..core.exemplars import (
 from ..core.explorer import Explorer
 from ..core.featurevis import VIEWS
 from ..core.weights import file_sha256
-from .scan import launch_command
+from .jobs import add_job_options, launch_command, start_job
 
 __all__ = ["main", "study_entry"]
 
@@ -64,10 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m resnet_demo.training.exemplars", description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", required=True, help="weights/<name>.safetensors (its card <name>.json beside it)")
     p.add_argument("--k", type=int, default=DEFAULT_K, help=f"exemplars per channel (default {DEFAULT_K})")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
-    p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default); under torchrun, cuda is "
-                   "each process's LOCAL_RANK GPU")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: PyTorch's)")
+    add_job_options(p, DEFAULT_BATCH, data=False)
     return p
 
 
@@ -83,14 +78,8 @@ def main(argv: Sequence[str] | None = None) -> Exemplars:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = _parser()
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        dist = Dist.from_env(args.device)
-    except ValueError as exc:
-        p.exit(2, f"error: {exc}\n")
     weights = Path(args.weights)
-    with dist:
+    with start_job(p, args) as dist:
         try:
             explorer = _explorer(weights, dist)
             name = evalset_for(explorer.card)

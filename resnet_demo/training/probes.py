@@ -41,8 +41,8 @@ from ..core.insight import head_width
 from ..core.load import load_model
 from ..core.probes import BlockFeatures, Probe, ProbeSet, block_features, fit_probe, probes_path, save_probes
 from ..core.weights import file_sha256
-from .data import DEFAULT_CACHE_DIR, DataError, ImageSet, Normalise, load_data, subset
-from .scan import launch_command
+from .data import DataError, ImageSet, Normalise, load_data, subset
+from .jobs import add_job_options, launch_command, model_input, start_job
 
 __all__ = ["L2_GRID", "fit_block", "main", "probe_study", "split_off"]
 
@@ -216,25 +216,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    help="with --val-limit 0: share of the training images held out for choosing L2")
     p.add_argument("--l2", type=float, nargs="+", default=list(L2_GRID), help=f"L2 strengths to try {L2_GRID}")
     p.add_argument("--seed", type=int, default=0, help="seed of the image draws and the hold-out split")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
-    p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default); under torchrun, cuda is "
-                   "each process's LOCAL_RANK GPU")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="decoded-data cache (default: data/cache)")
+    add_job_options(p, DEFAULT_BATCH)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if not 0 < args.val_share < 1:
         p.exit(2, f"error: --val-share must lie between 0 and 1, got {args.val_share}\n")
-    try:
-        dist = Dist.from_env(args.device)
-    except ValueError as exc:
-        p.exit(2, f"error: {exc}\n")
-    with dist:
+    with start_job(p, args) as dist:
         try:
             model, card, train, test, val = _load(args, dist)
-            in_channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
-            normalise = Normalise(card.mean, card.std, in_channels, dist.device, channels_last=False)
+            normalise = model_input(model, card, dist.device)
             result = probe_study(model, card, train, test, normalise, val=val, dist=dist, batch_size=args.batch_size,
                                  grid=args.l2, val_share=args.val_share, seed=args.seed,
                                  log=print if dist.main else lambda *a: None)

@@ -15,61 +15,21 @@ its sha256, is untouched. The study itself is :func:`resnet_demo.core.scans.lesi
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
 from ..core.cards import WeightsError, write_card_field
-from ..core.distributed import Dist
-from ..core.load import load_model
 from ..core.scans import DEFAULT_ALPHAS, DEFAULT_BATCH, NONE, LesionScan, lesion_scan
-from .data import DEFAULT_CACHE_DIR, DataError, ImageSet, Normalise, load_data, subset
+from .data import DataError
+from .jobs import add_job_options, launch_command, load_for_scan, model_input, start_job
 
-__all__ = ["STUDY", "launch_command", "load_for_scan", "main"]
+__all__ = ["STUDY", "main"]
 
 STUDY = "lesions"  # the key in the card's ``studies``
-
-
-def launch_command(module: str, argv: Sequence[str]) -> str:
-    """The command line that ran this process's job: ``python -m ...`` or, under torchrun, ``torchrun ...``."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return shlex.join(["python", "-m", module, *argv])
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    nodes = ["--nnodes", str(world // per_node)] if per_node != world else []
-    return shlex.join(["torchrun", *nodes, "--nproc-per-node", str(per_node), "-m", module, *argv])
-
-
-def load_for_scan(args: argparse.Namespace, dist: Dist) -> tuple[nn.Module, object, ImageSet]:
-    """The model (on ``dist.device``, eval mode), its card, and the data set whose classes it must share.
-
-    Rank 0 decodes the data first and the others read its cache, so a data set is decoded once.
-
-    Raises:
-        WeightsError: no card beside the weights, or unreadable weights. DataError: the data set's classes
-            differ from the card's, or it cannot be read.
-    """
-    weights = Path(args.weights)
-    if not weights.with_suffix(".json").is_file():
-        raise WeightsError(f"no model card {weights.with_suffix('.json')} beside {weights}: results are stored there")
-    model, card = load_model(weights)
-    if not dist.main:
-        dist.barrier()
-    try:
-        data = load_data(args.data, args.split, size=card.input_size, cache_dir=args.cache_dir, download=args.download)
-    finally:
-        if dist.main:
-            dist.barrier()
-    if list(data.classes) != list(card.classes):
-        raise DataError(f"the classes of {args.data} {list(data.classes)} do not match the model card's {card.classes}")
-    return model.to(dist.device).eval(), card, subset(data, args.limit)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,11 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="use a fixed random subset of N images")
     p.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS),
                    help=f"factors of a block's branch (default: {' '.join(f'{a:g}' for a in DEFAULT_ALPHAS)})")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
-    p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default); under torchrun, cuda is "
-                   "each process's LOCAL_RANK GPU")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: PyTorch's)")
-    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="decoded-data cache (default: data/cache)")
+    add_job_options(p, DEFAULT_BATCH)
     p.add_argument("--download", action="store_true", help="let torchvision download its data set")
     return p
 
@@ -125,17 +81,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = _parser()
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        dist = Dist.from_env(args.device)
-    except ValueError as exc:
-        p.exit(2, f"error: {exc}\n")
-    with dist:
+    with start_job(p, args) as dist:
         try:
             model, card, data = load_for_scan(args, dist)
-            in_channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
-            normalise = Normalise(card.mean, card.std, in_channels, dist.device, channels_last=False)
+            normalise = model_input(model, card, dist.device)
             start = time.perf_counter()
             scan = lesion_scan(model, data.images, data.labels, classes=card.classes, normalise=normalise,
                                alphas=args.alphas, dist=dist, batch_size=args.batch_size,

@@ -44,8 +44,8 @@ from ..core.load import load_model
 from ..core.metrics import block_metrics
 from ..core.preprocess import prepare
 from ..core.strange import SCORE, SCORES, auroc, candidate_scores, trained_on
-from .data import DEFAULT_CACHE_DIR, DataError, ImageSet, Normalise, load_data, subset
-from .scan import launch_command
+from .data import DataError, ImageSet, Normalise, load_data, subset
+from .jobs import add_job_options, launch_command, start_job
 
 __all__ = ["BLANK_LEVELS", "app_inputs", "held_out", "main", "noise_images", "scores_of", "strangeness_study"]
 
@@ -252,20 +252,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--other-limit", type=int, default=2000, help="images of the other data set (default 2000)")
     p.add_argument("--noise", type=int, default=500, help="images of each kind of noise (default 500)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
-    p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default); under torchrun, cuda is "
-                   "each process's LOCAL_RANK GPU")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="decoded-data cache (default: data/cache)")
+    add_job_options(p, DEFAULT_BATCH)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    try:
-        dist = Dist.from_env(args.device)
-    except ValueError as exc:
-        p.exit(2, f"error: {exc}\n")
-    with dist:
+    with start_job(p, args) as dist:
         try:
             model, card, test_inputs, others, left_out = _load(args, dist)
         except (WeightsError, DataError, ValueError) as exc:
