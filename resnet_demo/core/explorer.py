@@ -6,6 +6,7 @@ insight tools on it (lesions, the sweep, the readout, Grad-CAM). Callers never t
 
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -268,12 +269,14 @@ class Explorer:
         Raises:
             WeightsError: the probes file is damaged or was fitted for other weights.
         """
-        with self._graphs_lock:
-            if not hasattr(self, "_probes"):
-                self._probes = probes.find_probes(self.card, self.model)
         if self._probes is None:
             return []
         return probes.probe_readings(self._probes, analysis.blocks, final_index=analysis.predictions[0].index)
+
+    @functools.cached_property
+    def _probes(self) -> probes.ProbeSet | None:
+        """The probes beside the weights, read on first use (two threads at once would both read: harmless)."""
+        return probes.find_probes(self.card, self.model)
 
     def readout(self, analysis: Analysis) -> insight.Readout:
         """The classifier head applied to every block as wide as the head.

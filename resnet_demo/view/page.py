@@ -30,7 +30,7 @@ from ..core.explorer import Analysis, Explorer
 from ..core.insight import LesionResult, Readout
 from ..core.metrics import METRIC_NAMES
 from ..core.preprocess import InputError, load_image
-from ..core.similarity import Similarity, block_similarity
+from ..core.similarity import block_similarity
 from ..core.strange import strangeness
 from .channel_page import ChannelView, channel_view, visualisation
 from .dataset_page import (
@@ -444,8 +444,7 @@ class Pages:
         self.uploads = uploads
         self.timelines = timelines if timelines is not None else Timelines(shipped=False)
         self.user_sets = UserSets()
-        self._studies: dict[tuple, StudyView] = {}
-        self._similarity: dict[tuple, Similarity] = {}
+        self._results: dict[tuple, Any] = {}  # see _cached
         self._lock = threading.Lock()
 
     def explorer(self, model_key: str, kind: str, session: str = "") -> tuple[str, Explorer]:
@@ -526,16 +525,8 @@ class Pages:
         if name is None:
             raise ValueError(f"No evaluation set ships for {a.card.name}'s data: block similarity needs the shipped "
                              "CIFAR-10 or MNIST test images (its classes must be theirs).")
-        key = (id(a), a.card.weights_sha256, id(b), b.card.weights_sha256, name)
-        with self._lock:
-            sim = self._similarity.get(key)
-        if sim is None:
-            data = load_evalset(name)
-            sim = block_similarity(a, b, data.images, data=name, progress=progress)
-            with self._lock:
-                self._similarity[key] = sim
-                while len(self._similarity) > 16:  # a few maps per server, most recent kept
-                    self._similarity.pop(next(iter(self._similarity)))
+        key = ("cka", id(a), a.card.weights_sha256, id(b), b.card.weights_sha256, name)
+        sim = self._cached(key, lambda: block_similarity(a, b, load_evalset(name).images, data=name, progress=progress))
         image = similarity_map(sim.matrix, sim.blocks_a, sim.blocks_b, a.card.name, b.card.name)
         matches = ", ".join(f"{x}→{y} ({v:.2f})" for x, y, v in sim.best_match())
         text = (f"Linear CKA over {sim.n} images of `{sim.data}` (each block's output flattened; minibatch CKA, "
@@ -584,15 +575,20 @@ class Pages:
                      progress: Callable[[float], None] | None = None) -> StudyView:
         """Which blocks each class needs: stored with the model, or computed once over its test images (cached)."""
         _, explorer = self.explorer(settings.model_key, kind, settings.session)
-        key = (id(explorer), explorer.card.weights_sha256)
+        return self._cached(("lesions", id(explorer), explorer.card.weights_sha256),
+                            lambda: lesion_study(explorer, progress))
+
+    def _cached(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        """A data-set result kept for the server (CKA maps, lesion studies), the 32 most recent; computed
+        outside the lock, so two first requests for one key may both compute it."""
         with self._lock:
-            found = self._studies.get(key)
+            found = self._results.get(key)
         if found is None:
-            found = lesion_study(explorer, progress)
+            found = compute()
             with self._lock:
-                self._studies[key] = found
-                while len(self._studies) > 16:
-                    self._studies.pop(next(iter(self._studies)))
+                self._results[key] = found
+                while len(self._results) > 32:
+                    self._results.pop(next(iter(self._results)))
         return found
 
     def dataset_upload(self, settings: Settings, kind: str, path: str | None, name: str | None,
@@ -604,8 +600,9 @@ class Pages:
         self.user_sets.read(settings.session, explorer, path, name)
         return self.dataset(settings, kind, USER_SET, filt, progress)
 
-    def dataset_click(self, settings: Settings, kind: str, which: str, filt: SetFilter, x: float, y: float,
-                      ) -> tuple[SetFilter, SetView]:
+    def dataset_click(
+        self, settings: Settings, kind: str, which: str, filt: SetFilter, x: float, y: float
+    ) -> tuple[SetFilter, SetView]:
         """A click on the confusion matrix: filter by the clicked cell's (or name's) classes."""
         _, explorer = self.explorer(settings.model_key, kind, settings.session)
         filt = cell_filter(list(explorer.classes), x, y, filt)

@@ -7,7 +7,6 @@ comparison: its key is ``run:<folder name>:<step>``.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,6 @@ class Timelines:
                 self.errors[str(path)] = str(exc)
                 continue
             self.runs.setdefault(run.name, run)
-        self._lock = threading.Lock()
 
     def choices(self) -> list[tuple[str, str]]:
         """(label, name) of each run folder."""
