@@ -26,7 +26,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
+from gradio.data_classes import ImageData  # noqa: E402
 from gradio.utils import _parse_file_size  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from resnet_demo.core.errors import WeightsError  # noqa: E402
 from resnet_demo.view import page as pages_mod  # noqa: E402
@@ -53,7 +55,7 @@ from resnet_demo.view.registry import (  # noqa: E402
     prepare_process,
     start_serving,
 )
-from resnet_demo.view.render import VIEWS  # noqa: E402
+from resnet_demo.view.render import VIEWS, png_data_url  # noqa: E402
 from resnet_demo.view.uploads import ARCH_CHOICES, PRESET_CHOICES, UserModels  # noqa: E402
 
 try:  # Hugging Face Spaces with ZeroGPU: the decorated function gets a GPU for its duration.
@@ -182,6 +184,25 @@ class PhotoInput(gr.Image):
             raise gr.Error(pages_mod.upload_error(payload.path), print_exception=False) from None
 
 
+class InlineImage(gr.Image):
+    """An output ``gr.Image`` sent inside the event's message as a PNG data URL.
+
+    For the three images every analysis (and every frame of a drawing or the webcam) sends. A plain
+    ``gr.Image`` output is encoded at zlib level 6, hashed, written to Gradio's cache and checked against
+    the allowed paths, and then the browser fetches each file with a request of its own: with a dozen
+    small images a second per session, that was the largest part of the server's work after the model.
+    Here: one encoding at level 1 (:func:`png_data_url`), no file, no second request. The component,
+    its events (a click's coordinates) and what the person sees are unchanged.
+    """
+
+    is_template = True
+
+    def postprocess(self, value):
+        if isinstance(value, Image.Image):
+            return ImageData(url=png_data_url(value), mime_type="image/png")
+        return super().postprocess(value)
+
+
 # --- the parts of the page, each laid out (and, for the tools, wired) by a function of its own --------
 
 
@@ -238,7 +259,7 @@ class ResultsPanel:
 def results_panel() -> ResultsPanel:
     with gr.Row():
         predictions = gr.Label(label="Predictions", num_top_classes=10, elem_id="predictions")
-        model_input = gr.Image(label="Input as the model saw it", height=180, interactive=False, format="png",
+        model_input = InlineImage(label="Input as the model saw it", height=180, interactive=False, format="png",
                                elem_classes=["pixelated"], elem_id="model-input")
     summary = gr.Markdown(elem_id="summary")
     gr.Markdown(HOW_TO_READ["predictions"])
@@ -255,21 +276,19 @@ class FeatureMapsTab:
     channels: ChannelPanel
 
     def show(self, view: AnalysisView) -> dict:
-        shown = {self.grids: view.page.grids.image, self.detail: view.page.detail}
-        if view.choices_changed:
-            shown[self.detail_block] = gr.update(choices=view.blocks, value=view.detail_block)
-        return shown
+        return {self.grids: view.page.grids.image, self.detail: view.page.detail,
+                self.detail_block: chooser(view.choices_changed, view.blocks, view.detail_block)}
 
 
 def feature_maps_tab() -> FeatureMapsTab:
     with gr.Tab("Feature maps") as tab:
         view = gr.Radio(VIEW_CHOICES, value="f", label="Show")
-        grids = gr.Image(label="Blocks (most active channels): click one to enlarge it", height=200,
+        grids = InlineImage(label="Blocks (most active channels): click one to enlarge it", height=200,
                          interactive=False, format="png", elem_id="block-grids")
         gr.Markdown(HOW_TO_READ["maps"])
         detail_block = gr.Dropdown([], label="Block to enlarge", allow_custom_value=True, elem_id="detail-block")
-        detail = gr.Image(label="All channels of the chosen block: click one to see what it responds to",
-                          interactive=False, height=480, format="png", elem_classes=["pixelated"], elem_id="detail")
+        detail = InlineImage(label="All channels of the chosen block: click one to see what it responds to",
+                             interactive=False, height=480, format="png", elem_classes=["pixelated"], elem_id="detail")
         channels = channel_panel()
     return FeatureMapsTab(tab, view, grids, detail_block, detail, channels)
 
@@ -341,7 +360,7 @@ def wire_channels(pages: Pages, c: Controls, maps: FeatureMapsTab) -> None:
 
 @dataclass
 class ResidualTab:
-    """The chart is drawn only while the tab is open (``is_open``); the table, cheap, always."""
+    """The chart and the table are sent only while the tab is open (``is_open``); opening it sends both."""
 
     tab: gr.Tab
     chart: gr.Image
@@ -349,10 +368,9 @@ class ResidualTab:
     is_open: gr.State
 
     def show(self, view: AnalysisView) -> dict:
-        shown = {self.table: view.page.table}
-        if view.page.chart is not None:
-            shown[self.chart] = view.page.chart
-        return shown
+        if view.page.chart is None:  # the tab is closed: emptied (no work, see `chooser`); opening it draws both
+            return {self.chart: None, self.table: None}
+        return {self.chart: view.page.chart, self.table: view.page.table}
 
 
 def residual_tab(pages: Pages, c: Controls, is_open: gr.State) -> ResidualTab:
@@ -377,6 +395,16 @@ def residual_tab(pages: Pages, c: Controls, is_open: gr.State) -> ResidualTab:
     return ResidualTab(tab, chart, table, is_open)
 
 
+def chooser(changed: bool, choices: list, value):
+    """A chooser's output in the analysis: new choices only when the model's names changed, else its value.
+
+    Never ``gr.skip()`` there: Gradio (6.x) answers any update dict, an empty one included, by building the
+    component anew and re-writing the session's page config (with its JSON schema): ~0.5 ms an output per
+    request, on the hot path of every analysis and every frame of a drawing. A plain value costs nothing.
+    """
+    return gr.update(choices=choices, value=value) if changed else value
+
+
 def settings_of(request: gr.Request | None, model_key, k, view="f", detail_block=None, lesion_blocks=None) -> Settings:
     session = (request.session_hash if request is not None else None) or ""
     return Settings(model_key, int(k), view, detail_block, tuple(lesion_blocks or ()), session)
@@ -388,9 +416,7 @@ class LesionsTab:
     blocks: gr.CheckboxGroup
 
     def show(self, view: AnalysisView) -> dict:
-        if not view.choices_changed:
-            return {}
-        return {self.blocks: gr.update(choices=view.blocks, value=view.lesion_blocks)}
+        return {self.blocks: chooser(view.choices_changed, view.blocks, view.lesion_blocks)}
 
 
 def lesions_tab(pages: Pages, c: Controls) -> LesionsTab:
@@ -448,20 +474,10 @@ def readout_tab(pages: Pages, c: Controls) -> gr.Tab:
     return tab
 
 
-@dataclass
-class GradcamTab:
-    tab: gr.Tab
-    block: gr.Dropdown
-    label: gr.Dropdown
-
-    def show(self, view: AnalysisView) -> dict:
-        if not view.choices_changed:
-            return {}
-        return {self.block: gr.update(choices=view.blocks, value=view.detail_block),
-                self.label: gr.update(choices=["", *view.classes], value="")}
-
-
-def gradcam_tab(pages: Pages, c: Controls) -> GradcamTab:
+def gradcam_tab(pages: Pages, c: Controls) -> gr.Tab:
+    """Its choosers are filled when the tab is opened and whenever Explain runs (for the model then in use),
+    not by every analysis: most analyses would only have left them as they were, which costs Gradio a
+    rebuild of each component (see :func:`chooser`)."""
     with gr.Tab("Grad-CAM") as tab:
         gr.Markdown(HOW_TO_READ["gradcam"])
         with gr.Row():
@@ -474,10 +490,19 @@ def gradcam_tab(pages: Pages, c: Controls) -> GradcamTab:
     @gpu
     def gradcam(state, model_key, k, chosen_block, chosen_label, request: gr.Request):
         v = pages.gradcam(state, settings_of(request, model_key, k), chosen_block or None, chosen_label or None)
-        return {c.state: v.state, image: gr.update(value=v.image, label=v.label)}
+        return {c.state: v.state, image: gr.update(value=v.image, label=v.label),
+                block: gr.update(choices=v.blocks, value=v.block), label: gr.update(choices=["", *v.classes])}
 
-    button.click(gradcam, [c.state, c.model_key, c.k, block, label], [image, c.state], api_name="gradcam")
-    return GradcamTab(tab, block, label)
+    def opened(state):
+        if state is None or not state.choices:
+            return gr.skip()
+        blocks, classes = state.choices
+        return {block: gr.update(choices=list(blocks)), label: gr.update(choices=["", *classes])}
+
+    button.click(gradcam, [c.state, c.model_key, c.k, block, label], [image, c.state, block, label],
+                 api_name="gradcam")
+    tab.select(opened, c.state, [block, label], api_visibility="private", show_progress="hidden")
+    return tab
 
 
 @dataclass
@@ -874,7 +899,7 @@ def wire_analysis(pages: Pages, registry: Registry, inputs: InputsPanel, c: Cont
     """Every way to analyse an image (or re-analyse it with new settings) updates the same components."""
     # The order of the outputs is the order of the API's return values (gradio_client).
     outputs = [results.predictions, results.model_input, maps.grids, residual.chart, residual.table,
-               results.summary, maps.detail, maps.detail_block, lesions.blocks, cam.block, cam.label, c.state]
+               results.summary, maps.detail, maps.detail_block, lesions.blocks, c.state]
     # The session's state and whether the residual tab is open come first; gr.State is not part of the API.
     settings = [c.state, residual.is_open, c.model_key, c.k, maps.view, maps.detail_block, lesions.blocks]
     run = gpu(pages.analyze)
@@ -883,8 +908,7 @@ def wire_analysis(pages: Pages, registry: Registry, inputs: InputsPanel, c: Cont
     def analyze(source, kind, previous, chart, model_key, k, view, detail, lesioned, request):
         s = settings_of(request, model_key, k, view, detail, lesioned)
         v = run(source, kind, s, previous, chart=bool(chart))
-        return {c.state: v.state, **results.show(v), **maps.show(v), **residual.show(v), **lesions.show(v),
-                **cam.show(v)}
+        return {c.state: v.state, **results.show(v), **maps.show(v), **residual.show(v), **lesions.show(v)}
 
     # One function per source, each naming its parameters: Gradio passes gr.Request by annotation.
     def photo(img, previous, chart, model_key, k, view, detail, lesioned, request: gr.Request):

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import socket
 from contextlib import contextmanager
 from pathlib import Path
+
+from PIL import Image
 
 from resnet_demo.core.cards import WEIGHTS_DIR
 from resnet_demo.tools.loadtest import write_untrained_weights
 
 SHIPPED = ("cifar10_resnet", "mnist_resnet")
+
+
+def inline_image(value: dict) -> Image.Image:
+    """An InlineImage output as gradio_client returns it: no file, the PNG in a data URL."""
+    assert value["path"] is None and value["mime_type"] == "image/png", value
+    head, _, data = value["url"].partition(",")
+    assert head == "data:image/png;base64", head
+    return Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
 
 
 def free_port() -> int:

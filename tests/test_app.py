@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from appserver import running_app, weights_dir
+from appserver import inline_image, running_app, weights_dir
 from conftest import IN_CI, ROOT
 from PIL import Image
 
@@ -35,7 +35,7 @@ def cifar_example():
 def test_photo_through_the_server_matches_the_library(server):
     client, registry = server
     path = cifar_example()
-    preds, model_input, grids, chart, table, summary, detail, dropdown, lesion_choices, cam_block, cam_class = client.predict(
+    preds, model_input, grids, chart, table, summary, detail, dropdown, lesion_choices = client.predict(
         handle_file(str(path)), *SETTINGS, api_name="/analyze_photo"
     )
     want = registry.get("cifar10").analyze(str(path), k=5)
@@ -44,21 +44,21 @@ def test_photo_through_the_server_matches_the_library(server):
     for p in want.predictions:
         assert got[p.label] == pytest.approx(p.prob, abs=1e-6)
     # One strip of the 9 blocks' grids, each in a slot of the same width, as the library draws it.
-    strip = Image.open(grids)
+    strip = inline_image(grids)
     want_strip = build_page(want).grids
     assert strip.size == want_strip.image.size and strip.size[0] == 9 * want_strip.pitch - (want_strip.pitch - want_strip.slot)
     assert np.array_equal(np.asarray(strip.convert("RGB")), np.asarray(want_strip.image.convert("RGB")))
-    assert Image.open(model_input).size == (32, 32)  # its own pixels: the browser enlarges them (CSS pixelated)
-    assert Image.open(detail).size[0] > want_strip.slot  # res9: all 256 channels
+    assert inline_image(model_input).size == (32, 32)  # its own pixels: the browser enlarges them (CSS pixelated)
+    assert inline_image(detail).size[0] > want_strip.slot  # res9: all 256 channels
+    # The residual chart and table are emptied: drawn only once their tab is opened.
+    assert chart is None and table["data"] == [], (chart, table)
+    chart, table = client.predict("auto", 5, api_name="/residual")
+    assert Image.open(chart).size[1] == 300
     assert table["headers"] == ["block", "stage", "ratio", "cosine", "norm_x", "norm_f", "norm_y", "active"]
     for row, m in zip(table["data"], want.metrics):
         assert row[0] == m.name and row[1] == m.stage
         for value, key in zip(row[2:], ("ratio", "cosine", "norm_x", "norm_f", "norm_y", "active")):
             assert value == pytest.approx(getattr(m, key), abs=1e-4)
-    assert chart == {"__type__": "update"}  # left as it was: drawn only once its tab is opened
-    chart, table = client.predict("auto", 5, api_name="/residual")
-    assert Image.open(chart).size[1] == 300
-    assert [row[0] for row in table["data"]] == [m.name for m in want.metrics]
     assert want.predictions[0].label in summary
     if registry.get("cifar10").card.trained:
         assert preds["label"] == "cat"
@@ -193,9 +193,16 @@ def test_insight_tools_through_the_server(server):
     if explorer.card.studies.get("probes"):  # the shipped model's linear probes, beside the head
         assert Image.open(probes).size[0] > 400 and "A linear probe reads the class at" in text
 
-    cam = client.predict("auto", 5, "res7", "", api_name="/gradcam")  # an update: new image and label
+    cam, block, label = client.predict("auto", 5, "res7", "", api_name="/gradcam")  # an update: image and title
     assert Image.open(cam["value"]).size == (256, 256)
     assert cam["label"] == f"Grad-CAM for “{analysis.predictions[0].label}” at res7"
+    assert block == {"__type__": "update", "choices": [[f"res{i}", f"res{i}"] for i in range(1, 10)], "value": "res7"}
+    assert [c[0] for c in label["choices"]] == ["", *explorer.card.classes]
+    # The choosers of another model (MNIST's class "7" after a switch): the defaults, and the title says so.
+    cam, block, _ = client.predict("auto", 5, "layer4", "7", api_name="/gradcam")
+    assert cam["label"] == (f"Grad-CAM for “{analysis.predictions[0].label}” at res9 (“layer4” is not a block of "
+                            f"{explorer.card.name}; “7” is not a class of {explorer.card.name})")
+    assert block["value"] == "res9"
 
     zip_path = client.predict("auto", 5, ["res5"], api_name="/export")
     with zipfile.ZipFile(zip_path) as zf:

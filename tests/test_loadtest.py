@@ -37,20 +37,19 @@ def test_images_are_distinct_and_deterministic(tmp_path):
     assert all(pa.read_bytes() == pb.read_bytes() for pa, pb in zip(a, b))
 
 
-def page(label: str, probs: dict[str, float], row: list) -> tuple:
+def page(label: str, probs: dict[str, float], summary: str) -> tuple:
     preds = {"label": label, "confidences": [{"label": k, "confidence": v} for k, v in probs.items()]}
-    return (preds, None, None, None, {"headers": [], "data": [row]})
+    return (preds, None, None, None, {"__type__": "update"}, summary)
 
 
 def test_check_answer_tells_its_own_image_from_another():
-    mine = Expected("cat", {"cat": 0.5, "dog": 0.3}, ["res1", 1, 0.1234, 0.5, 1.0, 2.0, 3.0, 0.4])
-    other = Expected("cat", {"cat": 0.5, "dog": 0.30002}, ["res1", 1, 0.1234, 0.5, 1.0, 2.0, 3.0, 0.4])
-    assert check_answer(page("cat", mine.probs, mine.first_row), mine) is None
-    assert "p(dog)" in check_answer(page("cat", other.probs, other.first_row), mine)
-    assert "top-1" in check_answer(page("dog", mine.probs, mine.first_row), mine)
-    row = list(mine.first_row)
-    row[2] = 0.1240
-    assert "metrics row" in check_answer(page("cat", mine.probs, row), mine)
+    text = "Block **res1** changes its input most (‖F‖/‖s‖ = 1.59); **res9** least (0.12)."
+    mine = Expected("cat", {"cat": 0.5, "dog": 0.3}, text)
+    other = Expected("cat", {"cat": 0.5, "dog": 0.30002}, text)
+    assert check_answer(page("cat", mine.probs, mine.summary), mine) is None
+    assert "p(dog)" in check_answer(page("cat", other.probs, other.summary), mine)
+    assert "top-1" in check_answer(page("dog", mine.probs, mine.summary), mine)
+    assert "summary" in check_answer(page("cat", mine.probs, text.replace("1.59", "1.58")), mine)
 
 
 def test_percentile_is_nearest_rank():
@@ -97,10 +96,16 @@ def test_http_client_answers_as_gradio_client_does(tmp_path):
                 theirs = client.predict(handle_file(str(path)), *SETTINGS, api_name="/analyze_photo")
                 assert isinstance(mine, tuple) and len(mine) == len(theirs)
                 assert mine[0] == theirs[0] and mine[0]["confidences"]  # label and top-k probabilities, exactly
-                assert mine[4]["data"] == theirs[4]["data"] and len(mine[4]["data"]) == 9  # the metrics table
-                assert mine == theirs  # every output (the images are named by their content)
+                assert mine[5] == theirs[5] and "changes its input most" in mine[5]  # the summary
+                # Every output, the images included (inline, so equal bytes); the block choosers get their
+                # choices with a session's first answer and only their values afterwards: compare what they hold.
+                assert mine[:7] == theirs[:7] and len(mine) == 9
+                held = [[o.get("value") if isinstance(o, dict) else o for o in (m[7], m[8])] for m in (mine, theirs)]
+                assert held == [["res9", []], ["res9", []]]
                 assert check_answer(mine, want) is None
-            assert sessions[0].downloaded_bytes == 0 and sessions[1].downloaded_bytes > 1000
+            # The page's three images come inside the answer (data URLs): a browser has no file to fetch.
+            assert all(mine[i]["url"].startswith("data:image/png;base64,") for i in (1, 2, 6))
+            assert sessions[0].downloaded_bytes == sessions[1].downloaded_bytes == 0
             # an error answer is an exception carrying the page's message, as gradio_client's is
             with pytest.raises(AppError) as theirs_error:
                 client.predict(handle_file(str(not_an_image)), *SETTINGS, api_name="/analyze_photo")

@@ -281,7 +281,7 @@ class AnalysisView:
     detail_block: str  # the block enlarged
     lesion_blocks: list[str]  # the lesion choice, kept where the blocks still exist
     classes: list[str]
-    choices_changed: bool  # another model than the session's last: the choosers need the new names
+    choices_changed: bool  # the session's first analysis, or another model: the choosers need the new names
 
 
 @dataclass(frozen=True)
@@ -361,6 +361,9 @@ class GradcamView:
     state: PageState
     image: Image.Image
     label: str
+    blocks: list[str]  # the model's, for the choosers
+    classes: list[str]
+    block: str  # the block explained
 
 
 def lesion_text(result: LesionResult) -> str:
@@ -637,7 +640,7 @@ class Pages:
             detail_block=chosen,
             lesion_blocks=[name for name in settings.lesion_blocks if name in names],
             classes=list(analysis.card.classes),
-            choices_changed=previous is None or previous.choices != choices or settings.detail_block != chosen,
+            choices_changed=previous is None or previous.choices != choices,
         )
 
     def residual(self, state: PageState | None, settings: Settings) -> ResidualView:
@@ -680,15 +683,22 @@ class Pages:
         return ReadoutView(dataclasses.replace(state, readout=result), readout_chart(result), text, probes)
 
     def gradcam(self, state: PageState | None, settings: Settings, block: str | None, label: str | None) -> GradcamView:
+        """Grad-CAM of ``label`` (the predicted class if empty) at ``block`` (the last if empty).
+
+        A block or class of another model (the page's choosers still hold the last model's after a switch)
+        is replaced by the default, and the title says which was not this model's.
+        """
         state, explorer, analysis = self._current(state, settings)
-        classes = explorer.classes
-        if label and label not in classes:
-            raise ValueError(f"unknown class {label!r} for {explorer.card.name}")
-        block = block or analysis.metrics[-1].name
-        index = classes.index(label) if label else analysis.predictions[0].index
+        classes, blocks = explorer.classes, [m.name for m in analysis.metrics]
+        foreign = [f"“{name}” is not a {what} of {explorer.card.name}"
+                   for name, what, known in ((block, "block", blocks), (label, "class", classes))
+                   if name and name not in known]
+        block = block if block in blocks else blocks[-1]
+        index = classes.index(label) if label in classes else analysis.predictions[0].index
         cam = explorer.gradcam(analysis, block, index)
         state = dataclasses.replace(state, cam=(block, index, cam))
-        return GradcamView(state, self._cam_image(analysis, cam), f"Grad-CAM for “{classes[index]}” at {block}")
+        title = f"Grad-CAM for “{classes[index]}” at {block}" + (f" ({'; '.join(foreign)})" if foreign else "")
+        return GradcamView(state, self._cam_image(analysis, cam), title, blocks, list(classes), block)
 
     @staticmethod
     def _cam_image(analysis: Analysis, cam: np.ndarray) -> Image.Image:

@@ -7,6 +7,7 @@ so concurrent requests do not share a figure.
 
 from __future__ import annotations
 
+import base64
 import io
 import math
 from collections.abc import Sequence
@@ -39,6 +40,7 @@ __all__ = [
     "lesion_sweep_chart",
     "nice_max",
     "overlay",
+    "png_data_url",
     "rank_channels",
     "readout_chart",
     "residual_chart",
@@ -394,6 +396,17 @@ def figure_to_image(fig) -> Image.Image:
     canvas.print_png(buf)
     buf.seek(0)
     return Image.open(buf).convert("RGB")
+
+
+def png_data_url(image: Image.Image, compress_level: int = 1) -> str:
+    """``image`` as a ``data:image/png;base64,...`` URL, for a page that shows it without a second request.
+
+    zlib level 1: the page's palette grids encode twice as fast as at PIL's default 6 (2.4 against
+    4.6 ms for the strip of nine blocks) and come out 3-4% larger.
+    """
+    with io.BytesIO() as out:
+        image.save(out, "png", compress_level=compress_level)
+        return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode("ascii")
 
 
 def overlay(cam: np.ndarray, base_image: Image.Image, alpha: float = 0.45, cmap: str = "turbo") -> Image.Image:
