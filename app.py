@@ -858,14 +858,14 @@ def make_demo(registry: Registry, default_model: str = AUTO, uploads: UserModels
             residual = residual_tab(pages, controls, residual_is_open)
             lesions = lesions_tab(pages, controls)
             readout_tab(pages, controls)
-            cam = gradcam_tab(pages, controls)
+            gradcam_tab(pages, controls)
             compare = compare_tab(pages, controls, model_choices + pages.timelines.snapshot_choices(), maps.view)
             timeline_tab(pages, controls)
             dataset = dataset_tab()
             export_tab(pages, controls, lesions.blocks)
         # Which tab is open decides whether analyses draw the residual chart.
         tabs.select(residual_open, None, residual.is_open, api_visibility="private", show_progress="hidden")
-        analysis = wire_analysis(pages, registry, inputs, controls, results, maps, residual, lesions, cam)
+        analysis = wire_analysis(pages, registry, inputs, controls, results, maps, residual, lesions)
         wire_dataset(pages, controls, dataset, inputs.photo)
         wire_channels(pages, controls, maps)
         if panel is not None:
@@ -895,7 +895,7 @@ class AnalysisWiring:
 
 
 def wire_analysis(pages: Pages, registry: Registry, inputs: InputsPanel, c: Controls, results: ResultsPanel,
-                  maps: FeatureMapsTab, residual: ResidualTab, lesions: LesionsTab, cam: GradcamTab) -> AnalysisWiring:
+                  maps: FeatureMapsTab, residual: ResidualTab, lesions: LesionsTab) -> AnalysisWiring:
     """Every way to analyse an image (or re-analyse it with new settings) updates the same components."""
     # The order of the outputs is the order of the API's return values (gradio_client).
     outputs = [results.predictions, results.model_input, maps.grids, residual.chart, residual.table,
