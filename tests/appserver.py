@@ -47,7 +47,7 @@ def running_app(wdir: Path, concurrency: int = 2, uploads: bool = True, timeline
     from resnet_demo.view.uploads import UserModels
 
     demo = app.make_demo(registry, uploads=UserModels() if uploads else None, timelines=timelines)
-    demo.queue(default_concurrency_limit=concurrency, max_size=512)
+    demo.queue(**app.queue_options(concurrency, max_size=512))
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                 **app.launch_options(uploads))
