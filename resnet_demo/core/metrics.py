@@ -59,18 +59,16 @@ def _safe_div(a: torch.Tensor, b: torch.Tensor, zero_over_zero: float) -> torch.
 def _sums(rec: BlockRecord) -> torch.Tensor:
     """(B, 6) float64: ||F||², ||s||², <F, s>, ||x||², ||y||² and the count of y > 0, per image.
 
-    F and s go through one float64 product of the (B, 2, N) stack with itself: its Gram matrix holds both
-    squared norms and the dot product, in one op where separate norms and a dot take five.
+    F, s and y (one shape: y = relu(F + s)) go through one float64 product of their (B, 3, N) stack with
+    itself: its Gram matrix holds the three squared norms and the dot product, in one op instead of six.
     """
-    f = rec.f.flatten(1)
     identity = rec.s is rec.x
-    fs = torch.stack((f, rec.x.flatten(1) if identity else rec.s.flatten(1)), dim=1).double()  # (B, 2, N)
-    gram = fs @ fs.transpose(1, 2)  # (B, 2, 2)
-    nx2 = gram[:, 1, 1] if identity else rec.x.flatten(1).double().square().sum(dim=1)
     y = rec.y.flatten(1)
-    ny2 = torch.linalg.vector_norm(y, dim=1, dtype=torch.float64).square()
+    stacked = torch.stack((rec.f.flatten(1), rec.s.flatten(1), y), dim=1).double()  # (B, 3, N)
+    gram = stacked @ stacked.transpose(1, 2)  # (B, 3, 3)
+    nx2 = gram[:, 1, 1] if identity else rec.x.flatten(1).double().square().sum(dim=1)
     active = (y > 0).sum(dim=1, dtype=torch.float64)
-    return torch.stack([gram[:, 0, 0], gram[:, 1, 1], gram[:, 0, 1], nx2, ny2, active], dim=1)
+    return torch.stack([gram[:, 0, 0], gram[:, 1, 1], gram[:, 0, 1], nx2, gram[:, 2, 2], active], dim=1)
 
 
 def block_metrics(records: list[BlockRecord]) -> list[list[BlockMetrics]]:
@@ -90,7 +88,7 @@ def block_metrics(records: list[BlockRecord]) -> list[list[BlockMetrics]]:
     sizes = torch.tensor([rec.y[0].numel() for rec in records], dtype=torch.float64).unsqueeze(1)
     # columns in METRIC_NAMES order: ratio, cosine, norm_x, norm_f, norm_y, active
     scalars = torch.stack([_safe_div(nf, ns, 0.0), cosine, nx, nf, ny, sums[..., 5] / sizes], dim=2).tolist()
-    channel_f = [rec.f.abs().mean(dim=(2, 3), dtype=torch.float64).float().cpu().numpy() for rec in records]  # (B, C)
+    channel_f = [rec.f.abs().mean(dim=(2, 3)).float().cpu().numpy() for rec in records]  # (B, C), for ranking
     batch = records[0].y.shape[0]
     return [
         [

@@ -214,8 +214,10 @@ def build_page(
     ``chart=False`` leaves the residual chart out (``None``): the page draws it only while its tab is open.
     """
     captions = [f"{m.name} · {m.ratio:.2f}" for m in analysis.metrics]  # metrics follow the records, in order
-    codes = [grid_codes(getattr(rec, view)[0], signed=view == "f", max_channels=max_channels, cell=sizes.grid_cell,
-                        pad=sizes.pad) for rec in analysis.blocks]
+    # F(x)'s channels are ranked by mean |F|, which the metrics hold already (channel_f); x and y are ranked here.
+    ranked = [np.argsort(-m.channel_f, kind="stable")[:max_channels] if view == "f" else None for m in analysis.metrics]
+    codes = [grid_codes(getattr(rec, view)[0], signed=view == "f", channels=order, max_channels=max_channels,
+                        cell=sizes.grid_cell, pad=sizes.pad) for rec, order in zip(analysis.blocks, ranked)]
     cmap = "RdBu_r" if view == "f" else "magma"
     if sizes == SCREEN:
         grids = feature_strip(codes, captions, cmap)
