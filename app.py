@@ -392,7 +392,8 @@ class ResidualTab:
 def residual_tab(pages: Pages, c: Controls, is_open: gr.State) -> ResidualTab:
     """``is_open`` must be made outside the ``gr.Tabs``: a non-tab child there shifts the tabs' labels."""
     with gr.Tab("Residual magnitudes") as tab:
-        chart = gr.Image(label="‖F(x)‖ / ‖s(x)‖ and cosine per block", interactive=False, format="png")
+        chart = gr.Image(label="‖F(x)‖ / ‖s(x)‖ and cosine per block", interactive=False, format="png",
+                         elem_id="residual-chart")
         gr.Markdown(HOW_TO_READ["residual"])
         table = gr.Dataframe(headers=METRIC_COLUMNS, label="Per-block metrics", interactive=False,
                              elem_id="metrics-table")
@@ -497,10 +498,11 @@ def gradcam_tab(pages: Pages, c: Controls) -> gr.Tab:
     with gr.Tab("Grad-CAM") as tab:
         gr.Markdown(HOW_TO_READ["gradcam"])
         with gr.Row():
-            block = gr.Dropdown([], label="Block", allow_custom_value=True)
-            label = gr.Dropdown([], label="Class (empty: the predicted one)", allow_custom_value=True)
-            button = gr.Button("Explain", variant="primary", scale=0)
-        image = gr.Image(label="Grad-CAM", interactive=False, height=300)
+            block = gr.Dropdown([], label="Block", allow_custom_value=True, elem_id="gradcam-block")
+            label = gr.Dropdown([], label="Class (empty: the predicted one)", allow_custom_value=True,
+                                elem_id="gradcam-class")
+            button = gr.Button("Explain", variant="primary", scale=0, elem_id="gradcam-run")
+        image = gr.Image(label="Grad-CAM", interactive=False, height=300, elem_id="gradcam-image")
 
     @to_gr_error
     @gpu
@@ -509,15 +511,16 @@ def gradcam_tab(pages: Pages, c: Controls) -> gr.Tab:
         return {c.state: v.state, image: gr.update(value=v.image, label=v.label),
                 block: gr.update(choices=v.blocks, value=v.block), label: gr.update(choices=["", *v.classes])}
 
-    def opened(state):
+    def opened(state, chosen_block, chosen_label):
         if state is None or not state.choices:
             return gr.skip()
         blocks, classes = state.choices
-        return {block: gr.update(choices=list(blocks)), label: gr.update(choices=["", *classes])}
+        return {block: gr.update(choices=list(blocks), value=chosen_block if chosen_block in blocks else blocks[-1]),
+                label: gr.update(choices=["", *classes], value=chosen_label if chosen_label in classes else "")}
 
     button.click(gradcam, [c.state, c.model_key, c.k, block, label], [image, c.state, block, label],
                  api_name="gradcam")
-    tab.select(opened, c.state, [block, label], api_visibility="private", show_progress="hidden")
+    tab.select(opened, [c.state, block, label], [block, label], api_visibility="private", show_progress="hidden")
     return tab
 
 

@@ -307,6 +307,33 @@ def test_a_click_on_a_block_in_the_strip_enlarges_that_block(page):
     sync_api.expect(page.locator("#detail-block input")).to_have_value("res3", timeout=30_000)
 
 
+def test_tools_tabs_fill_when_opened_and_follow_new_images(page, server):
+    """Analyses send the residual chart and table only while their tab is open, and the Grad-CAM choosers
+    are filled when their tab opens: both must still show the current image's results."""
+    _, registry = server
+    ship, frog = (ROOT / "examples" / f"cifar10-{name}-0.jpg" for name in ("ship", "frog"))
+    page.locator("#photo input[type=file]").set_input_files(str(ship))
+    sync_api.expect(page.locator("#summary")).to_contain_text("predicts", timeout=60_000)
+    open_tab(page, "Grad-CAM")
+    sync_api.expect(page.locator("#gradcam-block input")).to_have_value("res9", timeout=30_000)
+    page.locator("#gradcam-run").click()
+    want = registry.get("cifar10").analyze(str(ship), k=5)
+    sync_api.expect(page.locator("#gradcam-image")).to_contain_text(
+        f"Grad-CAM for “{want.predictions[0].label}” at res9", timeout=60_000)
+    sync_api.expect(page.locator("#gradcam-image img")).to_have_count(1)
+
+    open_tab(page, "Residual magnitudes")
+    chart, table = page.locator("#residual-chart img"), page.locator("#metrics-table")
+    sync_api.expect(chart).to_have_count(1, timeout=60_000)
+    sync_api.expect(table).to_contain_text("res9", timeout=30_000)
+    sync_api.expect(table).to_contain_text(f"{want.metrics[0].ratio:.4f}"[:5])
+    before = chart.get_attribute("src")
+    page.locator("#photo input[type=file]").set_input_files(str(frog))
+    now = registry.get("cifar10").analyze(str(frog), k=5)
+    sync_api.expect(table).to_contain_text(f"{now.metrics[0].ratio:.4f}"[:5], timeout=60_000)
+    assert chart.get_attribute("src") != before
+
+
 def test_compare_two_models_on_one_image_in_the_page(page, server):
     _, registry = server
     example = ROOT / "examples" / "cifar10-frog-0.jpg"
