@@ -591,8 +591,6 @@ def run_load(
     ``download_dir``: fetch every output image, as a browser would (gradio_client saves them there; the lean
     client reads and drops them); ``None``: do not fetch them. ``timeout``: per request, lean client only.
     """
-    import psutil
-
     if client not in CLIENTS:
         raise ValueError(f"client must be one of {CLIENTS}, not {client!r}")
     if len(paths) != len(expected) or len(paths) <= warmup:
@@ -600,96 +598,120 @@ def run_load(
     measured = list(range(warmup, len(paths)))
     report = LoadReport(url=url, clients=clients, requests=len(measured), warmup=warmup, client=client,
                         max_rss_growth_mb=max_rss_growth_mb)
-    by_signature: dict[tuple, int] = {}
-    for i in measured:
-        by_signature.setdefault(expected[i].signature(), i)
-    report.distinct_expected = len(by_signature)
-
-    settings = _settings(k)
-    call, sessions = open_sessions(url, client, clients, settings, download_dir, timeout)
+    report.distinct_expected = len({expected[i].signature() for i in measured})
+    call, sessions = open_sessions(url, client, clients, _settings(k), download_dir, timeout)
     report.downloads = download_dir is not None
-    lock = threading.Lock()
-    latencies: list[float] = []
-
-    def note(msg: str) -> None:
-        with lock:
-            if len(report.errors) < 10:
-                report.errors.append(msg)
-
-    def worker(session, indices: list[int], record: bool) -> None:
-        for i in indices:
-            t0 = time.perf_counter()
-            try:
-                result = call(session, paths[i])
-            except Exception as exc:  # noqa: BLE001 - every kind of failure is counted and reported
-                with lock:
-                    if record:
-                        report.failures += 1
-                    else:
-                        report.warmup_failures += 1
-                note(f"{paths[i].name}: {type(exc).__name__}: {str(exc)[:200]}")
-                continue
-            elapsed = (time.perf_counter() - t0) * 1e3
-            problem = check_answer(result, expected[i])
-            with lock:
-                if record:
-                    latencies.append(elapsed)
-                    report.ok += problem is None
-                    report.mismatches += problem is not None
-            if problem:
-                other = next((j for j, e in enumerate(expected) if j != i and check_answer(result, e) is None), None)
-                if other is not None and record:
-                    with lock:
-                        report.cross_talk += 1
-                whose = f" (it is {paths[other].name}'s result)" if other is not None else ""
-                note(f"{paths[i].name}: {problem}{whose}")
+    tally = _Tally(report, paths, expected)
 
     def drive(indices: list[int], record: bool) -> float:
-        buckets = [indices[c::clients] for c in range(clients)]
-        threads = [threading.Thread(target=worker, args=(s, b, record), daemon=True)
-                   for s, b in zip(sessions, buckets)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return time.perf_counter() - t0
+        return _drive(call, sessions, indices, tally, record)
 
     try:
         log(f"warm-up: {warmup} requests over {clients} sessions")
         drive(list(range(warmup)), record=False)
         if report.errors:
             log("warm-up errors: " + "; ".join(report.errors[:3]))
-        sampler = None
-        me = psutil.Process()
-        cpu0 = cpu_seconds(me)
-        if server_pid is not None:
-            report.rss_after_warmup_mb = rss_bytes(server_pid) / 2**20
-            server_cpu0 = cpu_seconds(psutil.Process(server_pid), children=True)
-            sampler = PeakSampler(server_pid)
-            sampler.start()
         log(f"run: {len(measured)} requests over {clients} sessions")
-        report.wall_s = drive(measured, record=True)
-        report.client_cpu_s_per_request = (cpu_seconds(me) - cpu0) / len(measured)
-        if sampler is not None:
-            report.server_cpu_s_per_request = (
-                cpu_seconds(psutil.Process(server_pid), children=True) - server_cpu0) / len(measured)
-            report.rss_after_mb = rss_bytes(server_pid) / 2**20
-            report.rss_peak_mb = max(sampler.stop(), rss_bytes(server_pid)) / 2**20
-            report.rss_delta_mb = report.rss_after_mb - report.rss_after_warmup_mb
+        _measure(report, server_pid, lambda: drive(measured, record=True))
     finally:
-        for s in sessions:
+        for session in sessions:
             try:
-                s.close()
-            except Exception:  # noqa: BLE001
+                session.close()
+            except Exception:  # noqa: BLE001 - a session that cannot close cleanly changes no figure
                 pass
-
-    lat = sorted(latencies)
+    lat = sorted(tally.latencies)
     report.requests_per_s = len(measured) / report.wall_s if report.wall_s else 0.0
     if lat:
         report.p50_ms, report.p95_ms = percentile(lat, 0.50), percentile(lat, 0.95)
         report.max_ms, report.mean_ms = lat[-1], statistics.fmean(lat)
     return report
+
+
+@dataclass
+class _Tally:
+    """The answers of the sessions' threads, counted into ``report``; warm-up answers count as failures only."""
+
+    report: LoadReport
+    paths: list[Path]
+    expected: list[Expected]
+    latencies: list[float] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def note(self, msg: str) -> None:
+        with self.lock:
+            if len(self.report.errors) < 10:
+                self.report.errors.append(msg)
+
+    def failed(self, i: int, exc: Exception, record: bool) -> None:
+        with self.lock:
+            if record:
+                self.report.failures += 1
+            else:
+                self.report.warmup_failures += 1
+        self.note(f"{self.paths[i].name}: {type(exc).__name__}: {str(exc)[:200]}")
+
+    def answered(self, i: int, result: tuple, elapsed_ms: float, record: bool) -> None:
+        problem = check_answer(result, self.expected[i])
+        with self.lock:
+            if record:
+                self.latencies.append(elapsed_ms)
+                self.report.ok += problem is None
+                self.report.mismatches += problem is not None
+        if problem:
+            other = next((j for j, e in enumerate(self.expected) if j != i and check_answer(result, e) is None), None)
+            if other is not None and record:
+                with self.lock:
+                    self.report.cross_talk += 1
+            whose = f" (it is {self.paths[other].name}'s result)" if other is not None else ""
+            self.note(f"{self.paths[i].name}: {problem}{whose}")
+
+
+def _drive(call: Callable[[Any, Path], tuple], sessions: list, indices: list[int], tally: _Tally,
+           record: bool) -> float:
+    """Request ``indices`` round-robin over the sessions, one thread each (a closed loop); the wall time."""
+
+    def worker(session, mine: list[int]) -> None:
+        for i in mine:
+            t0 = time.perf_counter()
+            try:
+                result = call(session, tally.paths[i])
+            except Exception as exc:  # noqa: BLE001 - every kind of failure is counted and reported
+                tally.failed(i, exc, record)
+                continue
+            tally.answered(i, result, (time.perf_counter() - t0) * 1e3, record)
+
+    threads = [threading.Thread(target=worker, args=(s, indices[c :: len(sessions)]), daemon=True)
+               for c, s in enumerate(sessions)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
+def _measure(report: LoadReport, server_pid: int | None, run: Callable[[], float]) -> None:
+    """``run()`` (which returns its wall time) with this process's CPU and, given its id, the server's CPU
+    and memory (after, and the peak sampled during) written into ``report``."""
+    import psutil
+
+    me = psutil.Process()
+    cpu0 = cpu_seconds(me)
+    if server_pid is None:
+        report.wall_s = run()
+        report.client_cpu_s_per_request = (cpu_seconds(me) - cpu0) / report.requests
+        return
+    server = psutil.Process(server_pid)
+    report.rss_after_warmup_mb = rss_bytes(server_pid) / 2**20
+    server_cpu0 = cpu_seconds(server, children=True)
+    sampler = PeakSampler(server_pid)
+    sampler.start()
+    report.wall_s = run()
+    report.client_cpu_s_per_request = (cpu_seconds(me) - cpu0) / report.requests
+    report.server_cpu_s_per_request = (cpu_seconds(server, children=True) - server_cpu0) / report.requests
+    report.rss_after_mb = rss_bytes(server_pid) / 2**20
+    report.rss_peak_mb = max(sampler.stop(), rss_bytes(server_pid)) / 2**20
+    report.rss_delta_mb = report.rss_after_mb - report.rss_after_warmup_mb
 
 
 def open_sessions(url: str, client: str, n: int, settings: tuple, download_dir: Path | None,
