@@ -241,108 +241,162 @@ def train(
         ``steps``, ``images_seen``, ``train_seconds`` and ``images_per_s``.
     """
     device = torch.device(device)
-    amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    in_channels = getattr(getattr(model, "config", None), "in_channels", images.shape[1])
-    normalise = Normalise(cfg.mean, cfg.std, in_channels, device, channels_last=cfg.channels_last)
-    x_all = images.to(device)
-    y_all = labels.to(device=device, dtype=torch.long)
-    n = len(y_all)
-    if n == 0:
-        raise ValueError("no training images")
-    bs = min(cfg.batch_size, n)
-    steps_per_epoch = n // bs
-    total = total_steps(n, cfg.batch_size, cfg.epochs)
-
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    model.train()
-    forward = torch.compile(model) if cfg.compile else model
-    opt = torch.optim.SGD(_param_groups(model, cfg.wd), lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg.warmup))
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    ema = WeightEMA(model, cfg.ema) if cfg.ema > 0 else None
+    data = _Batches.on(device, model, images, labels, cfg)
+    total = total_steps(data.n, cfg.batch_size, cfg.epochs)
+    steps = _Stepper.start(model, cfg, device, total)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-
-    bar = _progress_bar(total, cfg.progress)
-    losses: list[Tensor] = []
-    corrects: list[Tensor] = []
-    epochs: list[dict] = []
-    train_seconds = 0.0
+    log = _StepLog(_progress_bar(total, cfg.progress))
     try:
-        for epoch in range(cfg.epochs):
-            _sync(device)
-            t0 = time.perf_counter()
-            perm = torch.randperm(n, device=device, generator=gen)
-            first = len(losses)
-            for i in range(steps_per_epoch):
-                idx = perm[i * bs : (i + 1) * bs]
-                x = random_crop_flip(x_all[idx], cfg.crop_pad, cfg.flip, gen)
-                x = normalise(x)
-                if cfg.cutout:
-                    x = cutout(x, cfg.cutout, gen)
-                y = y_all[idx]
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    logits = forward(x)
-                loss = criterion(logits.float(), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                if ema is not None:
-                    ema.update()
-                if snapshot is not None and len(losses) + 1 in snapshot_steps:
-                    snapshot(len(losses) + 1, epoch + 1, _shipped_copy(model, ema))
-                losses.append(loss.detach())
-                corrects.append((logits.detach().argmax(1) == y).sum())
-                bar.update(1)
-                if cfg.progress and ((i + 1) % cfg.log_every == 0 or i + 1 == steps_per_epoch):
-                    seen = (len(losses) - first) * bs
-                    bar.set_postfix_str(
-                        f"epoch {epoch + 1}/{cfg.epochs} loss {float(torch.stack(losses[first:]).mean()):.4f} "
-                        f"acc {float(torch.stack(corrects[first:]).sum()) / seen:.4f} "
-                        f"{seen / (time.perf_counter() - t0):.0f} img/s",
-                        refresh=False,
-                    )
-            _sync(device)
-            seconds = time.perf_counter() - t0
-            train_seconds += seconds
-            ep_loss = float(torch.stack(losses[first:]).mean())
-            ep_acc = float(torch.stack(corrects[first:]).sum()) / (steps_per_epoch * bs)
-            epochs.append(
-                {
-                    "epoch": epoch + 1,
-                    "loss": ep_loss,
-                    "acc": ep_acc,
-                    "seconds": seconds,
-                    "images_per_s": steps_per_epoch * bs / seconds,
-                }
-            )
-            # Epoch lines are printed with or without the progress bar (--no-progress drops only the bar).
-            bar.write(
-                f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {ep_loss:.4f}  train acc {100 * ep_acc:6.2f}%  "
-                f"{seconds:7.1f} s  {steps_per_epoch * bs / seconds:8.0f} img/s  "
-                f"lr {opt.param_groups[0]['lr']:.4f}",
-                file=sys.stderr,
-            )
+        epochs = [_epoch(e, steps, data, cfg, gen, log, snapshot, snapshot_steps) for e in range(cfg.epochs)]
     finally:
-        bar.close()
-    if ema is not None:
-        ema.copy_to(model)
+        log.bar.close()
+    if steps.ema is not None:
+        steps.ema.copy_to(model)
+    seconds = sum(e["seconds"] for e in epochs)
     return {
-        "loss": torch.stack(losses).float().cpu().tolist() if losses else [],
-        "acc": (torch.stack(corrects).float().cpu() / bs).tolist() if corrects else [],
+        "loss": torch.stack(log.losses).float().cpu().tolist() if log.losses else [],
+        "acc": (torch.stack(log.corrects).float().cpu() / data.bs).tolist() if log.corrects else [],
         "epochs": epochs,
         "steps": total,
-        "batch_size": bs,
-        "images_seen": total * bs,
-        "train_seconds": train_seconds,
-        "images_per_s": total * bs / train_seconds if train_seconds else 0.0,
-        "amp": amp,
-        "ema": ema is not None,
+        "batch_size": data.bs,
+        "images_seen": total * data.bs,
+        "train_seconds": seconds,
+        "images_per_s": total * data.bs / seconds if seconds else 0.0,
+        "amp": steps.amp,
+        "ema": steps.ema is not None,
     }
+
+
+@dataclass
+class _Batches:
+    """The training set on the device, cut into augmented, normalised batches of ``bs``."""
+
+    x: Tensor  # uint8 (N, C, H, W)
+    y: Tensor  # int64 (N,)
+    bs: int
+    normalise: Normalise
+
+    @classmethod
+    def on(cls, device: torch.device, model: nn.Module, images: Tensor, labels: Tensor, cfg: TrainConfig) -> _Batches:
+        in_channels = getattr(getattr(model, "config", None), "in_channels", images.shape[1])
+        normalise = Normalise(cfg.mean, cfg.std, in_channels, device, channels_last=cfg.channels_last)
+        y = labels.to(device=device, dtype=torch.long)
+        if len(y) == 0:
+            raise ValueError("no training images")
+        return cls(images.to(device), y, min(cfg.batch_size, len(y)), normalise)
+
+    @property
+    def n(self) -> int:
+        return len(self.y)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n // self.bs
+
+    def batch(self, perm: Tensor, i: int, cfg: TrainConfig, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        idx = perm[i * self.bs : (i + 1) * self.bs]
+        x = self.normalise(random_crop_flip(self.x[idx], cfg.crop_pad, cfg.flip, gen))
+        if cfg.cutout:
+            x = cutout(x, cfg.cutout, gen)
+        return x, self.y[idx]
+
+
+@dataclass
+class _Stepper:
+    """The optimiser's side of a run: the model in training mode (compiled if asked), SGD with Nesterov
+    momentum on a warm-up/decay schedule, the loss, mixed precision on CUDA, the weights' EMA."""
+
+    model: nn.Module
+    forward: Callable[[Tensor], Tensor]
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    criterion: nn.Module
+    ema: WeightEMA | None
+    amp: bool
+    device: torch.device
+
+    @classmethod
+    def start(cls, model: nn.Module, cfg: TrainConfig, device: torch.device, total: int) -> _Stepper:
+        amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        model.to(device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        model.train()
+        opt = torch.optim.SGD(_param_groups(model, cfg.wd), lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+        return cls(
+            model=model,
+            forward=torch.compile(model) if cfg.compile else model,
+            opt=opt,
+            sched=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg.warmup)),
+            criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+            ema=WeightEMA(model, cfg.ema) if cfg.ema > 0 else None,
+            amp=amp,
+            device=device,
+        )
+
+    def step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """One optimisation step on a batch; its loss and logits."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            logits = self.forward(x)
+        loss = self.criterion(logits.float(), y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        if self.ema is not None:
+            self.ema.update()
+        return loss, logits
+
+    @property
+    def lr(self) -> float:
+        return self.opt.param_groups[0]["lr"]
+
+
+@dataclass
+class _StepLog:
+    """Every step's loss and count of correct predictions (on the device: read once an epoch), and the bar."""
+
+    bar: object
+    losses: list[Tensor] = dataclasses.field(default_factory=list)
+    corrects: list[Tensor] = dataclasses.field(default_factory=list)
+
+    def since(self, first: int) -> tuple[float, float]:
+        """Mean loss and summed correct predictions of the steps from ``first`` on."""
+        return float(torch.stack(self.losses[first:]).mean()), float(torch.stack(self.corrects[first:]).sum())
+
+
+def _epoch(epoch: int, steps: _Stepper, data: _Batches, cfg: TrainConfig, gen: torch.Generator, log: _StepLog,
+           snapshot: Callable[[int, int, nn.Module], None] | None, snapshot_steps: Collection[int]) -> dict:
+    """One pass over a seeded permutation of the data; the epoch's record, also printed."""
+    _sync(steps.device)
+    t0 = time.perf_counter()
+    perm = torch.randperm(data.n, device=steps.device, generator=gen)
+    first = len(log.losses)
+    for i in range(data.steps_per_epoch):
+        x, y = data.batch(perm, i, cfg, gen)
+        loss, logits = steps.step(x, y)
+        if snapshot is not None and len(log.losses) + 1 in snapshot_steps:
+            snapshot(len(log.losses) + 1, epoch + 1, _shipped_copy(steps.model, steps.ema))
+        log.losses.append(loss.detach())
+        log.corrects.append((logits.detach().argmax(1) == y).sum())
+        log.bar.update(1)
+        if cfg.progress and ((i + 1) % cfg.log_every == 0 or i + 1 == data.steps_per_epoch):
+            seen = (len(log.losses) - first) * data.bs
+            mean_loss, correct = log.since(first)
+            log.bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs} loss {mean_loss:.4f} acc {correct / seen:.4f} "
+                                    f"{seen / (time.perf_counter() - t0):.0f} img/s", refresh=False)
+    _sync(steps.device)
+    seconds = time.perf_counter() - t0
+    images = data.steps_per_epoch * data.bs
+    ep_loss, correct = log.since(first)
+    record = {"epoch": epoch + 1, "loss": ep_loss, "acc": correct / images, "seconds": seconds,
+              "images_per_s": images / seconds}
+    # Epoch lines are printed with or without the progress bar (--no-progress drops only the bar).
+    log.bar.write(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {ep_loss:.4f}  train acc {100 * record['acc']:6.2f}%  "
+                  f"{seconds:7.1f} s  {images / seconds:8.0f} img/s  lr {steps.lr:.4f}", file=sys.stderr)
+    return record
 
 
 def _shipped_copy(model: nn.Module, ema: WeightEMA | None) -> nn.Module:
