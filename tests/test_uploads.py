@@ -18,6 +18,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 from resnet_demo.core.explorer import Explorer  # noqa: E402
+from resnet_demo.view.page import summarise  # noqa: E402
 from resnet_demo.view.uploads import UserModels, default_class_names  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,13 +80,15 @@ def library(path: Path, tmp_path: Path, **kwargs) -> Explorer:
 
 
 def assert_same_page(result, explorer: Explorer):
-    preds, table = result[0], result[4]
+    preds, summary, blocks = result[0], result[5], result[7]
     want = explorer.analyze(str(PHOTO), k=5)
     assert preds["label"] == want.predictions[0].label
     got = {c["label"]: c["confidence"] for c in preds["confidences"]}
     for p in want.predictions:
         assert got[p.label] == pytest.approx(p.prob, abs=1e-5)
-    assert [row[0] for row in table["data"]] == [m.name for m in want.metrics]
+    assert summary == summarise(want)
+    # A new model: the block chooser gets its blocks' names (the metrics table waits for its tab to open).
+    assert [c[0] for c in blocks["choices"]] == [m.name for m in want.metrics]
     return want
 
 

@@ -245,6 +245,39 @@ def _read_safetensors(path: Path, name: str, size: int, limits: tuple[int, int])
     Raises:
         WeightsError: see :func:`read_checkpoint`.
     """
+    header_len, header = _st_header(path, name, size)
+    # 1. Each entry's form: dtype, shape, offsets. Nothing is compared with the file yet.
+    entries = _st_entries(name, header)
+    # 2. The bounds, from the declared shapes: a header may declare a billion parameters in a tiny file.
+    _check_bounds(name, [(e.key, e.shape, e.floating) for e in entries], limits)
+    # 3. The offsets against the file: every byte of data belongs to exactly one tensor.
+    _st_offsets(name, entries, size - 8 - header_len)
+    # 4. Only now is any tensor data read.
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        sd = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "unreadable"
+        raise WeightsError(f"{name} is not a readable safetensors file ({detail})") from None
+    return _clean_state_dict(name, sd, limits)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor as a safetensors header declares it."""
+
+    key: str
+    itemsize: int
+    floating: bool
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _st_header(path: Path, name: str, size: int) -> tuple[int, dict]:
+    """The header's length and its table of tensors (``__metadata__`` checked and removed)."""
     if size < 8:
         raise WeightsError(f"{name} is {_size(size)} long, too short for a safetensors file (its length field is 8)")
     with open(path, "rb") as f:
@@ -277,10 +310,12 @@ def _read_safetensors(path: Path, name: str, size: int, limits: tuple[int, int])
         raise WeightsError(f"{name} has a safetensors '__metadata__' entry that is not a table of strings")
     if not header:
         raise WeightsError(f"{name} holds no tensors")
+    return header_len, header
 
-    # 1. Each entry's form: dtype, shape, offsets. Nothing is compared with the file yet.
-    entries: list[tuple[str, int, tuple[int, ...], int, int]] = []  # key, itemsize, shape, begin, end
-    floating: dict[str, bool] = {}
+
+def _st_entries(name: str, header: dict) -> list[_Entry]:
+    """Each entry's dtype, shape and offsets, checked for their form only."""
+    entries = []
     for key, entry in header.items():
         if not isinstance(entry, dict):
             raise WeightsError(f"{name}: safetensors entry '{key}' is not a description of a tensor")
@@ -293,52 +328,41 @@ def _read_safetensors(path: Path, name: str, size: int, limits: tuple[int, int])
             raise WeightsError(f"{name}: tensor '{key}' has a shape that is not a list of non-negative integers")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
             raise WeightsError(f"{name}: tensor '{key}' has data_offsets that are not two non-negative integers")
-        itemsize, floating[key] = _ST_DTYPES[dtype]
-        entries.append((key, itemsize, tuple(shape), offsets[0], offsets[1]))
+        itemsize, floating = _ST_DTYPES[dtype]
+        entries.append(_Entry(key, itemsize, floating, tuple(shape), offsets[0], offsets[1]))
+    return entries
 
-    # 2. The bounds, from the declared shapes: a header may declare a billion parameters in a tiny file.
-    _check_bounds(name, [(k, s, floating[k]) for k, _, s, _, _ in entries], limits)
 
-    # 3. The offsets against the file: every byte of data belongs to exactly one tensor.
-    data_len = size - 8 - header_len
-    for key, itemsize, shape, begin, end in entries:
-        if begin > end:
-            raise WeightsError(f"{name}: tensor '{key}' has data_offsets [{begin}, {end}] that end before they begin")
-        if end > data_len:
+def _st_offsets(name: str, entries: list[_Entry], data_len: int) -> None:
+    """Every tensor's bytes inside the data and of its size, and every byte of data in exactly one tensor."""
+    for e in entries:
+        if e.begin > e.end:
+            raise WeightsError(f"{name}: tensor '{e.key}' has data_offsets [{e.begin}, {e.end}] that end before "
+                               "they begin")
+        if e.end > data_len:
             raise WeightsError(
-                f"{name}: tensor '{key}' lies at bytes [{begin}, {end}) of the data but the file holds only "
+                f"{name}: tensor '{e.key}' lies at bytes [{e.begin}, {e.end}) of the data but the file holds only "
                 f"{data_len:,} bytes of data, so it is truncated or its header is wrong"
             )
-        if end - begin != math.prod(shape) * itemsize:
+        if e.end - e.begin != math.prod(e.shape) * e.itemsize:
             raise WeightsError(
-                f"{name}: tensor '{key}' of shape {_shape_str(shape)} needs {math.prod(shape) * itemsize:,} bytes "
-                f"but its data_offsets span {end - begin:,}"
+                f"{name}: tensor '{e.key}' of shape {_shape_str(e.shape)} needs {math.prod(e.shape) * e.itemsize:,} "
+                f"bytes but its data_offsets span {e.end - e.begin:,}"
             )
-    previous: tuple[str, int] | None = None  # (key, end) of the last non-empty tensor
+    previous: _Entry | None = None  # the last non-empty tensor
     covered = 0
-    for key, _, _, begin, end in sorted(entries, key=lambda e: (e[3], e[4])):
-        if begin == end:
+    for e in sorted(entries, key=lambda e: (e.begin, e.end)):
+        if e.begin == e.end:
             continue
-        if previous is not None and begin < previous[1]:
-            raise WeightsError(f"{name}: tensors '{previous[0]}' and '{key}' overlap in the file's data")
-        if begin > covered:
-            raise WeightsError(f"{name}: bytes [{covered}, {begin}) of the data belong to no tensor")
-        previous, covered = (key, end), end
+        if previous is not None and e.begin < previous.end:
+            raise WeightsError(f"{name}: tensors '{previous.key}' and '{e.key}' overlap in the file's data")
+        if e.begin > covered:
+            raise WeightsError(f"{name}: bytes [{covered}, {e.begin}) of the data belong to no tensor")
+        previous, covered = e, e.end
     if covered != data_len:
         raise WeightsError(
             f"{name} has {data_len - covered:,} bytes after its last tensor that belong to no tensor"
         )
-
-    # 4. Only now is any tensor data read.
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        sd = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
-        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "unreadable"
-        raise WeightsError(f"{name} is not a readable safetensors file ({detail})") from None
-    return _clean_state_dict(name, sd, limits)
 
 
 def _read_torch(path: Path, name: str, limits: tuple[int, int], *, zipped: bool) -> dict[str, torch.Tensor]:
