@@ -30,7 +30,7 @@ import math
 import numbers
 import re
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -190,76 +190,83 @@ def capture(
         raise ValueError(f"{type(model).__name__} has no residual blocks to capture")
     recorded = _select(specs, blocks, "capture") if record else []
     factors = _scales(specs, lesion, scale)
-    owner = threading.get_ident()
     # The project's ResNet itself (not a subclass, whose forward could differ) with no in-place module
     # creates a new tensor at every step, so its activations can be kept; anything else gets copies.
-    copy = _keep if type(model) is ResNet and not inplace else _copy
+    hooks = _Hooks(threading.get_ident(), _keep if type(model) is ResNet and not inplace else _copy)
     result = Capture(recorded, {s.name: BlockRecord(s.name, s.stage) for s in recorded})
     handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    def on_branch(rec: BlockRecord | None, alpha: float | None):
-        def hook(_module, _inputs, output):
-            if threading.get_ident() != owner:
-                return None
-            if alpha is not None:
-                output = torch.zeros_like(output) if alpha == 0 else output * alpha
-            if rec is not None:
-                rec.f = copy(output)
-            return None if alpha is None else output
-
-        return hook
-
-    def on_shortcut(rec: BlockRecord):
-        def hook(_module, _inputs, output):
-            if threading.get_ident() == owner:
-                rec.s = copy(output)
-
-        return hook
-
-    # Without in-place modules a block's input is usually the previous block's output tensor, unchanged:
-    # share it. With them, something between two blocks may have written into it (an in-place ReLU
-    # on the previous output), so the input is copied as the block receives it, in a pre-hook.
-    share = copy is _keep
-    previous: list = [None, None]  # [output tensor of the last recorded block, its record]
-
-    def on_block_input(rec: BlockRecord):
-        def hook(_module, inputs):
-            if threading.get_ident() == owner:
-                rec.x = copy(inputs[0])
-
-        return hook
-
-    def on_block(rec: BlockRecord, identity: bool):
-        def hook(_module, inputs, output):
-            if threading.get_ident() == owner:
-                if share:
-                    x = inputs[0]
-                    rec.x = previous[1] if x is previous[0] else copy(x)
-                if identity:
-                    rec.s = rec.x
-                rec.y = copy(output)
-                previous[:] = [output, rec.y]
-
-        return hook
-
     try:
         for spec in specs:
             rec = result.records.get(spec.name)
             alpha = factors.get(spec.name)
             if rec is None and alpha is None:
                 continue
-            handles.append(spec.branch_end.register_forward_hook(on_branch(rec, alpha)))
+            handles.append(spec.branch_end.register_forward_hook(hooks.on_branch(rec, alpha)))
             if rec is not None:
                 if spec.shortcut is not None:
-                    handles.append(spec.shortcut.register_forward_hook(on_shortcut(rec)))
-                if not share:
-                    handles.append(spec.module.register_forward_pre_hook(on_block_input(rec)))
-                handles.append(spec.module.register_forward_hook(on_block(rec, spec.shortcut is None)))
+                    handles.append(spec.shortcut.register_forward_hook(hooks.on_shortcut(rec)))
+                if not hooks.share:
+                    handles.append(spec.module.register_forward_pre_hook(hooks.on_block_input(rec)))
+                handles.append(spec.module.register_forward_hook(hooks.on_block(rec, spec.shortcut is None)))
         yield result
     finally:
-        previous.clear()
+        hooks.previous.clear()
         for h in handles:
             h.remove()
+
+
+class _Hooks:
+    """The hooks of one capture: they act only in the thread that opened it (``owner``).
+
+    ``copy`` keeps a tensor as it is (``_keep``) or copies it (``_copy``). Without in-place modules a
+    block's input is usually the previous block's output tensor, unchanged: it is shared (``share``).
+    With them, something between two blocks may have written into it (an in-place ReLU on the previous
+    output), so the input is copied as the block receives it, in a pre-hook.
+    """
+
+    def __init__(self, owner: int, copy: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.owner, self.copy = owner, copy
+        self.share = copy is _keep
+        self.previous: list = [None, None]  # [output tensor of the last recorded block, its record]
+
+    def on_branch(self, rec: BlockRecord | None, alpha: float | None):
+        def hook(_module, _inputs, output):
+            if threading.get_ident() != self.owner:
+                return None
+            if alpha is not None:
+                output = torch.zeros_like(output) if alpha == 0 else output * alpha
+            if rec is not None:
+                rec.f = self.copy(output)
+            return None if alpha is None else output
+
+        return hook
+
+    def on_shortcut(self, rec: BlockRecord):
+        def hook(_module, _inputs, output):
+            if threading.get_ident() == self.owner:
+                rec.s = self.copy(output)
+
+        return hook
+
+    def on_block_input(self, rec: BlockRecord):
+        def hook(_module, inputs):
+            if threading.get_ident() == self.owner:
+                rec.x = self.copy(inputs[0])
+
+        return hook
+
+    def on_block(self, rec: BlockRecord, identity: bool):
+        def hook(_module, inputs, output):
+            if threading.get_ident() == self.owner:
+                if self.share:
+                    x = inputs[0]
+                    rec.x = self.previous[1] if x is self.previous[0] else self.copy(x)
+                if identity:
+                    rec.s = rec.x
+                rec.y = self.copy(output)
+                self.previous[:] = [output, rec.y]
+
+        return hook
 
 
 def capture_forward(
