@@ -180,8 +180,9 @@ def feature_strip(
 ) -> Strip:
     """One image of ``grids`` (palette indices from :func:`grid_codes`) side by side, a caption under each.
 
-    One image instead of one per block: every image a page sends costs the server a file, a hash and a
-    cache entry, and the browser a request (about 3 ms of server CPU each, measured with Gradio 6 here).
+    One image instead of one per block: every image a page sends is one more PNG to encode and, as a
+    Gradio image output, a component to postprocess (about 3 ms of server CPU each with Gradio 6's own
+    file outputs, measured here; the app now sends its per-analysis images inline, see app.InlineImage).
     """
     slot = max(max(g.shape[0], g.shape[1]) for g in grids)
     text_h = font_px + 8
