@@ -36,8 +36,17 @@ def torchrun(args, timeout=TORCHRUN_TIMEOUT):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), *args]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0 and GLOO_TEARDOWN in done.stderr:
+        # A rank aborting in gloo's teardown after every collective and write is done (seen once in ~40 runs
+        # on this 2-core machine, only while it was loaded; README, "Scale-out"). The job's results are
+        # complete; the run is repeated once so that the test still checks them, and a second abort fails.
+        print(f"torchrun: a rank aborted in gloo's teardown; running once more\n{done.stderr[-1500:]}")
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
+
+
+GLOO_TEARDOWN = "terminate called without an active exception"
 
 
 # --- sharding ------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ give exactly one process's numbers, counts are summed as integers, and values wh
 
 from __future__ import annotations
 
+import gc
 import os
 from datetime import timedelta
 
@@ -164,9 +165,14 @@ class Dist:
                 dist.barrier()
 
     def close(self) -> None:
-        """Leave the process group, if this object started it."""
+        """Leave the process group, if this object started it.
+
+        Collected at once: gloo's worker threads must not outlive the interpreter's shutdown, where
+        releasing what they hold aborts the process (pytorch/pytorch#179291 describes the mechanism).
+        """
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
+            gc.collect()
         self._owns_group = False
 
     def __enter__(self) -> Dist:
