@@ -3,7 +3,7 @@ import torch
 
 from resnet_demo.core.cards import tutorial_card
 from resnet_demo.core.metrics import BlockMetrics
-from resnet_demo.view.render import feature_grid, input_image, rank_channels, residual_chart
+from resnet_demo.view.render import feature_grid, input_image, png_data_url, rank_channels, residual_chart
 
 
 def test_channels_ranked_by_mean_absolute_value():
@@ -78,3 +78,22 @@ def test_tile_at_finds_the_tile_under_every_pixel_of_a_grid():
                     assert level_of[int(codes[y, x])] == tile
     assert hits == n * cell * cell  # every pixel of every tile, and only those
     assert tile_at(n, h, w, cell, pad, -1, 5) is None and tile_at(n, h, w, cell, pad, 10_000, 5) is None
+
+
+def test_png_data_url_carries_the_palette_image_exactly():
+    import base64
+    import io
+
+    from PIL import Image
+
+    fmap = torch.linspace(-1, 1, 4 * 6 * 6).reshape(4, 6, 6)
+    grid = feature_grid(fmap, signed=True, cell=12, pad=2)
+    url = png_data_url(grid)
+    head, _, data = url.partition(",")
+    assert head == "data:image/png;base64"
+    back = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+    assert back.mode == "P" and back.size == grid.size
+    assert np.array_equal(np.asarray(back), np.asarray(grid))  # the same palette indices ...
+    assert back.getpalette() == grid.getpalette()  # ... and colours
+    fast, small = png_data_url(grid, compress_level=1), png_data_url(grid, compress_level=9)
+    assert len(small) <= len(fast)  # level 1 trades a little size for encoding time
