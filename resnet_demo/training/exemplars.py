@@ -35,7 +35,7 @@ from ..core.exemplars import (
 from ..core.explorer import Explorer
 from ..core.featurevis import VIEWS
 from ..core.weights import file_sha256
-from .jobs import add_job_options, launch_command, start_job
+from .jobs import add_job_options, launch_command, require_card, start_job
 
 __all__ = ["main", "study_entry"]
 
@@ -67,8 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _explorer(weights: Path, dist: Dist) -> Explorer:
-    if not weights.with_suffix(".json").is_file():
-        raise WeightsError(f"no model card {weights.with_suffix('.json')} beside {weights}: the study is named there")
+    require_card(weights, "the study is named there")
     explorer = Explorer.from_weights(weights, dist.device)
     explorer.card.weights_sha256 = file_sha256(weights)  # what the stored file is checked against
     return explorer

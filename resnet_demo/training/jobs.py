@@ -7,8 +7,9 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -58,6 +59,33 @@ def launch_command(module: str, argv: Sequence[str]) -> str:
     return shlex.join(["torchrun", *nodes, "--nproc-per-node", str(per_node), "-m", module, *argv])
 
 
+T = TypeVar("T")
+
+
+def require_card(weights: Path, why: str) -> None:
+    """WeightsError unless the model card ``<name>.json`` lies beside ``weights``; ``why`` the command needs it."""
+    if not weights.with_suffix(".json").is_file():
+        raise WeightsError(f"no model card {weights.with_suffix('.json')} beside {weights}: {why}")
+
+
+def decoded_once(dist: Dist, load: Callable[[], T]) -> T:
+    """``load()`` on rank 0 first, then on the others (which read the cache rank 0 wrote): a data set is
+    decoded once however many processes need it."""
+    if not dist.main:
+        dist.barrier()
+    try:
+        return load()
+    finally:
+        if dist.main:
+            dist.barrier()
+
+
+def same_classes(data: ImageSet, card: ModelCard, spec: str) -> None:
+    """DataError unless the data set ``spec`` names the card's classes, in its order."""
+    if list(data.classes) != list(card.classes):
+        raise DataError(f"the classes of {spec} {list(data.classes)} do not match the model card's {card.classes}")
+
+
 def load_for_scan(args: argparse.Namespace, dist: Dist) -> tuple[nn.Module, ModelCard, ImageSet]:
     """The model (on ``dist.device``, eval mode), its card, and the data set whose classes it must share.
 
@@ -68,16 +96,9 @@ def load_for_scan(args: argparse.Namespace, dist: Dist) -> tuple[nn.Module, Mode
             differ from the card's, or it cannot be read.
     """
     weights = Path(args.weights)
-    if not weights.with_suffix(".json").is_file():
-        raise WeightsError(f"no model card {weights.with_suffix('.json')} beside {weights}: results are stored there")
+    require_card(weights, "results are stored there")
     model, card = load_model(weights)
-    if not dist.main:
-        dist.barrier()
-    try:
-        data = load_data(args.data, args.split, size=card.input_size, cache_dir=args.cache_dir, download=args.download)
-    finally:
-        if dist.main:
-            dist.barrier()
-    if list(data.classes) != list(card.classes):
-        raise DataError(f"the classes of {args.data} {list(data.classes)} do not match the model card's {card.classes}")
+    data = decoded_once(dist, lambda: load_data(args.data, args.split, size=card.input_size,
+                                                cache_dir=args.cache_dir, download=args.download))
+    same_classes(data, card, args.data)
     return model.to(dist.device).eval(), card, subset(data, args.limit)

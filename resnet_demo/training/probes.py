@@ -42,7 +42,7 @@ from ..core.load import load_model
 from ..core.probes import BlockFeatures, Probe, ProbeSet, block_features, fit_probe, probes_path, save_probes
 from ..core.weights import file_sha256
 from .data import DataError, ImageSet, Normalise, load_data, subset
-from .jobs import add_job_options, launch_command, model_input, start_job
+from .jobs import add_job_options, decoded_once, launch_command, model_input, require_card, same_classes, start_job
 
 __all__ = ["L2_GRID", "fit_block", "main", "probe_study", "split_off"]
 
@@ -161,21 +161,12 @@ def _load(args, dist: Dist) -> tuple[nn.Module, ModelCard, ImageSet, ImageSet, I
     """The model on ``dist.device`` and its card, and the drawn train, test and validation images. Rank 0
     decodes the data first and the other processes read its cache, so a data set is decoded once."""
     weights = Path(args.weights)
-    if not weights.with_suffix(".json").is_file():
-        raise WeightsError(f"no model card {weights.with_suffix('.json')} beside {weights}: "
-                           "the probe figures are stored in the card")
+    require_card(weights, "the probe figures are stored in the card")
     model, card = load_model(weights)
-    if not dist.main:
-        dist.barrier()
-    try:
-        sets = [load_data(args.data, split, size=card.input_size, cache_dir=args.cache_dir)
-                for split in ("train", "test")]
-    finally:
-        if dist.main:
-            dist.barrier()
+    sets = decoded_once(dist, lambda: [load_data(args.data, split, size=card.input_size, cache_dir=args.cache_dir)
+                                       for split in ("train", "test")])
     for data in sets:
-        if list(data.classes) != list(card.classes):
-            raise DataError(f"the classes of {args.data} {data.classes} do not match the model card's {card.classes}")
+        same_classes(data, card, args.data)
     train = subset(sets[0], args.train_limit, seed=args.seed)
     test, val = split_off(sets[1], args.test_limit, args.val_limit, seed=args.seed)
     return model.to(dist.device).eval(), card, train, test, val

@@ -28,9 +28,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import torch
@@ -45,7 +44,7 @@ from ..core.metrics import block_metrics
 from ..core.preprocess import prepare
 from ..core.strange import SCORE, SCORES, auroc, candidate_scores, trained_on
 from .data import DataError, ImageSet, Normalise, load_data, subset
-from .jobs import add_job_options, launch_command, start_job
+from .jobs import add_job_options, decoded_once, launch_command, require_card, same_classes, start_job
 
 __all__ = ["BLANK_LEVELS", "app_inputs", "held_out", "main", "noise_images", "scores_of", "strangeness_study"]
 
@@ -184,26 +183,12 @@ def _default_other(card: ModelCard, data: str) -> str | None:
     return str(path) if path.exists() else None
 
 
-T = TypeVar("T")
-
-
-def _decoded_once(dist: Dist, load: Callable[[], T]) -> T:
-    """``load()`` on rank 0 first, then on the others (which read the cache rank 0 wrote)."""
-    if not dist.main:
-        dist.barrier()
-    try:
-        return load()
-    finally:
-        if dist.main:
-            dist.barrier()
-
-
 def _others(args, card: ModelCard, channels: int, dist: Dist) -> dict[str, tuple[str, torch.Tensor]]:
     size, mode = card.input_size, ("grey" if card.colour_mode == "gray" else "RGB")
     colour = 1 if card.colour_mode == "gray" else 3
     others = {}
     if args.other:
-        data = _decoded_once(dist, lambda: load_data(args.other, "test", size=size, cache_dir=args.cache_dir))
+        data = decoded_once(dist, lambda: load_data(args.other, "test", size=size, cache_dir=args.cache_dir))
         data = subset(data, args.other_limit, seed=args.seed)
         others["other"] = (f"{_name(args.other)}, test split, {size}×{size}, fed as photos ({mode})",
                            app_inputs(data.images, card, channels))
@@ -220,16 +205,13 @@ def _load(args, dist: Dist) -> tuple[nn.Module, ModelCard, torch.Tensor, dict, b
     """The model on ``dist.device``, its card, the prepared test images, the other data, and whether
     test images were left out because the bands used them."""
     weights = Path(args.weights)
-    if not weights.with_suffix(".json").is_file():
-        raise WeightsError(f"no model card {weights.with_suffix('.json')} beside {weights}: "
-                           "the figures are stored there")
+    require_card(weights, "the figures are stored there")
     model, card = load_model(weights)
     if not card.reference_bands:
         raise WeightsError(f"the card of {weights} has no reference bands: "
                            "run python -m resnet_demo.training.bands first")
-    test = _decoded_once(dist, lambda: load_data(args.data, "test", size=card.input_size, cache_dir=args.cache_dir))
-    if list(test.classes) != list(card.classes):
-        raise DataError(f"the classes of {args.data} {test.classes} do not match the model card's {card.classes}")
+    test = decoded_once(dist, lambda: load_data(args.data, "test", size=card.input_size, cache_dir=args.cache_dir))
+    same_classes(test, card, args.data)
     test, left_out = held_out(test, card, _name(args.data))
     test = subset(test, args.limit, seed=args.seed)
     channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
