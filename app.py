@@ -276,7 +276,7 @@ def results_panel() -> ResultsPanel:
     with gr.Row():
         predictions = gr.Label(label="Predictions", num_top_classes=10, elem_id="predictions")
         model_input = InlineImage(label="Input as the model saw it", height=180, interactive=False, format="png",
-                               elem_classes=["pixelated"], elem_id="model-input")
+                                  elem_classes=["pixelated"], elem_id="model-input")
     summary = gr.Markdown(elem_id="summary")
     gr.Markdown(HOW_TO_READ["predictions"])
     return ResultsPanel(predictions, model_input, summary)
@@ -300,7 +300,7 @@ def feature_maps_tab() -> FeatureMapsTab:
     with gr.Tab("Feature maps") as tab:
         view = gr.Radio(VIEW_CHOICES, value="f", label="Show")
         grids = InlineImage(label="Blocks (most active channels): click one to enlarge it", height=200,
-                         interactive=False, format="png", elem_id="block-grids")
+                            interactive=False, format="png", elem_id="block-grids")
         gr.Markdown(HOW_TO_READ["maps"])
         detail_block = gr.Dropdown([], label="Block to enlarge", allow_custom_value=True, elem_id="detail-block")
         detail = InlineImage(label="All channels of the chosen block: click one to see what it responds to",
