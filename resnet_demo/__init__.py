@@ -13,12 +13,12 @@ __version__ = "0.2.0"
 
 # The capture context manager stays at resnet_demo.core.capture.capture.
 from .core.capture import capture_forward, find_blocks
-from .core.cards import ModelCard, WeightsError
 from .core.explorer import Analysis, Explorer
-from .core.load import load_model
 from .core.model import TUTORIAL_CONFIG, ResNet, ResNetConfig, build_model
 from .core.preprocess import InputError
 from .core.runtime import pick_device
+from .core.weights.cards import ModelCard, WeightsError
+from .core.weights.load import load_model
 
 __all__ = [
     "TUTORIAL_CONFIG",

@@ -15,7 +15,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from appserver import running_app  # noqa: E402
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
-from resnet_demo.core.cards import WEIGHTS_DIR  # noqa: E402
+from resnet_demo.core.weights.cards import WEIGHTS_DIR  # noqa: E402
 
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
 DOCS = ROOT / "docs"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from resnet_demo.core.cards import WEIGHTS_DIR
+from resnet_demo.core.weights.cards import WEIGHTS_DIR
 from resnet_demo.tools.loadtest import write_untrained_weights
 
 SHIPPED = ("cifar10_resnet", "mnist_resnet")

@@ -15,7 +15,11 @@ CONTRACT_NAMES = [
     "The core imports neither gradio nor matplotlib nor any drawing",
     "Nothing the product runs imports training or tools",
     "No import cycle anywhere in the package",
+    "Core in three parts: studies > explorer > one image > weights",
 ]
+# The modules the core's layers name: a small package made for a test needs them to exist.
+CORE_LAYERS = ("studies/__init__", "weights/__init__", "explorer", "insight", "preprocess", "probes", "runtime",
+               "metrics", "capture", "model", "errors")
 
 
 def lint_imports(cwd: Path, config: Path) -> subprocess.CompletedProcess:
@@ -43,6 +47,10 @@ def _fake_package(root: Path, files: dict[str, str]) -> None:
     for folder in ("", "core", "view", "training", "tools"):
         (root / "resnet_demo" / folder).mkdir(parents=True, exist_ok=True)
         (root / "resnet_demo" / folder / "__init__.py").touch()
+    for name in CORE_LAYERS:
+        path = root / "resnet_demo" / "core" / f"{name}.py"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
 
 
 @pytest.mark.parametrize(
@@ -53,8 +61,11 @@ def _fake_package(root: Path, files: dict[str, str]) -> None:
         ({"view/a.py": "from resnet_demo.tools import b\n", "tools/b.py": ""}, CONTRACT_NAMES[2]),
         ({"core/a.py": "from resnet_demo.core import b\n", "core/b.py": "from resnet_demo.core import a\n"},
          CONTRACT_NAMES[3]),
+        ({"core/weights/a.py": "from resnet_demo.core import explorer\n"}, CONTRACT_NAMES[4]),
+        ({"core/capture.py": "from resnet_demo.core.studies import b\n", "core/studies/b.py": ""}, CONTRACT_NAMES[4]),
     ],
-    ids=["core-imports-view", "core-imports-matplotlib", "view-imports-tools", "cycle-in-core"],
+    ids=["core-imports-view", "core-imports-matplotlib", "view-imports-tools", "cycle-in-core",
+         "weights-import-the-explorer", "one-image-core-imports-a-study"],
 )
 def test_a_wrong_import_breaks_the_contract_by_name(tmp_path, files, broken):
     # The project's own contracts, run on a small package that breaks one of them on purpose.

@@ -356,7 +356,7 @@ def test_compare_two_models_on_one_image_in_the_page(page, server):
 
 
 def test_the_error_browser_sends_a_wrong_image_to_the_main_view(page, server):
-    from resnet_demo.core.evalsets import load_evalset
+    from resnet_demo.core.studies.evalsets import load_evalset
 
     _, registry = server
     e = registry.get("cifar10")

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from resnet_demo.core.exemplars import exemplars_for
+from resnet_demo.core.studies.exemplars import exemplars_for
 from resnet_demo.view.page import SCREEN, Pages, PageState, Settings, block_tensor
 from resnet_demo.view.registry import default_registry
 from resnet_demo.view.render import rank_channels

@@ -10,8 +10,8 @@ from PIL import Image
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
-from resnet_demo.core.evalsets import load_evalset  # noqa: E402
-from resnet_demo.core.similarity import block_similarity  # noqa: E402
+from resnet_demo.core.studies.evalsets import load_evalset  # noqa: E402
+from resnet_demo.core.studies.similarity import block_similarity  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTO = ROOT / "examples" / "cifar10-frog-0.jpg"

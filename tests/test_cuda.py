@@ -11,9 +11,9 @@ import torch
 from conftest import randomise_bn
 
 from resnet_demo.core.capture import find_blocks
-from resnet_demo.core.cards import tutorial_card
 from resnet_demo.core.explorer import Explorer
 from resnet_demo.core.model import build_model
+from resnet_demo.core.weights.cards import tutorial_card
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

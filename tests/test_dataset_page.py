@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from resnet_demo.core.errors import DataError
-from resnet_demo.core.evalsets import load_evalset
+from resnet_demo.core.studies.evalsets import load_evalset
 from resnet_demo.view.dataset_page import SHIPPED_SET, USER_SET, SetFilter
 from resnet_demo.view.error_view import confusion_layout
 from resnet_demo.view.page import Pages, Settings
@@ -116,8 +116,8 @@ def test_the_lesion_study_is_the_cards_or_computed_for_another_model(pages, tmp_
 
     from test_timeline import write_run
 
-    from resnet_demo.core.cards import WEIGHTS_DIR
     from resnet_demo.core.explorer import Explorer
+    from resnet_demo.core.weights.cards import WEIGHTS_DIR
     from resnet_demo.view.dataset_page import lesion_study
 
     stored = json.loads((WEIGHTS_DIR / "mnist_resnet.json").read_text())

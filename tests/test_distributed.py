@@ -14,10 +14,10 @@ import torch
 from conftest import ROOT, TINY, randomise_bn
 from torch.utils.data import DistributedSampler
 
-from resnet_demo.core.cards import ModelCard
-from resnet_demo.core.distributed import Dist
 from resnet_demo.core.model import build_model
-from resnet_demo.core.weights import file_sha256, save_weights
+from resnet_demo.core.studies.distributed import Dist
+from resnet_demo.core.weights.cards import ModelCard
+from resnet_demo.core.weights.files import file_sha256, save_weights
 from resnet_demo.training.bands import main as bands_main
 
 TORCHRUN_TIMEOUT = 180  # seconds: two interpreters importing torch on a busy two-core machine
@@ -95,7 +95,7 @@ def test_collectives_without_a_process_group_say_how_to_get_one():
 
 WORKER = """
 import json, sys, torch
-from resnet_demo.core.distributed import Dist
+from resnet_demo.core.studies.distributed import Dist
 
 with Dist.from_env("cpu") as d:
     summed = d.sum(torch.tensor([d.rank + 1, 10 * (d.rank + 1)], dtype=torch.int64))

@@ -19,13 +19,13 @@ from conftest import TINY, randomise_bn
 from torch import nn
 
 from resnet_demo.core.capture import capture_forward
-from resnet_demo.core.cards import CIFAR10, ModelCard
 from resnet_demo.core.errors import DataError
-from resnet_demo.core.errorscan import SCANS, Scan, ScanCache, scan, scan_logits, scan_set
-from resnet_demo.core.evalsets import EvalSet, evalset_for, load_evalset
 from resnet_demo.core.explorer import Explorer
-from resnet_demo.core.labelled import SKIP_NOT_IMAGE, LabelledSet
 from resnet_demo.core.model import ResidualBlock, build_model
+from resnet_demo.core.studies.errorscan import SCANS, Scan, ScanCache, scan, scan_logits, scan_set
+from resnet_demo.core.studies.evalsets import EvalSet, evalset_for, load_evalset
+from resnet_demo.core.studies.labelled import SKIP_NOT_IMAGE, LabelledSet
+from resnet_demo.core.weights.cards import CIFAR10, ModelCard
 from resnet_demo.view.error_view import (
     caption,
     confusion_cell,

@@ -10,21 +10,21 @@ import pytest
 import torch
 from conftest import ROOT, TINY, randomise_bn
 
-from resnet_demo.core.cards import CIFAR10, MNIST, ModelCard
-from resnet_demo.core.distributed import Dist
 from resnet_demo.core.errors import DataError, InputError, WeightsError
-from resnet_demo.core.evalsets import EvalSet, evalset_for, load_evalset
-from resnet_demo.core.exemplars import (
+from resnet_demo.core.explorer import Explorer
+from resnet_demo.core.model import ResidualBlock, build_model
+from resnet_demo.core.studies.distributed import Dist
+from resnet_demo.core.studies.evalsets import EvalSet, evalset_for, load_evalset
+from resnet_demo.core.studies.exemplars import (
     Exemplars,
     exemplars_file,
     exemplars_for,
     load_exemplars,
     scan_exemplars,
 )
-from resnet_demo.core.explorer import Explorer
-from resnet_demo.core.load import load_model
-from resnet_demo.core.model import ResidualBlock, build_model
-from resnet_demo.core.weights import file_sha256
+from resnet_demo.core.weights.cards import CIFAR10, MNIST, ModelCard
+from resnet_demo.core.weights.files import file_sha256
+from resnet_demo.core.weights.load import load_model
 from resnet_demo.view.channel_view import exemplar_grid
 
 WEIGHTS = ROOT / "weights"

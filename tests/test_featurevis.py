@@ -9,19 +9,19 @@ import torch
 from conftest import ROOT, TINY, randomise_bn
 
 from resnet_demo.core.capture import capture_forward
-from resnet_demo.core.cards import CIFAR10, MNIST, ModelCard
 from resnet_demo.core.errors import InputError
-from resnet_demo.core.exemplars import load_exemplars
 from resnet_demo.core.explorer import Explorer
-from resnet_demo.core.featurevis import (
+from resnet_demo.core.model import build_model
+from resnet_demo.core.studies.exemplars import load_exemplars
+from resnet_demo.core.studies.featurevis import (
     block_activation,
     block_views,
     cached_visualise,
     colour_sqrt,
     visualise,
 )
-from resnet_demo.core.load import load_model
-from resnet_demo.core.model import build_model
+from resnet_demo.core.weights.cards import CIFAR10, MNIST, ModelCard
+from resnet_demo.core.weights.load import load_model
 from resnet_demo.view.channel_view import channel_map, featurevis_panel
 
 WEIGHTS = ROOT / "weights"

@@ -51,7 +51,7 @@ if __name__ == "__main__":  # run as a script: make the package importable as co
 
 from resnet_demo.core.errors import InputError, WeightsError  # noqa: E402
 from resnet_demo.core.preprocess import load_image  # noqa: E402
-from resnet_demo.core.recognise import Architecture, read_checkpoint, recognise  # noqa: E402
+from resnet_demo.core.weights.recognise import Architecture, read_checkpoint, recognise  # noqa: E402
 
 _COMMON = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 # CI draws the same examples every run (a failure there is reproducible, never flaky); the long run explores.
@@ -281,8 +281,8 @@ def test_read_checkpoint_on_generated_safetensors_headers(header, data, slack):
 
 def _shape_seeds() -> dict[str, dict[str, tuple[int, ...]]]:
     from resnet_demo.core.model import ResNetConfig, build_model
-    from resnet_demo.core.tv import build_torchvision
-    from resnet_demo.core.weights import tutorial_key_map
+    from resnet_demo.core.weights.files import tutorial_key_map
+    from resnet_demo.core.weights.torchvision_resnets import build_torchvision
 
     small = ResNetConfig(widths=(4, 8, 8), blocks=(1, 2, 1), in_channels=1, num_classes=3)
     with torch.device("meta"):
@@ -316,8 +316,8 @@ _edit = st.one_of(
 def meta_shapes(arch: Architecture, tutorial: bool) -> dict[str, tuple[int, ...]]:
     """The keys and shapes of the model ``arch`` describes, built independently on the meta device."""
     from resnet_demo.core.model import build_model
-    from resnet_demo.core.tv import build_torchvision
-    from resnet_demo.core.weights import tutorial_key_map
+    from resnet_demo.core.weights.files import tutorial_key_map
+    from resnet_demo.core.weights.torchvision_resnets import build_torchvision
 
     with torch.device("meta"):
         if arch.kind == "resnet":

@@ -30,12 +30,12 @@ from appserver import free_port, running_app, weights_dir
 from conftest import ROOT
 from PIL import Image
 
-from resnet_demo.core.cards import MNIST, ModelCard, WeightsError, tutorial_card
 from resnet_demo.core.explorer import Explorer
-from resnet_demo.core.load import load_model
 from resnet_demo.core.model import ResNetConfig, build_model
 from resnet_demo.core.preprocess import MAX_PIXELS, InputError, load_image, prepare
-from resnet_demo.core.weights import load_state_dict_file, save_weights
+from resnet_demo.core.weights.cards import MNIST, ModelCard, WeightsError, tutorial_card
+from resnet_demo.core.weights.files import load_state_dict_file, save_weights
+from resnet_demo.core.weights.load import load_model
 
 LIMIT = f"the limit is {MAX_PIXELS / 1e6:.0f} MP"
 # Text that means a Python error leaked to the user instead of a sentence written for them.

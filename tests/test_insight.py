@@ -10,14 +10,14 @@ from conftest import TINY, randomise_bn
 from PIL import Image
 
 from resnet_demo.core import insight
-from resnet_demo.core.bands import bands_from_values, compute_bands, describe, percentile_rank, where
 from resnet_demo.core.capture import capture_forward, find_blocks
-from resnet_demo.core.cards import CIFAR10_CLASSES, ModelCard, tutorial_card
 from resnet_demo.core.explorer import Explorer
-from resnet_demo.core.load import load_model
 from resnet_demo.core.metrics import block_metrics
 from resnet_demo.core.model import build_model
-from resnet_demo.core.weights import file_sha256, save_weights
+from resnet_demo.core.studies.bands import bands_from_values, compute_bands, describe, percentile_rank, where
+from resnet_demo.core.weights.cards import CIFAR10_CLASSES, ModelCard, tutorial_card
+from resnet_demo.core.weights.files import file_sha256, save_weights
+from resnet_demo.core.weights.load import load_model
 from resnet_demo.training.bands import main as bands_main
 from resnet_demo.training.data import Normalise
 from resnet_demo.view.export import decode_float, export_zip, jsonable

@@ -23,10 +23,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from resnet_demo.core.cards import CIFAR10, MNIST, ModelCard
 from resnet_demo.core.errors import DataError
-from resnet_demo.core.evalsets import load_evalset
-from resnet_demo.core.labelled import (
+from resnet_demo.core.preprocess import drawing_array, load_image, photo_array
+from resnet_demo.core.studies.evalsets import load_evalset
+from resnet_demo.core.studies.labelled import (
     SKIP_ARCHIVE,
     SKIP_LINK,
     SKIP_NOT_IMAGE,
@@ -40,7 +40,7 @@ from resnet_demo.core.labelled import (
     read_labelled_folder,
     read_labelled_zip,
 )
-from resnet_demo.core.preprocess import drawing_array, load_image, photo_array
+from resnet_demo.core.weights.cards import CIFAR10, MNIST, ModelCard
 
 CARD = ModelCard.from_preset(CIFAR10, "cifar-test")
 MNIST_CARD = ModelCard.from_preset(MNIST, "mnist-test")

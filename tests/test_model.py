@@ -3,10 +3,10 @@ import torch
 from conftest import TINY, TINY_PROJ, randomise_bn
 from torch import nn
 
-from resnet_demo.core.cards import WeightsError, tutorial_card
-from resnet_demo.core.load import load_model
 from resnet_demo.core.model import TUTORIAL_CONFIG, ResidualBlock, ResNetConfig, build_model, count_parameters
-from resnet_demo.core.weights import from_tutorial_keys, load_state_dict_file, load_weights_into, save_weights
+from resnet_demo.core.weights.cards import WeightsError, tutorial_card
+from resnet_demo.core.weights.files import from_tutorial_keys, load_state_dict_file, load_weights_into, save_weights
+from resnet_demo.core.weights.load import load_model
 
 
 def test_tutorial_config_has_exactly_the_tutorials_parameter_count():

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from resnet_demo.core.cards import MNIST, ModelCard, tutorial_card
 from resnet_demo.core.preprocess import InputError, drawing_array, load_image, photo_array, prepare, sketch_image
+from resnet_demo.core.weights.cards import MNIST, ModelCard, tutorial_card
 
 CIFAR = tutorial_card()
 MNIST = ModelCard(

@@ -15,25 +15,24 @@ from conftest import ROOT, TINY, randomise_bn
 from PIL import Image
 
 from resnet_demo.core.capture import capture_forward
-from resnet_demo.core.cards import ModelCard
 from resnet_demo.core.errors import WeightsError
-from resnet_demo.core.evalsets import load_evalset
 from resnet_demo.core.explorer import Explorer
-from resnet_demo.core.load import load_model
 from resnet_demo.core.model import ResNetConfig, build_model
 from resnet_demo.core.probes import (
     PROBES_FORMAT,
     Probe,
     ProbeSet,
-    block_features,
     find_probes,
-    fit_probe,
     load_probes,
     probe_readings,
     probes_path,
     save_probes,
 )
-from resnet_demo.core.weights import save_weights
+from resnet_demo.core.studies.evalsets import load_evalset
+from resnet_demo.core.studies.probe_fitting import block_features, fit_probe
+from resnet_demo.core.weights.cards import ModelCard
+from resnet_demo.core.weights.files import save_weights
+from resnet_demo.core.weights.load import load_model
 from resnet_demo.view.probe_charts import HEAD_COLOUR, probe_chart, probe_summary
 from resnet_demo.view.render import STAGE_COLOURS
 

@@ -26,7 +26,8 @@ from tutorial_net import Net
 
 from resnet_demo.core.errors import WeightsError
 from resnet_demo.core.model import TUTORIAL_CONFIG, ResNetConfig, build_model
-from resnet_demo.core.recognise import (
+from resnet_demo.core.weights.files import tutorial_key_map
+from resnet_demo.core.weights.recognise import (
     _TV_BLOCKS,
     MAX_CLASSES,
     MAX_PARAMS,
@@ -36,8 +37,7 @@ from resnet_demo.core.recognise import (
     read_checkpoint,
     recognise,
 )
-from resnet_demo.core.tv import SUPPORTED_ARCHS
-from resnet_demo.core.weights import tutorial_key_map
+from resnet_demo.core.weights.torchvision_resnets import SUPPORTED_ARCHS
 
 # Text that means a Python error, or torch's advice to unpickle unsafely, reached the person.
 LEAKS = ("Traceback", "weights_only", "Errno", "KeyError", "TypeError", "AttributeError", "NoneType", "\n")

@@ -1,8 +1,8 @@
 import numpy as np
 import torch
 
-from resnet_demo.core.cards import tutorial_card
 from resnet_demo.core.metrics import BlockMetrics
+from resnet_demo.core.weights.cards import tutorial_card
 from resnet_demo.view.render import feature_grid, input_image, png_data_url, rank_channels, residual_chart
 
 

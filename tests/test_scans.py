@@ -11,12 +11,12 @@ from conftest import TINY
 from test_distributed import torchrun
 
 from resnet_demo.core.capture import capture
-from resnet_demo.core.cards import ModelCard
 from resnet_demo.core.errors import DataError
-from resnet_demo.core.load import load_model
 from resnet_demo.core.model import build_model
-from resnet_demo.core.scans import NONE, AlphaCurves, ClassLesions, LesionScan, _Runner, lesion_scan
-from resnet_demo.core.weights import file_sha256, save_weights
+from resnet_demo.core.studies.lesions import NONE, AlphaCurves, ClassLesions, LesionScan, _Runner, lesion_scan
+from resnet_demo.core.weights.cards import ModelCard
+from resnet_demo.core.weights.files import file_sha256, save_weights
+from resnet_demo.core.weights.load import load_model
 from resnet_demo.training.data import Normalise
 from resnet_demo.training.scan import main as scan_main
 from resnet_demo.view.lesion_charts import alpha_chart, class_lesion_map

@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import TINY, TINY_PROJ, randomise_bn
 
-from resnet_demo.core.cards import tutorial_card
-from resnet_demo.core.evalsets import evalset_for, load_evalset
 from resnet_demo.core.explorer import Explorer
 from resnet_demo.core.model import build_model
-from resnet_demo.core.similarity import block_similarity, gram, hsic_unbiased, linear_cka
+from resnet_demo.core.studies.evalsets import evalset_for, load_evalset
+from resnet_demo.core.studies.similarity import block_similarity, gram, hsic_unbiased, linear_cka
+from resnet_demo.core.weights.cards import tutorial_card
 
 
 def test_cka_of_a_representation_with_itself_is_one():

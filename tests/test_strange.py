@@ -16,14 +16,23 @@ import torch
 from conftest import ROOT, TINY, randomise_bn
 from PIL import Image
 
-from resnet_demo.core.cards import CIFAR10, MNIST, ModelCard
-from resnet_demo.core.evalsets import load_evalset
 from resnet_demo.core.explorer import Explorer
-from resnet_demo.core.load import load_model
 from resnet_demo.core.metrics import BlockMetrics
 from resnet_demo.core.model import ResNetConfig, build_model
-from resnet_demo.core.strange import SCORE, SCORES, Z_CAP, auroc, band_z, candidate_scores, strangeness, trained_on
-from resnet_demo.core.weights import save_weights
+from resnet_demo.core.studies.evalsets import load_evalset
+from resnet_demo.core.studies.strangeness import (
+    SCORE,
+    SCORES,
+    Z_CAP,
+    auroc,
+    band_z,
+    candidate_scores,
+    strangeness,
+    trained_on,
+)
+from resnet_demo.core.weights.cards import CIFAR10, MNIST, ModelCard
+from resnet_demo.core.weights.files import save_weights
+from resnet_demo.core.weights.load import load_model
 from resnet_demo.training.data import ImageSet, subset
 from resnet_demo.training.strange import app_inputs, held_out, noise_images, scores_of
 

@@ -9,12 +9,12 @@ from conftest import TINY, randomise_bn
 from PIL import Image
 
 from resnet_demo.core.capture import capture_forward
-from resnet_demo.core.cards import MNIST, WEIGHTS_DIR, ModelCard
 from resnet_demo.core.errors import WeightsError
-from resnet_demo.core.evalsets import load_evalset
 from resnet_demo.core.model import build_model
-from resnet_demo.core.timeline import Timeline, find_timelines
-from resnet_demo.core.weights import save_weights
+from resnet_demo.core.studies.evalsets import load_evalset
+from resnet_demo.core.studies.timeline import Timeline, find_timelines
+from resnet_demo.core.weights.cards import MNIST, WEIGHTS_DIR, ModelCard
+from resnet_demo.core.weights.files import save_weights
 from resnet_demo.view.page import Pages, PageState, Settings
 from resnet_demo.view.registry import default_registry
 from resnet_demo.view.timeline_view import Timelines, timeline_chart, timeline_view

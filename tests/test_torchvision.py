@@ -13,11 +13,12 @@ from conftest import randomise_bn
 from PIL import Image
 
 from resnet_demo.core.capture import capture_forward, find_blocks
-from resnet_demo.core.cards import WeightsError, imagenet_classes
 from resnet_demo.core.explorer import Explorer
-from resnet_demo.core.load import load_model
 from resnet_demo.core.metrics import block_metrics
-from resnet_demo.core.tv import (
+from resnet_demo.core.weights.cards import WeightsError, imagenet_classes
+from resnet_demo.core.weights.files import save_weights
+from resnet_demo.core.weights.load import load_model
+from resnet_demo.core.weights.torchvision_resnets import (
     SUPPORTED_ARCHS,
     TORCHVISION_ARCHS,
     build_torchvision,
@@ -25,7 +26,6 @@ from resnet_demo.core.tv import (
     imagenet_card,
     load_torchvision,
 )
-from resnet_demo.core.weights import save_weights
 
 
 def hook_count(model):

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from resnet_demo.core.cards import CIFAR10_CLASSES, MNIST_CLASSES, ModelCard, WeightsError
-from resnet_demo.core.load import load_model
 from resnet_demo.core.model import TUTORIAL_CONFIG, ResNetConfig, build_model, count_parameters
-from resnet_demo.core.weights import file_sha256, load_state_dict_file, save_weights
+from resnet_demo.core.weights.cards import CIFAR10_CLASSES, MNIST_CLASSES, ModelCard, WeightsError
+from resnet_demo.core.weights.files import file_sha256, load_state_dict_file, save_weights
+from resnet_demo.core.weights.load import load_model
 from resnet_demo.training import data as data_mod
 from resnet_demo.training.data import ImageSet, Normalise, list_imagefolder, load_data, load_evalset, load_imagefolder
 from resnet_demo.training.evaluate import evaluate

@@ -208,8 +208,8 @@ def test_the_page_refuses_another_sessions_model_even_past_the_selector(tmp_path
 
 def test_eviction_is_least_recently_used_and_frees_the_model():
     def model() -> Explorer:
-        from resnet_demo.core.cards import tutorial_card
         from resnet_demo.core.model import ResNetConfig, build_model
+        from resnet_demo.core.weights.cards import tutorial_card
 
         return Explorer(build_model(ResNetConfig(widths=(8, 16), blocks=(1, 1))), tutorial_card(), "cpu")
 

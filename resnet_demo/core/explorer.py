@@ -18,16 +18,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import insight, probes, scans
+from . import insight, probes
 from .capture import BlockRecord, capture_forward, find_blocks
-from .cards import ModelCard, numbered_classes, upload_card
 from .errors import WeightsError
-from .load import load_model
 from .metrics import BlockMetrics, Prediction, block_metrics, topk
 from .preprocess import Prepared, prepare
-from .recognise import build_recognised, fit_recognised, read_checkpoint, recognise
 from .runtime import GraphedCapture, on_zero_gpu, pack_records, pick_device, unpack_records
-from .weights import file_sha256
+from .weights.cards import ModelCard, numbered_classes, upload_card
+from .weights.files import file_sha256
+from .weights.load import load_model
+from .weights.recognise import build_recognised, fit_recognised, read_checkpoint, recognise
 
 __all__ = ["Analysis", "Explorer"]
 
@@ -251,16 +251,6 @@ class Explorer:
         """Each block lesioned (or scaled by ``alpha``) alone, in forward order."""
         return insight.lesion_sweep(self.model, analysis.input, self.classes, k, intact_logits=analysis.logits,
                                     alpha=alpha)
-
-    def lesion_scan(
-        self, images: torch.Tensor, labels: torch.Tensor, *, alphas: Sequence[float] = (0.0, 0.5, 1.0, 1.5, 2.0),
-        progress: Callable[[float], None] | None = None,
-    ) -> scans.LesionScan:
-        """Per-class accuracy over uint8 ``images`` with each block lesioned, and accuracy with each block's
-        branch scaled by each of ``alphas`` (see :func:`~.scans.lesion_scan`); ``progress`` gets the share done."""
-        report = None if progress is None else (lambda done, total: progress(done / max(total, 1)))
-        return scans.lesion_scan(self.model, images, labels, classes=self.classes, normalise=self.batch_input,
-                                 alphas=alphas, progress=report)
 
     def probe_readings(self, analysis: Analysis) -> list[probes.ProbeReading]:
         """What the linear probes stored beside the weights read from each block of ``analysis`` (empty when

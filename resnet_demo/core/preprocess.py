@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .cards import ModelCard
 from .errors import InputError
+from .weights.cards import ModelCard
 
 __all__ = ["InputError", "MAX_PIXELS", "Prepared", "load_image", "prepare", "drawing_array", "photo_array"]
 

@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 
 from ..core.capture import capture_forward
-from ..core.cards import WEIGHTS_DIR, tutorial_card
 from ..core.explorer import Explorer
-from ..core.load import load_model
 from ..core.model import build_model
 from ..core.runtime import machine, record_cuda_graph, tune_malloc
+from ..core.weights.cards import WEIGHTS_DIR, tutorial_card
+from ..core.weights.load import load_model
 from ..view.page import build_page
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "cifar10-cat-0.jpg"
@@ -166,7 +166,7 @@ def bench_device(explorer: Explorer, device: torch.device, args) -> dict:
 
 
 def bench_resnet50(args) -> dict:
-    from ..core.tv import build_torchvision, imagenet_card
+    from ..core.weights.torchvision_resnets import build_torchvision, imagenet_card
 
     ex = Explorer(build_torchvision("resnet50").eval(), imagenet_card("resnet50"), "cpu")
     from PIL import Image
@@ -184,7 +184,7 @@ def bench_resnet50(args) -> dict:
 def bench_featurevis(explorer: Explorer, channels: int) -> dict:
     """Seconds to optimise one channel's image (the page's *Optimise*), per block and view, for the first
     ``channels`` channels of res1, the middle block and the last (uncached: a new seed each time)."""
-    from ..core.featurevis import visualise
+    from ..core.studies.featurevis import visualise
 
     names = explorer.block_names
     picks = [names[0], names[len(names) // 2], names[-1]]

@@ -70,7 +70,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..core.cards import WEIGHTS_DIR
+from ..core.weights.cards import WEIGHTS_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 PHOTO_WEIGHTS = "cifar10_resnet.safetensors"
@@ -761,9 +761,9 @@ def write_untrained_weights(folder: Path, seed: int = 0) -> Path:
     """Random (untrained) tutorial Nets for both shipped names: a load test needs weights, not good ones."""
     import torch
 
-    from ..core.cards import SHIPPED, ModelCard
     from ..core.model import TUTORIAL_CONFIG, build_model
-    from ..core.weights import save_weights
+    from ..core.weights.cards import SHIPPED, ModelCard
+    from ..core.weights.files import save_weights
 
     torch.manual_seed(seed)
     for shipped in SHIPPED.values():

@@ -9,8 +9,8 @@ the per-image values are gathered back into data order before the percentiles ar
 are exactly one process's. Only rank 0 writes.
 
 Rewrites only the card (``weights/<name>.json``); the weights file, and so its sha256, is untouched. The
-percentiles are :func:`resnet_demo.core.bands.bands_from_values`, as in
-:func:`resnet_demo.core.bands.compute_bands`.
+percentiles are :func:`resnet_demo.core.studies.bands.bands_from_values`, as in
+:func:`resnet_demo.core.studies.bands.compute_bands`.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from ..core.bands import DEFAULT_BATCH, PERCENTILES, band_values, bands_from_values
-from ..core.cards import WeightsError, write_card_field
-from ..core.distributed import Dist
+from ..core.studies.bands import DEFAULT_BATCH, PERCENTILES, band_values, bands_from_values
+from ..core.studies.distributed import Dist
+from ..core.weights.cards import WeightsError, write_card_field
 from .data import DataError
 from .jobs import add_job_options, load_for_scan, model_input, start_job
 

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..core import evalsets
 from ..core.errors import DataError
+from ..core.studies import evalsets
 
 __all__ = [
     "DEFAULT_CACHE_DIR",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.weights import file_sha256
+from ..core.weights.files import file_sha256
 from .data import EVALSET_DIR, REPO_DIR, list_imagefolder, load_imagefolder
 
 __all__ = ["SETS", "build_evalset", "content_sha256", "main"]

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..core.cards import ModelCard, WeightsError
-from ..core.load import load_model
 from ..core.runtime import pick_device
+from ..core.weights.cards import ModelCard, WeightsError
+from ..core.weights.load import load_model
 from .data import DEFAULT_CACHE_DIR, DataError, Normalise, load_data, subset
 
 __all__ = ["confusion_figure", "evaluate", "predict_logits", "save_confusion_png"]

@@ -2,8 +2,8 @@
 
     python -m resnet_demo.training.exemplars --weights weights/cifar10_resnet.safetensors [--threads 1]
 
-Scans the model's shipped evaluation set (:func:`resnet_demo.core.evalsets.evalset_for`, 500 images) once,
-and writes ``weights/<name>.exemplars.npz`` (:mod:`resnet_demo.core.exemplars`) and the card's
+Scans the model's shipped evaluation set (:func:`resnet_demo.core.studies.evalsets.evalset_for`, 500 images) once,
+and writes ``weights/<name>.exemplars.npz`` (:mod:`resnet_demo.core.studies.exemplars`) and the card's
 ``studies["exemplars"]`` entry naming it; the weights file, and so its sha256, is untouched. Data-parallel
 under ``torchrun`` (``torchrun --nproc-per-node 2 -m resnet_demo.training.exemplars --weights ...``): each
 process scans its shard in whole batches and the per-image statistics are gathered back into data order
@@ -18,11 +18,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..core.cards import WeightsError, write_card_field
-from ..core.distributed import Dist
 from ..core.errors import DataError, InputError
-from ..core.evalsets import evalset_for, load_evalset
-from ..core.exemplars import (
+from ..core.explorer import Explorer
+from ..core.studies.distributed import Dist
+from ..core.studies.evalsets import evalset_for, load_evalset
+from ..core.studies.exemplars import (
     DEFAULT_BATCH,
     DEFAULT_K,
     ERF_MASS,
@@ -32,9 +32,9 @@ from ..core.exemplars import (
     exemplars_file,
     scan_exemplars,
 )
-from ..core.explorer import Explorer
-from ..core.featurevis import VIEWS
-from ..core.weights import file_sha256
+from ..core.studies.featurevis import VIEWS
+from ..core.weights.cards import WeightsError, write_card_field
+from ..core.weights.files import file_sha256
 from .jobs import add_job_options, launch_command, require_card, start_job
 
 __all__ = ["main", "study_entry"]

@@ -14,10 +14,10 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from ..core.cards import ModelCard
-from ..core.distributed import Dist
 from ..core.errors import DataError, WeightsError
-from ..core.load import load_model
+from ..core.studies.distributed import Dist
+from ..core.weights.cards import ModelCard
+from ..core.weights.load import load_model
 from .data import DEFAULT_CACHE_DIR, ImageSet, Normalise, load_data, subset
 
 __all__ = ["add_job_options", "launch_command", "load_for_scan", "model_input", "start_job"]

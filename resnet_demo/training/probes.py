@@ -5,7 +5,7 @@
 
 For each block: features are the global average pool of its output ``y`` over ``--train-limit`` images
 of the train split (a fixed seeded draw), on which a probe is fitted for every L2 strength of ``--l2``
-(:func:`resnet_demo.core.probes.fit_probe`). The strength is chosen by accuracy (ties: the stronger) on
+(:func:`resnet_demo.core.studies.probe_fitting.fit_probe`). The strength is chosen by accuracy (ties: the stronger) on
 ``--val-limit`` test images, and the chosen probe measured on ``--test-limit`` other test images, beside
 the head applied to the same block where the block is as wide as the head.
 
@@ -35,12 +35,13 @@ import torch
 from torch import nn
 
 from ..core.capture import find_blocks
-from ..core.cards import ModelCard, WeightsError, write_card_field
-from ..core.distributed import Dist
 from ..core.insight import head_width
-from ..core.load import load_model
-from ..core.probes import BlockFeatures, Probe, ProbeSet, block_features, fit_probe, probes_path, save_probes
-from ..core.weights import file_sha256
+from ..core.probes import Probe, ProbeSet, probes_path, save_probes
+from ..core.studies.distributed import Dist
+from ..core.studies.probe_fitting import BlockFeatures, block_features, fit_probe
+from ..core.weights.cards import ModelCard, WeightsError, write_card_field
+from ..core.weights.files import file_sha256
+from ..core.weights.load import load_model
 from .data import DataError, ImageSet, Normalise, load_data, subset
 from .jobs import add_job_options, decoded_once, launch_command, model_input, require_card, same_classes, start_job
 

@@ -9,7 +9,7 @@ GPUs; each process takes its shard of the images and the counts are summed), wit
     torchrun --nproc-per-node 2 -m resnet_demo.training.scan --weights ... --data ...
 
 Only rank 0 writes: the card's ``studies["lesions"]`` (``weights/<name>.json``); the weights file, and so
-its sha256, is untouched. The study itself is :func:`resnet_demo.core.scans.lesion_scan`.
+its sha256, is untouched. The study itself is :func:`resnet_demo.core.studies.lesions.lesion_scan`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.cards import WeightsError, write_card_field
-from ..core.scans import DEFAULT_ALPHAS, DEFAULT_BATCH, NONE, LesionScan, lesion_scan
+from ..core.studies.lesions import DEFAULT_ALPHAS, DEFAULT_BATCH, NONE, LesionScan, lesion_scan
+from ..core.weights.cards import WeightsError, write_card_field
 from .data import DataError
 from .jobs import add_job_options, launch_command, load_for_scan, model_input, start_job
 

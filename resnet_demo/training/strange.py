@@ -13,9 +13,9 @@ kind ``photo``: grey replicated to RGB for a colour model, RGB to grey for a gre
 - ``uniform_noise`` and ``gaussian_noise`` (mean 127.5, sd 64, clipped): ``--noise`` images each;
 - ``blank``: flat images from black through greys to white.
 
-For every score of :data:`resnet_demo.core.strange.SCORES` it reports the AUROC (test images negative,
+For every score of :data:`resnet_demo.core.studies.strangeness.SCORES` it reports the AUROC (test images negative,
 other data positive) and stores the figures in the card's ``studies["strangeness"]`` with the page's
-threshold: the 95th percentile of the test images' :data:`~resnet_demo.core.strange.SCORE`, so that one
+threshold: the 95th percentile of the test images' :data:`~resnet_demo.core.studies.strangeness.SCORE`, so that one
 test image in twenty is warned about. Only the card is rewritten; the weights are untouched.
 
 Data-parallel under ``torchrun`` (``torchrun --nproc-per-node 2 -m resnet_demo.training.strange ...``): each
@@ -37,12 +37,12 @@ from PIL import Image
 from torch import nn
 
 from ..core.capture import capture_forward
-from ..core.cards import CIFAR10, MNIST, ModelCard, WeightsError, write_card_field
-from ..core.distributed import Dist
-from ..core.load import load_model
 from ..core.metrics import block_metrics
 from ..core.preprocess import prepare
-from ..core.strange import SCORE, SCORES, auroc, candidate_scores, trained_on
+from ..core.studies.distributed import Dist
+from ..core.studies.strangeness import SCORE, SCORES, auroc, candidate_scores, trained_on
+from ..core.weights.cards import CIFAR10, MNIST, ModelCard, WeightsError, write_card_field
+from ..core.weights.load import load_model
 from .data import DataError, ImageSet, Normalise, load_data, subset
 from .jobs import add_job_options, decoded_once, launch_command, require_card, same_classes, start_job
 

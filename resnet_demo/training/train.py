@@ -11,7 +11,7 @@ weight decay on conv/linear weights only, linear warm-up then linear decay to ze
 optional cutout and an exponential moving average of the weights. The same code runs on the CPU.
 
 The card's accuracy figures come from the file as written (fp16 weights, fp32 BN statistics), reloaded with
-:func:`resnet_demo.core.load.load_model`, never from the in-memory model.
+:func:`resnet_demo.core.weights.load.load_model`, never from the in-memory model.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..core.cards import CIFAR10, WEIGHTS_DIR, ModelCard, Preset, WeightsError, preset_for
-from ..core.load import load_model
 from ..core.model import TUTORIAL_CONFIG, ResNetConfig, build_model, count_parameters
 from ..core.runtime import device_name, pick_device
-from ..core.weights import save_weights
+from ..core.weights.cards import CIFAR10, WEIGHTS_DIR, ModelCard, Preset, WeightsError, preset_for
+from ..core.weights.files import save_weights
+from ..core.weights.load import load_model
 from .data import DEFAULT_CACHE_DIR, DataError, ImageSet, Normalise, load_data, subset
 from .evaluate import evaluate
 

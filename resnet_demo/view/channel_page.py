@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from PIL import Image
 
 from ..core.errors import DataError
-from ..core.evalsets import load_evalset
-from ..core.exemplars import exemplars_for
 from ..core.explorer import Analysis, Explorer
-from ..core.featurevis import visualise_channel
+from ..core.studies.evalsets import load_evalset
+from ..core.studies.exemplars import exemplars_for
+from ..core.studies.featurevis import visualise_channel
 from .channel_view import channel_map, exemplar_grid, featurevis_panel, view_name
 
 __all__ = ["ChannelView", "channel_view", "visualisation"]

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..core.cards import ModelCard
-from ..core.evalsets import EvalSet
-from ..core.exemplars import ChannelExemplars, Exemplar
 from ..core.explorer import Analysis
-from ..core.featurevis import FeatureVis
+from ..core.studies.evalsets import EvalSet
+from ..core.studies.exemplars import ChannelExemplars, Exemplar
+from ..core.studies.featurevis import FeatureVis
+from ..core.weights.cards import ModelCard
 from .render import VIEWS, colour_lut, draw_text, input_image, overlay, text_mask
 
 __all__ = ["channel_map", "exemplar_grid", "featurevis_panel", "view_name"]
@@ -100,7 +100,7 @@ def exemplar_grid(ex: ChannelExemplars, evalset: EvalSet, *, cell: int = 64) -> 
     with the value and the image's class and index; for F(x) the most negative ones in a second row.
 
     Args:
-        ex: one channel's exemplars (:meth:`~resnet_demo.core.exemplars.Exemplars.channel`).
+        ex: one channel's exemplars (:meth:`~resnet_demo.core.studies.exemplars.Exemplars.channel`).
         evalset: the evaluation set they index (its images, labels and class names).
     """
     if ex.evalset != evalset.name:

@@ -1,9 +1,9 @@
 """The data-set tab without Gradio: where the model fails on a labelled set, and what the stored studies say.
 
 The set is the shipped evaluation set of the model's data (``weights/evalset/``) or a labelled ZIP the
-visitor gives (one folder per class), read by :mod:`resnet_demo.core.labelled` with its bounds and kept for
+visitor gives (one folder per class), read by :mod:`resnet_demo.core.studies.labelled` with its bounds and kept for
 that browser session only (the upload itself is deleted once read). Every scan is cached
-(:data:`resnet_demo.core.errorscan.SCANS`), so changing a filter costs no forward pass.
+(:data:`resnet_demo.core.studies.errorscan.SCANS`), so changing a filter costs no forward pass.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from pathlib import Path
 from PIL import Image
 
 from ..core.errors import DataError
-from ..core.errorscan import SORTS, WHICH, LabelledImages, scan_set
-from ..core.evalsets import evalset_for, load_evalset
 from ..core.explorer import Explorer
-from ..core.labelled import LabelledSet, read_labelled
-from ..core.scans import LesionScan
+from ..core.studies.errorscan import SORTS, WHICH, LabelledImages, scan_set
+from ..core.studies.evalsets import evalset_for, load_evalset
+from ..core.studies.labelled import LabelledSet, read_labelled
+from ..core.studies.lesions import LesionScan, scan_explorer
 from .error_view import confusion_cell, confusion_image, gallery_items, scan_summary, set_image
 from .lesion_charts import alpha_chart, class_lesion_map
 
@@ -178,7 +178,7 @@ def lesion_study(explorer: Explorer, progress: Callable[[float], None] | None = 
             raise DataError(f"{explorer.card.name} has no stored lesion study and no shipped evaluation set fits its "
                             "classes: run python -m resnet_demo.training.scan on its data.")
         data = load_evalset(name)
-        result = explorer.lesion_scan(data.images, data.labels, progress=progress)
+        result = scan_explorer(explorer, data.images, data.labels, progress=progress)
         source = f"the {result.n} images of {name}, computed now"
     lesions = result.lesions
     overall = dict(zip(lesions.rows, lesions.overall))

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..core.errorscan import Scan
-from ..core.labelled import LabelledSet
+from ..core.studies.errorscan import Scan
+from ..core.studies.labelled import LabelledSet
 from .render import chart_font, draw_text, text_mask
 
 __all__ = [

@@ -106,7 +106,7 @@ def _block_dict(m, bands: dict | None) -> dict:
     d = m.row()
     d["channel_f"] = np.asarray(m.channel_f).tolist()
     if bands:
-        from ..core.bands import BAND_METRICS, percentile_rank
+        from ..core.studies.bands import BAND_METRICS, percentile_rank
 
         ranks = {}
         for metric in BAND_METRICS:

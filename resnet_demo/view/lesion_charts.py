@@ -1,4 +1,4 @@
-"""Pictures of the lesion study over a data set (:mod:`resnet_demo.core.scans`).
+"""Pictures of the lesion study over a data set (:mod:`resnet_demo.core.studies.lesions`).
 
 - :func:`class_lesion_map`: blocks × classes, each cell the change in that class's accuracy when the
   block's branch is removed, in points against the intact model (red: worse, blue: better), with the
@@ -16,7 +16,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from ..core.scans import NONE, AlphaCurves, ClassLesions
+from ..core.studies.lesions import NONE, AlphaCurves, ClassLesions
 from .render import colour_lut, draw_text, nice_max
 
 __all__ = ["BLOCK_COLOURS", "alpha_chart", "class_lesion_map"]

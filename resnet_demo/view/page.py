@@ -23,15 +23,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..core.bands import describe
 from ..core.errors import WeightsError
-from ..core.evalsets import evalset_for, load_evalset
 from ..core.explorer import Analysis, Explorer
 from ..core.insight import LesionResult, Readout
 from ..core.metrics import METRIC_NAMES
 from ..core.preprocess import InputError, load_image
-from ..core.similarity import block_similarity
-from ..core.strange import strangeness
+from ..core.studies.bands import describe
+from ..core.studies.evalsets import evalset_for, load_evalset
+from ..core.studies.similarity import block_similarity
+from ..core.studies.strangeness import strangeness
 from .channel_page import ChannelView, channel_view, visualisation
 from .dataset_page import (
     USER_SET,

@@ -11,9 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.cards import SHIPPED, WEIGHTS_DIR, WeightsError
 from ..core.explorer import Explorer
 from ..core.runtime import enable_cudnn_autotuning, share_cores
+from ..core.weights.cards import SHIPPED, WEIGHTS_DIR, WeightsError
 
 __all__ = [
     "AUTO",
@@ -72,7 +72,7 @@ class Registry:
     ) -> None:
         """Offer the user's own checkpoint (the tutorial's Net, or a torchvision ``arch``) as :data:`CUSTOM`."""
         if arch and arch != "tutorial":
-            from ..core.tv import load_torchvision
+            from ..core.weights.torchvision_resnets import load_torchvision
 
             def load() -> Explorer:
                 return Explorer(*load_torchvision(arch, weights, download=download, classes=classes), device=device)
@@ -147,7 +147,7 @@ class Registry:
 
 
 def default_registry(device: str | None = None, weights_dir: Path | None = None) -> Registry:
-    """The shipped models (:data:`~resnet_demo.core.cards.SHIPPED`): CIFAR-10 for photos, MNIST for drawings.
+    """The shipped models (:data:`~resnet_demo.core.weights.cards.SHIPPED`): CIFAR-10 for photos, MNIST for drawings.
 
     ``weights_dir``: where ``<name>.safetensors`` and its card are; the shipped ``weights/`` by default.
     """

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..core.cards import ModelCard
 from ..core.insight import LesionResult, Readout
 from ..core.metrics import BlockMetrics
+from ..core.weights.cards import ModelCard
 
 __all__ = [
     "VIEWS",
@@ -366,7 +366,7 @@ def _axes(fr: _Frame, d, ystep: float) -> None:
 
 def _block_bar(fr: _Frame, d, i: int, m: BlockMetrics, band: dict | None) -> None:
     """Block ``i``'s reference band (if any), its ratio bar, the band's median, a ▲/▼ when outside, its name."""
-    from ..core.bands import percentile_rank
+    from ..core.studies.bands import percentile_rank
 
     k, slot, cx = fr.k, fr.slot, fr.cx(i)
     if band is not None:

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..core.cards import WEIGHTS_DIR
 from ..core.errors import WeightsError
-from ..core.evalsets import evalset_for, load_evalset
 from ..core.explorer import Explorer
-from ..core.timeline import History, Timeline, find_timelines
+from ..core.studies.evalsets import evalset_for, load_evalset
+from ..core.studies.timeline import History, Timeline, find_timelines
+from ..core.weights.cards import WEIGHTS_DIR
 from .render import STAGE_COLOURS, figure_to_image, readout_chart, residual_chart
 
 __all__ = ["RUN_PREFIX", "TimelineView", "Timelines", "timeline_chart", "timeline_text"]

@@ -17,9 +17,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..core.cards import IMAGENET, MNIST, PRESETS, WeightsError, imagenet_classes, numbered_classes, read_class_names
 from ..core.explorer import Explorer
-from ..core.tv import SUPPORTED_ARCHS
+from ..core.weights.cards import (
+    IMAGENET,
+    MNIST,
+    PRESETS,
+    WeightsError,
+    imagenet_classes,
+    numbered_classes,
+    read_class_names,
+)
+from ..core.weights.torchvision_resnets import SUPPORTED_ARCHS
 
 __all__ = ["ARCH_CHOICES", "PRESET_CHOICES", "UPLOAD_PREFIX", "Upload", "UserModels", "parse_class_names"]
 

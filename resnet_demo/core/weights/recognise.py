@@ -41,10 +41,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import WeightsError
-from .model import TUTORIAL_CONFIG, ResNetConfig, build_model
-from .tv import SUPPORTED_ARCHS, build_torchvision, fit_torchvision_weights
-from .weights import load_weights_into, tutorial_key_map
+from ..errors import WeightsError
+from ..model import TUTORIAL_CONFIG, ResNetConfig, build_model
+from .files import load_weights_into, tutorial_key_map
+from .torchvision_resnets import SUPPORTED_ARCHS, build_torchvision, fit_torchvision_weights
 
 __all__ = [
     "MAX_BYTES",

@@ -13,8 +13,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .cards import CIFAR10, MNIST, WEIGHTS_DIR, ModelCard
-from .errors import DataError
+from ..errors import DataError
+from ..weights.cards import CIFAR10, MNIST, WEIGHTS_DIR, ModelCard
 
 __all__ = ["EVALSET_DIR", "EVALSETS", "EvalSet", "evalset_for", "load_evalset"]
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import WeightsError
+from ..explorer import Explorer
+from ..weights.cards import ModelCard
 from .bands import band_values
-from .cards import ModelCard
-from .errors import WeightsError
-from .explorer import Explorer
 
 __all__ = ["History", "Snapshot", "Timeline", "find_timelines"]
 

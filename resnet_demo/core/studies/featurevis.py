@@ -38,11 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .capture import BlockSpec, find_blocks
-from .cards import ModelCard
-from .errors import InputError
+from ..capture import BlockSpec, find_blocks
+from ..errors import InputError
+from ..explorer import Explorer
+from ..weights.cards import ModelCard
 from .evalsets import evalset_for, load_evalset
-from .explorer import Explorer
 
 __all__ = [
     "DEFAULT_STEPS",

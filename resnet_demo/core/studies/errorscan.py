@@ -21,8 +21,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .errors import DataError
-from .explorer import Explorer
+from ..errors import DataError
+from ..explorer import Explorer
 
 __all__ = ["SCANS", "SORTS", "WHICH", "LabelledImages", "Scan", "ScanCache", "scan", "scan_logits", "scan_set"]
 

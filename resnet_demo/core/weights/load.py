@@ -10,10 +10,10 @@ from pathlib import Path
 
 from torch import nn
 
+from ..model import build_model
 from .cards import ModelCard, WeightsError, tutorial_card
-from .model import build_model
-from .tv import build_torchvision, fit_torchvision_weights
-from .weights import file_sha256, load_state_dict_file, load_weights_into
+from .files import file_sha256, load_state_dict_file, load_weights_into
+from .torchvision_resnets import build_torchvision, fit_torchvision_weights
 
 __all__ = ["load_model"]
 

@@ -17,8 +17,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .errors import WeightsError
-from .model import TUTORIAL_CONFIG, ResNetConfig
+from ..errors import WeightsError
+from ..model import TUTORIAL_CONFIG, ResNetConfig
 
 __all__ = [
     "CIFAR10",
@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 MAX_INPUT_SIZE = 1024  # pixels per side of a model's input: larger would make one analysis take seconds
-WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parents[3] / "weights"
 IMAGENET_CLASSES_FILE = Path(__file__).resolve().parent / "imagenet_classes.txt"
 
 

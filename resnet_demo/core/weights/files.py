@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..model import TUTORIAL_CONFIG, ResNetConfig
 from .cards import ModelCard, WeightsError
-from .model import TUTORIAL_CONFIG, ResNetConfig
 
 __all__ = [
     "file_sha256",

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .capture import capture_forward
-from .explorer import Explorer
+from ..capture import capture_forward
+from ..explorer import Explorer
 
 __all__ = ["Similarity", "block_similarity", "gram", "hsic_unbiased", "linear_cka"]
 

@@ -1,7 +1,7 @@
 """Is this image like the training data? A score from what the explorer already computes.
 
 Each block's ``ratio`` and ``cosine`` (:mod:`resnet_demo.core.metrics`) are placed in the card's
-reference bands (:mod:`resnet_demo.core.bands`: their 5th, 50th and 95th percentiles over test images)
+reference bands (:mod:`resnet_demo.core.studies.bands`: their 5th, 50th and 95th percentiles over test images)
 as a robust z-score, ``z = (v - p50) / s`` with ``s = (p95 - p50) / 1.645`` above the median and
 ``(p50 - p5) / 1.645`` below it, so that the band's ends sit at ±1.645 as a normal distribution's would.
 The score is the root mean square of the z's over every block and both metrics (``band_rms``): about 1
@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..metrics import BlockMetrics
+from ..weights.cards import ModelCard
 from .bands import BAND_METRICS
-from .cards import ModelCard
-from .metrics import BlockMetrics
 
 __all__ = ["SCORE", "SCORES", "Strangeness", "auroc", "band_z", "candidate_scores", "strangeness", "trained_on"]
 

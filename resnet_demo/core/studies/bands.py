@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .capture import capture_forward, find_blocks
+from ..capture import capture_forward, find_blocks
+from ..metrics import BlockMetrics, block_metrics
 from .distributed import Dist
-from .metrics import BlockMetrics, block_metrics
 
 __all__ = [
     "BAND_METRICS",

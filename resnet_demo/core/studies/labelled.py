@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .cards import ModelCard
-from .errors import DataError, InputError
-from .preprocess import MAX_PIXELS, drawing_array, load_image, photo_array
+from ..errors import DataError, InputError
+from ..preprocess import MAX_PIXELS, drawing_array, load_image, photo_array
+from ..weights.cards import ModelCard
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .cards import IMAGENET, ModelCard, WeightsError, imagenet_classes, numbered_classes, read_class_names
-from .weights import file_sha256, load_state_dict_file, load_weights_into
+from .files import file_sha256, load_state_dict_file, load_weights_into
 
 __all__ = [
     "EXTRA_ARCHS",

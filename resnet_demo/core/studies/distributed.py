@@ -23,7 +23,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .runtime import pick_device
+from ..runtime import pick_device
 
 __all__ = ["Dist"]
 

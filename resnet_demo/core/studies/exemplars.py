@@ -39,12 +39,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .capture import BlockRecord, capture_forward
-from .cards import WEIGHTS_DIR, ModelCard
+from ..capture import BlockRecord, capture_forward
+from ..errors import DataError, InputError, WeightsError
+from ..explorer import Explorer
+from ..weights.cards import WEIGHTS_DIR, ModelCard
 from .distributed import Dist
-from .errors import DataError, InputError, WeightsError
 from .evalsets import EvalSet, evalset_for, load_evalset
-from .explorer import Explorer
 from .featurevis import VIEWS, block_views
 
 __all__ = [

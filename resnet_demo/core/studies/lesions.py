@@ -10,8 +10,8 @@ Over a labelled image set, two studies of the residual blocks:
   the lesion and intact passes, which :func:`~resnet_demo.core.capture.capture` makes bit for bit equal).
 
 Both are counts of correct top-1 answers: integers, summed over the processes of a data-parallel run
-with :meth:`~resnet_demo.core.distributed.Dist.sum`, and images are sharded in whole batches
-(:meth:`~resnet_demo.core.distributed.Dist.shard` with ``block=batch_size``), so every batch is the one
+with :meth:`~resnet_demo.core.studies.distributed.Dist.sum`, and images are sharded in whole batches
+(:meth:`~resnet_demo.core.studies.distributed.Dist.shard` with ``block=batch_size``), so every batch is the one
 a single process would run and one process and several give the same numbers.
 
 For the project's own :class:`~resnet_demo.core.model.ResNet` a pass with block ``i`` changed resumes
@@ -32,12 +32,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .capture import capture, find_blocks
+from ..capture import capture, find_blocks
+from ..errors import DataError
+from ..explorer import Explorer
+from ..model import ResNet
 from .distributed import Dist
-from .errors import DataError
-from .model import ResNet
 
-__all__ = ["DEFAULT_ALPHAS", "DEFAULT_BATCH", "NONE", "AlphaCurves", "ClassLesions", "LesionScan", "lesion_scan"]
+__all__ = [
+    "DEFAULT_ALPHAS", "DEFAULT_BATCH", "NONE", "AlphaCurves", "ClassLesions", "LesionScan", "lesion_scan",
+    "scan_explorer",
+]
 
 NONE = "none"  # the row of the intact model in the per-class matrix
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
@@ -297,3 +301,14 @@ def lesion_scan(
     correct, support, curves = (dist.sum(t).cpu().numpy() for t in (counts.correct, counts.support, counts.curves))
     lesions = ClassLesions([NONE, *blocks], list(classes), correct, support)
     return LesionScan(lesions, AlphaCurves(blocks, alphas, curves, int(support.sum())))
+
+
+def scan_explorer(
+    explorer: Explorer, images: torch.Tensor, labels: torch.Tensor, *,
+    alphas: Sequence[float] = (0.0, 0.5, 1.0, 1.5, 2.0), progress: Callable[[float], None] | None = None,
+) -> LesionScan:
+    """:func:`lesion_scan` of ``explorer``'s model over uint8 ``images``, normalised as the explorer normalises
+    a batch; ``progress`` gets the share done."""
+    report = None if progress is None else (lambda done, total: progress(done / max(total, 1)))
+    return lesion_scan(explorer.model, images, labels, classes=explorer.classes, normalise=explorer.batch_input,
+                       alphas=alphas, progress=report)
