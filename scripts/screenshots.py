@@ -1,4 +1,4 @@
-"""Take the README's screenshots of the running app with headless Chromium (Debian's package).
+"""Take the screenshots in docs/ of the running app with headless Chromium (Debian's package).
 
     python scripts/screenshots.py            # writes docs/*.png
 

@@ -8,7 +8,7 @@
 # (default runs/gpu). Steps, each failing fast so a broken run costs little GPU time:
 #   1. a 1-epoch smoke run of the tiny config on 2,048 images (does the CUDA path work at all?)
 #   2. the GPU benchmark, before training, so nothing else shares the GPU while it times
-#   3. the training run whose weights ship in weights/ (recipe below; README "How the weights were trained")
+#   3. the training run whose weights ship in weights/ (recipe below; docs/models.md)
 set -uo pipefail
 DATA=${1:-data/cifar10-jpeg.tar.gz}
 OUT=${2:-${OUT:-runs/gpu}}

@@ -97,7 +97,7 @@ def test_app_imports_the_view_and_only_the_core_error_types():
 
 def test_the_core_draws_nothing():
     # import-linter cannot forbid a submodule of an external package (PIL.ImageDraw): checked here.
-    for path in sorted((ROOT / "resnet_demo" / "core").glob("*.py")):
+    for path in sorted((ROOT / "resnet_demo" / "core").rglob("*.py")):
         source = path.read_text()
         drawing = [m for m in _imports(path) if m in ("PIL.ImageDraw", "PIL.ImageFont")]
         drawing += [name for name in ("ImageDraw", "ImageFont") if f"import {name}" in source]

@@ -1,7 +1,7 @@
 """The CUDA path: graphed analyses give the eager numbers, each request its own. Skipped without a GPU.
 
 CI has no GPU; these run wherever one is (``python -m pytest tests/test_cuda.py``), and were run on an
-H100 when the GPU figures in the README were measured.
+H100 when the GPU figures in docs/performance.md were measured.
 """
 
 import threading

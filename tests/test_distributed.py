@@ -38,7 +38,7 @@ def torchrun(args, timeout=TORCHRUN_TIMEOUT):
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0 and GLOO_TEARDOWN in done.stderr:
         # A rank aborting in gloo's teardown after every collective and write is done (seen once in ~40 runs
-        # on this 2-core machine, only while it was loaded; README, "Scale-out"). The job's results are
+        # on a loaded 2-core machine; docs/performance.md, "Data-parallel scans"). The job's results are
         # complete; the run is repeated once so that the test still checks them, and a second abort fails.
         print(f"torchrun: a rank aborted in gloo's teardown; running once more\n{done.stderr[-1500:]}")
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

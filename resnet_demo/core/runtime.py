@@ -77,8 +77,8 @@ def tune_malloc(mmap_mb: int = 4, trim_mb: int = 8, arenas: int = 2) -> bool:
     a small CPU, and more when a capture keeps 20 activations alive. A fixed mmap threshold of
     ``mmap_mb`` and trimming only above ``trim_mb`` keep that memory in the heap for reuse. And glibc
     gives every allocating thread an arena of its own (up to 8 per core): a server's thread pool then
-    scatters freed memory over many arenas, which shows as RSS growth (load test: +63 to +108 MB with
-    the default, +25 to +28 MB with 2 arenas). Process-wide; the app and the benchmark call it at start.
+    scatters freed memory over many arenas, which shows as RSS growth (in the load test, about four
+    times as much with the default as with 2 arenas). Process-wide; the app and the benchmark call it at start.
 
     Returns:
         True if the settings were accepted; False (nothing changed) where the C library is not glibc.

@@ -58,7 +58,7 @@ def _progress(start: float):
 
 
 def _report(name: str, scan: LesionScan, study: dict) -> None:
-    """The table the README quotes: error intact and without each block, and each block's alpha curve."""
+    """The table docs/guide.md quotes: error intact and without each block, and each block's alpha curve."""
     les, curves = scan.lesions, scan.curves
     print(f"{name}: {scan.n} images of {study['data']} [{study['split']}], {study['processes']} process(es), "
           f"{study['seconds']:.1f} s")
