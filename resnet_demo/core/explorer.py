@@ -21,6 +21,7 @@ from torch import nn
 from . import insight, probes
 from .capture import BlockRecord, capture_forward, find_blocks
 from .errors import WeightsError
+from .inside import Inside, look_inside
 from .metrics import BlockMetrics, Prediction, block_metrics, topk
 from .preprocess import Prepared, prepare
 from .runtime import GraphedCapture, on_zero_gpu, pack_records, pick_device, unpack_records
@@ -285,6 +286,26 @@ class Explorer:
         block = block or analysis.metrics[-1].name
         index = analysis.predictions[0].index if class_index is None else class_index
         return insight.gradcam(self.model, analysis.input, block, index)
+
+    def inside(self, analysis: Analysis, block: str, channel: int) -> Inside:
+        """Inside ``block`` for output ``channel`` of ``analysis``'s image: every step of F(x), s(x), the sum and y.
+
+        Re-runs only that block, on the input x the analysis captured, with hooks on its inner layers for this
+        call and this thread only (:mod:`.inside` says why that is exact and cheap).
+
+        Raises:
+            KeyError: ``block`` is not one of this model's blocks, or the analysis has no record of it.
+            ValueError: the block is lesioned in ``analysis`` (its captured y is not the block's own).
+            IndexError: ``channel`` is not one of the block's output channels.
+            UnsupportedBlockError: a block type whose inner layers cannot be read.
+        """
+        spec = next((s for s in self.blocks if s.name == block), None)
+        record = next((r for r in analysis.blocks if r.name == block), None)
+        if spec is None or record is None or record.x is None:
+            raise KeyError(f"unknown block {block!r} for this analysis; the blocks are {self.block_names}")
+        if block in analysis.lesioned:
+            raise ValueError(f"block {block} is lesioned in this analysis: look inside it on the intact analysis")
+        return look_inside(spec, record.x[:1].to(self.device), channel)
 
     def _graph(self, shape: tuple[int, ...]) -> GraphedCapture | None:
         """The recorded graph for batch-1 inputs of ``shape``, made on first use; ``None`` to run eagerly."""
