@@ -23,7 +23,7 @@ from .capture import BlockRecord, capture_forward, find_blocks
 from .errors import WeightsError
 from .inside import Inside, look_inside
 from .metrics import BlockMetrics, Prediction, block_metrics, topk
-from .preprocess import Prepared, prepare
+from .preprocess import Prepared, normalise_batch, prepare
 from .runtime import GraphedCapture, on_zero_gpu, pack_records, pick_device, unpack_records
 from .weights.cards import ModelCard, numbered_classes, upload_card
 from .weights.files import file_sha256
@@ -200,21 +200,10 @@ class Explorer:
 
     def batch_input(self, images: torch.Tensor) -> torch.Tensor:
         """A batch of uint8 images (N, C, H, W), already in the model's training format (an evaluation set's),
-        as the model's input on its device: resized to its input size, channels matched, normalised."""
-        x = images.float().div(255)
-        c = self.in_channels
-        if x.shape[1] != c:
-            x = x.expand(-1, c, -1, -1) if x.shape[1] == 1 else x.mean(dim=1, keepdim=True).expand(-1, c, -1, -1)
-        size = self.card.input_size
-        if tuple(x.shape[-2:]) != (size, size):
-            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
-                                                align_corners=False)
-        mean, std = list(self.card.mean), list(self.card.std)
-        if len(mean) == 1:
-            mean, std = mean * c, std * c
-        mean_t = torch.tensor(mean[:c], dtype=torch.float32).view(1, -1, 1, 1)
-        std_t = torch.tensor(std[:c], dtype=torch.float32).view(1, -1, 1, 1)
-        return ((x - mean_t) / std_t).to(self.device)
+        as the model's input on its device: resized to its input size, channels matched, normalised
+        (:func:`~.preprocess.normalise_batch`)."""
+        return normalise_batch(images, self.card.mean, self.card.std, self.in_channels, size=self.card.input_size,
+                               device=self.device)
 
     # --- about the model, for the page -----------------------------------------------------------
 

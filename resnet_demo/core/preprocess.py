@@ -1,5 +1,8 @@
 """From whatever the user gives (file, bytes, PIL image, array, sketch) to the model's input tensor.
 
+:func:`normalise_batch` is the one step from uint8 pixels to the model's input, for one image here and for
+every batch elsewhere (an evaluation set, a training batch, a feature-visualisation image).
+
 Two input kinds, chosen by the model card's ``input_kind``:
 
 - ``photo``: decode, honour EXIF orientation, any PIL mode -> RGB (transparency composited over
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +31,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import InputError
 from .weights.cards import ModelCard
 
-__all__ = ["InputError", "MAX_PIXELS", "Prepared", "load_image", "prepare", "drawing_array", "photo_array"]
+__all__ = [
+    "InputError",
+    "MAX_PIXELS",
+    "Prepared",
+    "drawing_array",
+    "load_image",
+    "normalise_batch",
+    "photo_array",
+    "prepare",
+]
 
 # Largest image we decode: 50 megapixels covers every phone and DSLR photo, and bounds memory
 # (50 MP RGB is 150 MB decoded) and time. Anything larger is refused before decoding.
@@ -232,19 +245,59 @@ def _composite_rgba(parts: list) -> Image.Image:
     return base.convert("RGB")
 
 
+def normalise_batch(
+    images: torch.Tensor,
+    mean: Sequence[float] | torch.Tensor,
+    std: Sequence[float] | torch.Tensor,
+    channels: int,
+    *,
+    size: int | None = None,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Images (N, C, H, W) -> the model's input (N, channels, H', W'): ``(x / 255 - mean) / std``.
+
+    Args:
+        images: uint8, or floating point already in [0, 1] (then nothing is done in place, so gradients
+            flow through).
+        mean, std: one entry, or one per input channel, as in the model card. Tensors are used where
+            they are (a training loop keeps them on its device instead of copying them every batch).
+        channels: the model's input channels. A one-channel batch is replicated; a batch of another
+            channel count is averaged to grey first (an RGB set into a grey model).
+        size: the model's input side; a batch of another size is resized to it (bilinear, antialiased).
+            ``None`` keeps the size.
+        device: where the result is; the batch is moved there before conversion (uint8: a quarter of
+            the bytes of float32). ``None`` leaves it where it is.
+
+    Raises:
+        ValueError: not a (N, C, H, W) batch, or mean/std with neither 1 nor ``channels`` entries.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"expected a (N, C, H, W) batch, got shape {list(images.shape)}")
+    x = images if device is None else images.to(device, non_blocking=True)
+    x = x if x.is_floating_point() else x.float().div_(255)  # a new tensor: dividing in place is safe
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=x.device)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=x.device)
+    if mean_t.numel() not in (1, channels) or std_t.numel() not in (1, channels):
+        raise ValueError(f"mean/std have {mean_t.numel()}/{std_t.numel()} entries for {channels} input channels; "
+                         "give one value, or one per channel")
+    if x.shape[1] not in (1, channels):
+        x = x.mean(dim=1, keepdim=True)
+    if size is not None and tuple(x.shape[-2:]) != (size, size):
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                            align_corners=False)
+    if x.shape[1] != channels:
+        x = x.expand(-1, channels, -1, -1)
+    return (x - mean_t.view(1, -1, 1, 1)) / std_t.view(1, -1, 1, 1)
+
+
 def to_tensor(arr: np.ndarray, card: ModelCard, channels: int) -> torch.Tensor:
     """uint8 (H, W) or (H, W, C) -> normalised (1, channels, H, W) float32, gray replicated."""
-    t = torch.from_numpy(np.array(arr, dtype=np.float32)).div_(255.0)
-    t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
-    if t.shape[0] == 1 and channels > 1:
-        t = t.expand(channels, -1, -1)
-    elif t.shape[0] == 3 and channels == 1:
-        t = t.mean(dim=0, keepdim=True)
-    mean = torch.tensor(card.mean, dtype=torch.float32)
-    std = torch.tensor(card.std, dtype=torch.float32)
-    if mean.numel() not in (1, channels) or std.numel() not in (1, channels):
-        raise ValueError(f"model card '{card.name}': mean/std have {mean.numel()} entries for {channels} channels")
-    return ((t - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)).unsqueeze(0).contiguous()
+    t = torch.from_numpy(np.array(arr, dtype=np.uint8))  # a copy: PIL's arrays are read-only
+    t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)  # (C, H, W)
+    try:
+        return normalise_batch(t.unsqueeze(0), card.mean, card.std, channels).contiguous()
+    except ValueError as exc:
+        raise ValueError(f"model card '{card.name}': {exc}") from None
 
 
 def prepare(source: Any, card: ModelCard, *, kind: str | None = None, channels: int = 3) -> Prepared:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ..core.errors import DataError
+from ..core.preprocess import normalise_batch
 from ..core.studies import evalsets
 
 __all__ = [
@@ -354,10 +355,13 @@ def subset(data: ImageSet, n: int | None, seed: int = 0) -> ImageSet:
 
 
 class Normalise:
-    """uint8 ``(B, C, H, W)`` -> float ``(B, in_channels, H, W)`` on ``device``: ``(x / 255 - mean) / std``.
+    """uint8 ``(B, C, H, W)`` -> float ``(B, in_channels, H, W)`` on ``device``: ``(x / 255 - mean) / std``,
+    by the core's :func:`~resnet_demo.core.preprocess.normalise_batch` (the page's own step, so a model is
+    trained on exactly the inputs it is later shown).
 
     A one-channel batch is replicated to ``in_channels`` (MNIST digits into the 3-channel tutorial ``Net``).
-    ``mean``/``std`` have one entry or one per input channel, as in the model card.
+    ``mean``/``std`` have one entry or one per input channel, as in the model card. Unlike the page, training
+    refuses a colour batch for a grey model instead of averaging it: a wrong data set should stop a run.
     """
 
     def __init__(
@@ -374,17 +378,15 @@ class Normalise:
         self.device = torch.device(device)
         self.in_channels = in_channels
         self.channels_last = channels_last
-        self.mean = torch.tensor(list(mean), dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        self.std = torch.tensor(list(std), dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        # on the device once, not copied there every batch
+        self.mean = torch.tensor(list(mean), dtype=torch.float32, device=self.device)
+        self.std = torch.tensor(list(std), dtype=torch.float32, device=self.device)
 
     def __call__(self, x: Tensor) -> Tensor:
         if x.dim() != 4:
             raise ValueError(f"expected a (B, C, H, W) batch, got shape {list(x.shape)}")
-        x = x.to(self.device, non_blocking=True)
-        c = x.shape[1]
-        if c != self.in_channels:
-            if c != 1:
-                raise ValueError(f"a {c}-channel batch does not fit a model with {self.in_channels} input channels")
-            x = x.expand(-1, self.in_channels, -1, -1)
-        x = (x.float().div_(255) - self.mean) / self.std
+        if x.shape[1] not in (1, self.in_channels):
+            raise ValueError(f"a {x.shape[1]}-channel batch does not fit a model with {self.in_channels} input "
+                             "channels")
+        x = normalise_batch(x, self.mean, self.std, self.in_channels, device=self.device)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x

@@ -41,6 +41,7 @@ from torch import nn
 from ..capture import BlockSpec, find_blocks
 from ..errors import InputError
 from ..explorer import Explorer
+from ..preprocess import normalise_batch
 from ..weights.cards import ModelCard
 from .evalsets import evalset_for, load_evalset
 
@@ -290,22 +291,6 @@ def _transform(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 # --- the optimisation -------------------------------------------------------------------------------
 
 
-def _model_input(card: ModelCard, in_channels: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """An image in [0, 1] (1, 1 or 3, H, W) -> the model's normalised input (1, in_channels, H, W)."""
-    mean, std = list(card.mean), list(card.std)
-    if len(mean) == 1:
-        mean, std = mean * in_channels, std * in_channels
-    m = torch.tensor(mean[:in_channels], dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std[:in_channels], dtype=torch.float32).view(1, -1, 1, 1)
-
-    def normalise(image: torch.Tensor) -> torch.Tensor:
-        if image.shape[1] != in_channels:
-            image = image.expand(-1, in_channels, -1, -1) if image.shape[1] == 1 else image.mean(1, keepdim=True)
-        return (image - m.to(image.device)) / s.to(image.device)
-
-    return normalise
-
-
 def _quantised(image: torch.Tensor) -> torch.Tensor:
     """The [0, 1] image as it will be stored (uint8), back in [0, 1]."""
     return torch.round(image.detach().clamp(0, 1) * 255) / 255
@@ -355,14 +340,18 @@ def visualise(
     grey = card.colour_mode == "gray" or first.in_channels == 1
     gen = torch.Generator().manual_seed(int(seed))
     image = _Image(1 if grey else 3, card.input_size, None if grey else _colour_matrix(card), gen)
-    normalise = _model_input(card, first.in_channels)
+    mean = torch.as_tensor(card.mean, dtype=torch.float32, device=device)
+    std = torch.as_tensor(card.std, dtype=torch.float32, device=device)
+
+    def normalise(img: torch.Tensor) -> torch.Tensor:  # an image in [0, 1] -> the model's input, differentiably
+        return normalise_batch(img, mean, std, first.in_channels, device=device)
 
     def objective(run: Callable, img: torch.Tensor) -> torch.Tensor:
-        return run(normalise(img.to(device)))[0, channel].mean()
+        return run(normalise(img))[0, channel].mean()
 
     with block_activation(model, block, view) as run:
         with torch.no_grad():
-            width = run(normalise(image().to(device))).shape[1]
+            width = run(normalise(image())).shape[1]
             if not 0 <= channel < width:
                 raise InputError(f"{view} of block {block} has {width} channels (0 to {width - 1}); got {channel}")
             start_act = float(objective(run, _quantised(image())))
