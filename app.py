@@ -984,14 +984,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link (needs internet)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
-    parser.add_argument("--weights", help="your own checkpoint: a tutorial Net state dict, a project .safetensors, "
-                        "or with --arch a torchvision ResNet state dict")
+    parser.add_argument("--weights", help="your own checkpoint (.safetensors, .pt, .pth): read and recognised from "
+                        "its keys and shapes exactly as an uploaded one is (the tutorial's Net, this project's ResNet, "
+                        "torchvision's ResNets); a project .safetensors with its card .json beside it loads as the "
+                        "card says")
     parser.add_argument("--weights-dir", type=Path, default=None,
                         help="folder holding cifar10_resnet.* and mnist_resnet.* (default: the shipped weights/)")
-    parser.add_argument("--arch", help="tutorial (default) or a torchvision ResNet: resnet18/34/50/101/152")
+    parser.add_argument("--arch", help="the architecture instead of the recognised one: tutorial, resnet, or a "
+                        "torchvision ResNet (resnet18/34/50/101/152, wide_resnet50_2, resnext50_32x4d ...); without "
+                        "--weights, the torchvision ResNet whose published weights --download-weights fetches")
     parser.add_argument("--download-weights", action="store_true",
-                        help="with --arch and no --weights: fetch torchvision's published ImageNet weights")
-    parser.add_argument("--classes", help="with --arch: a file of class names, one per line, for a fine-tuned model")
+                        help="with --arch and no --weights: fetch torchvision's published ImageNet weights (needs "
+                        "internet); nothing is ever downloaded without it")
+    parser.add_argument("--classes", help="a file of class names (one per line, or JSON), one per class of the "
+                        "checkpoint's classifier")
     parser.add_argument("--timeline", action="append", default=[], metavar="RUN_FOLDER",
                         help="a training run's snapshot folder (train --snapshots N) for the Timeline tab; repeatable")
     parser.add_argument("--concurrency", type=int, default=None,

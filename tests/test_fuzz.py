@@ -51,7 +51,8 @@ if __name__ == "__main__":  # run as a script: make the package importable as co
 
 from resnet_demo.core.errors import InputError, WeightsError  # noqa: E402
 from resnet_demo.core.preprocess import load_image  # noqa: E402
-from resnet_demo.core.weights.recognise import Architecture, read_checkpoint, recognise  # noqa: E402
+from resnet_demo.core.weights.reader import read_checkpoint  # noqa: E402
+from resnet_demo.core.weights.recognise import Architecture, recognise  # noqa: E402
 
 _COMMON = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 # CI draws the same examples every run (a failure there is reproducible, never flaky); the long run explores.
@@ -281,7 +282,7 @@ def test_read_checkpoint_on_generated_safetensors_headers(header, data, slack):
 
 def _shape_seeds() -> dict[str, dict[str, tuple[int, ...]]]:
     from resnet_demo.core.model import ResNetConfig, build_model
-    from resnet_demo.core.weights.files import tutorial_key_map
+    from resnet_demo.core.weights.recognise import tutorial_key_map
     from resnet_demo.core.weights.torchvision_resnets import build_torchvision
 
     small = ResNetConfig(widths=(4, 8, 8), blocks=(1, 2, 1), in_channels=1, num_classes=3)
@@ -290,6 +291,7 @@ def _shape_seeds() -> dict[str, dict[str, tuple[int, ...]]]:
             "transition": build_model(small).state_dict(),
             "projection": build_model(ResNetConfig(widths=(4, 8), blocks=(2, 1), downsample="projection")).state_dict(),
             "resnet18": build_torchvision("resnet18", num_classes=7).state_dict(),
+            "cifar-resnet18": build_torchvision("resnet18", num_classes=10, stem_kernel=3, maxpool=False).state_dict(),
         }
     mapping = tutorial_key_map(small)
     seeds["tutorial"] = {f"{mapping.get(k.rpartition('.')[0], k.rpartition('.')[0])}.{k.rpartition('.')[2]}": v
@@ -316,7 +318,7 @@ _edit = st.one_of(
 def meta_shapes(arch: Architecture, tutorial: bool) -> dict[str, tuple[int, ...]]:
     """The keys and shapes of the model ``arch`` describes, built independently on the meta device."""
     from resnet_demo.core.model import build_model
-    from resnet_demo.core.weights.files import tutorial_key_map
+    from resnet_demo.core.weights.recognise import tutorial_key_map
     from resnet_demo.core.weights.torchvision_resnets import build_torchvision
 
     with torch.device("meta"):
@@ -327,9 +329,9 @@ def meta_shapes(arch: Architecture, tutorial: bool) -> dict[str, tuple[int, ...]
                 shapes = {f"{mapping.get(k.rpartition('.')[0], k.rpartition('.')[0])}.{k.rpartition('.')[2]}": v
                           for k, v in shapes.items()}
             return shapes
-        shapes = {k: tuple(v.shape) for k, v in build_torchvision(arch.kind, arch.num_classes).state_dict().items()}
-    shapes["conv1.weight"] = (64, arch.in_channels, 7, 7)
-    return shapes
+        model = build_torchvision(arch.kind, arch.num_classes, in_channels=arch.in_channels,
+                                  stem_kernel=arch.stem_kernel, maxpool=arch.maxpool)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 @FUZZ

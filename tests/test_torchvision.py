@@ -1,6 +1,8 @@
 """torchvision ResNets: block discovery, capture values, loading user weights, never downloading.
 
-Every model here is randomly initialised (``weights=None``); nothing is fetched from the network.
+Every model here is randomly initialised (``weights=None``); nothing is fetched from the network. A user's
+torchvision checkpoint goes the way of every checkpoint (:func:`~resnet_demo.core.weights.load.open_checkpoint`:
+read, recognised or as ``arch`` says, fitted); only torchvision's published weights have a path of their own.
 """
 
 import socket
@@ -17,15 +19,20 @@ from resnet_demo.core.explorer import Explorer
 from resnet_demo.core.metrics import block_metrics
 from resnet_demo.core.weights.cards import WeightsError, imagenet_classes
 from resnet_demo.core.weights.files import save_weights
-from resnet_demo.core.weights.load import load_model
+from resnet_demo.core.weights.load import load_model, open_checkpoint
+from resnet_demo.core.weights.recognise import recognise
 from resnet_demo.core.weights.torchvision_resnets import (
     SUPPORTED_ARCHS,
     TORCHVISION_ARCHS,
     build_torchvision,
-    guess_arch,
     imagenet_card,
-    load_torchvision,
+    published_torchvision,
 )
+
+
+def load_torchvision(arch, weights, **kwargs):
+    """A torchvision checkpoint as ``--arch arch --weights weights`` opens it: messages name the path as given."""
+    return open_checkpoint(weights, arch=arch, source=f"checkpoint {weights}", **kwargs)
 
 
 def hook_count(model):
@@ -152,14 +159,17 @@ def test_unknown_arch_lists_the_supported_ones():
     with pytest.raises(ValueError, match="resnet18.*resnet152"):
         build_torchvision("resnet19")
     with pytest.raises(ValueError, match="supported"):
-        load_torchvision("vgg16", None)
+        published_torchvision("vgg16", download=True)
+    with pytest.raises(ValueError, match="unknown architecture 'vgg16'; choose one of tutorial, resnet, resnet18"):
+        recognise(build_torchvision("resnet18").state_dict(), "vgg16")
 
 
 def test_every_supported_arch_is_recognised_from_its_keys_and_shapes():
     for arch in SUPPORTED_ARCHS:
         with torch.device("meta"):
             sd = torchvision.models.get_model(arch, weights=None, num_classes=10).state_dict()
-        assert guess_arch(sd) == arch
+        found = recognise(sd)
+        assert (found.kind, found.num_classes, found.stem_kernel, found.maxpool) == (arch, 10, 7, True)
     assert set(TORCHVISION_ARCHS) <= set(SUPPORTED_ARCHS)
 
 
@@ -169,10 +179,14 @@ def test_every_supported_arch_is_recognised_from_its_keys_and_shapes():
 def test_state_dict_file_round_trips(r18, r18_file):
     model, card = load_torchvision("resnet18", r18_file)
     assert not model.training and next(model.parameters()).device.type == "cpu"
-    assert card.arch == "resnet18" and len(card.classes) == 1000 and card.weights_sha256
+    assert card.arch == "resnet18" and card.classes == imagenet_classes() and card.weights_sha256
+    assert (card.input_size, card.resize, card.dataset) == (224, 256, "ImageNet-1k")  # from its 7×7 stem
     x = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():
         assert torch.equal(model(x), r18(x))
+    recognised, _ = open_checkpoint(r18_file)  # without --arch: the same network
+    with torch.inference_mode():
+        assert torch.equal(recognised(x), r18(x))
 
 
 def test_safetensors_file_round_trips(r50, tmp_path):
@@ -184,7 +198,7 @@ def test_safetensors_file_round_trips(r50, tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():
         assert torch.equal(model(x), r50(x))
-    assert card.name == "r50" and card.input_size == 224
+    assert card.name.startswith("r50") and card.input_size == 224
 
 
 def test_checkpoint_without_num_batches_tracked_loads(r18, tmp_path):
@@ -200,13 +214,14 @@ def test_checkpoint_without_num_batches_tracked_loads(r18, tmp_path):
 def test_wrong_arch_names_both_and_suggests_the_right_one(r18_file, tmp_path):
     with pytest.raises(WeightsError) as err:
         load_torchvision("resnet50", r18_file)
-    msg = str(err.value)
-    assert "resnet50" in msg and str(r18_file) in msg
-    assert "--arch resnet18" in msg
+    assert str(err.value) == (
+        f"checkpoint {r18_file} does not fit torchvision resnet50 (as asked): key 'layer1.0.conv1.weight' has shape "
+        "[64, 64, 3, 3] where resnet50 has [64, 64, 1, 1]; it fits torchvision resnet18 instead")
 
     path = tmp_path / "r34.pth"
     torch.save(_random("resnet34").state_dict(), path)
-    with pytest.raises(WeightsError, match=r"does not fit torchvision resnet18.*--arch resnet34") as err:
+    with pytest.raises(WeightsError, match=r"does not fit torchvision resnet18 \(as asked\).*; it fits torchvision "
+                                           r"resnet34 instead$") as err:
         load_torchvision("resnet18", path)
     assert str(path) in str(err.value)
 
@@ -216,17 +231,21 @@ def test_right_layout_with_nan_values_is_refused(r18, tmp_path):
     sd["layer2.1.conv2.weight"][0, 0, 0, 0] = float("nan")
     path = tmp_path / "nan.pth"
     torch.save(sd, path)
-    with pytest.raises(WeightsError, match=r"layout of torchvision resnet18.*layer2\.1\.conv2\.weight.*NaN") as err:
+    with pytest.raises(WeightsError) as err:
         load_torchvision("resnet18", path)
-    assert str(path) in str(err.value)
+    assert str(err.value) == (
+        f"checkpoint {path} was refused because key 'layer2.1.conv2.weight' holds 1 NaN or infinite value "
+        "(of 147,456): a model with non-finite weights cannot give a meaningful prediction")
 
 
 def test_not_a_resnet_checkpoint_is_described(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"encoder.weight": torch.zeros(3, 3)}, path)
-    with pytest.raises(WeightsError, match=r"resnet18.*not a torchvision ResNet checkpoint") as err:
+    with pytest.raises(WeightsError) as err:
         load_torchvision("resnet18", path)
-    assert str(path) in str(err.value)
+    assert str(err.value) == (
+        f"checkpoint {path} does not fit torchvision resnet18 (as asked): key 'conv1.weight' is missing (where "
+        "resnet18 has [64, 3, 7, 7]); it is not a ResNet checkpoint read here (its first keys are 'encoder.weight')")
 
 
 def test_fine_tune_with_other_class_count(tmp_path):
@@ -237,19 +256,18 @@ def test_fine_tune_with_other_class_count(tmp_path):
     assert card.classes == [f"class {i}" for i in range(7)]
     assert model.fc.out_features == 7
 
-    names = tmp_path / "names.txt"
-    names.write_text("\n".join(f"cat{i}" for i in range(7)) + "\n\n")
-    _, card = load_torchvision("resnet18", path, classes=names)
-    assert card.classes == [f"cat{i}" for i in range(7)]
+    names = [f"cat{i}" for i in range(7)]
+    _, card = load_torchvision("resnet18", path, class_names=names)
+    assert card.classes == names
 
-    names.write_text("a\nb\n")
-    with pytest.raises(WeightsError, match="2 classes.*7"):
-        load_torchvision("resnet18", path, classes=names)
+    with pytest.raises(WeightsError, match=r"^2 class names were given, but the checkpoint's classifier has 7 "
+                                           r"classes$"):
+        load_torchvision("resnet18", path, class_names=["a", "b"])
 
 
 def test_no_weights_and_no_download_is_a_clear_error():
     with pytest.raises(WeightsError, match="--download-weights"):
-        load_torchvision("resnet50", None)
+        published_torchvision("resnet50")
 
 
 @pytest.fixture
@@ -274,11 +292,15 @@ def no_network(monkeypatch):
 
 
 def test_nothing_is_downloaded_without_opt_in(no_network, r18_file):
+    from resnet_demo.view.registry import CUSTOM, Registry
+
     build_torchvision("resnet18")
     load_torchvision("resnet18", r18_file)
-    load_torchvision("resnet18", r18_file, download=True)  # a file wins over the flag
+    registry = Registry([])
+    registry.add_custom(str(r18_file), "resnet18", device="cpu", download=True)  # a file wins over the flag
+    assert registry.get(CUSTOM).card.arch == "resnet18"
     with pytest.raises(WeightsError):
-        load_torchvision("resnet18", None)
+        published_torchvision("resnet18")
     assert no_network == []
 
 
@@ -292,7 +314,7 @@ def test_download_opt_in_uses_torchvision_published_weights(monkeypatch, r18):
         return r18.state_dict()
 
     monkeypatch.setattr(WeightsEnum, "get_state_dict", fake_get_state_dict)
-    model, card = load_torchvision("resnet18", None, download=True)
+    model, card = published_torchvision("resnet18", download=True)
     assert [str(c) for c in calls] == ["ResNet18_Weights.IMAGENET1K_V1"]
     assert card.resize == 256 and card.input_size == 224 and card.metrics["acc@1"] > 60
     x = torch.randn(1, 3, 64, 64)
@@ -302,7 +324,7 @@ def test_download_opt_in_uses_torchvision_published_weights(monkeypatch, r18):
 
 def test_failed_download_is_a_weights_error(no_network):
     with pytest.raises(WeightsError, match="could not download.*resnet18.*--weights"):
-        load_torchvision("resnet18", None, download=True)
+        published_torchvision("resnet18", download=True)
 
 
 def test_card_beside_weights_loads_through_load_model(r18, tmp_path):

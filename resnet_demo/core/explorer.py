@@ -20,15 +20,12 @@ from torch import nn
 
 from . import insight, probes
 from .capture import BlockRecord, capture_forward, find_blocks
-from .errors import WeightsError
 from .inside import Inside, look_inside
 from .metrics import BlockMetrics, Prediction, block_metrics, topk
 from .preprocess import Prepared, normalise_batch, prepare
 from .runtime import GraphedCapture, on_zero_gpu, pack_records, pick_device, unpack_records
-from .weights.cards import ModelCard, numbered_classes, upload_card
-from .weights.files import file_sha256
-from .weights.load import load_model
-from .weights.recognise import build_recognised, fit_recognised, read_checkpoint, recognise
+from .weights.cards import ModelCard
+from .weights.load import AUTO, load_model, open_checkpoint
 
 __all__ = ["Analysis", "Explorer"]
 
@@ -92,6 +89,8 @@ class Explorer:
     def from_weights(
         cls, path: str | Path, device: str | torch.device | None = None, card: ModelCard | None = None
     ) -> Explorer:
+        """A weights file with its card beside it (or ``card``); a file without one is opened as
+        :meth:`from_checkpoint` opens any checkpoint (see :func:`~.weights.load.load_model`)."""
         model, card = load_model(path, card=card)
         return cls(model, card, device)
 
@@ -101,47 +100,32 @@ class Explorer:
         path: str | Path,
         *,
         arch: str | None = None,
-        preset: str | None = None,
+        maxpool: bool | None = None,
+        preset: str | None = AUTO,
         class_names: Sequence[str] | None = None,
         default_classes: Callable[[int], list[str]] | None = None,
         input_size: int | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         drawing: bool = False,
+        source: str | None = None,
         device: str | torch.device | None = None,
     ) -> Explorer:
         """A checkpoint from an untrusted source, its architecture recognised from its keys and shapes.
 
-        Args:
-            path: a safetensors file or a ``torch.save`` state dict (read with ``weights_only=True``).
-            arch: the architecture to use instead of the recognised one (``tutorial`` or a torchvision name).
-            preset: ``cifar10``, ``mnist`` or ``imagenet`` (:data:`~.cards.PRESETS`), or ``None`` for
-                ``input_size``, ``mean`` and ``std`` given directly.
-            class_names: one per class of the checkpoint's head; by default ``default_classes(n)``.
-            drawing: prepare inputs as MNIST-style drawings.
+        The page's upload and ``--weights`` on the command line both come here: the arguments are those of
+        :func:`~.weights.load.open_checkpoint` (``preset="auto"``: the preprocessing the checkpoint points
+        to), and ``device`` the explorer's.
 
         Raises:
             WeightsError: the file is refused, fits no supported architecture, or the class names,
                 preset or normalisation do not fit it; the message says which.
         """
-        path = Path(path)
-        sd = read_checkpoint(path)
-        architecture = recognise(sd, override=arch)
-        model = build_recognised(architecture)
-        fit_recognised(model, sd, architecture, f"checkpoint {path.name}")
-        del sd
-        n = architecture.num_classes
-        classes = list(class_names) if class_names else (default_classes or numbered_classes)(n)
-        if len(classes) != n:
-            raise WeightsError(
-                f"{len(classes)} class names were given, but the checkpoint's classifier has {n} classes"
-            )
-        card = upload_card(
-            path.stem, architecture.kind, architecture.config, architecture.in_channels, classes, preset=preset,
-            input_size=input_size, mean=mean, std=std, drawing=drawing,
+        model, card = open_checkpoint(
+            path, arch=arch, maxpool=maxpool, preset=preset, class_names=class_names,
+            default_classes=default_classes, input_size=input_size, mean=mean, std=std, drawing=drawing,
+            source=source,
         )
-        card.weights_sha256 = file_sha256(path)
-        card.training = {"source": f"uploaded checkpoint {path.name}", "architecture": architecture.description}
         return cls(model, card, device)
 
     @property

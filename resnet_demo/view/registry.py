@@ -13,7 +13,8 @@ from pathlib import Path
 
 from ..core.explorer import Explorer
 from ..core.runtime import enable_cudnn_autotuning, share_cores
-from ..core.weights.cards import SHIPPED, WEIGHTS_DIR, WeightsError
+from ..core.weights.cards import SHIPPED, WEIGHTS_DIR, WeightsError, read_class_names
+from ..core.weights.torchvision_resnets import published_torchvision
 
 __all__ = [
     "AUTO",
@@ -69,21 +70,50 @@ class Registry:
         device: str | None = None,
         download: bool = False,
         classes: str | None = None,
+        maxpool: bool | None = None,
     ) -> None:
-        """Offer the user's own checkpoint (the tutorial's Net, or a torchvision ``arch``) as :data:`CUSTOM`."""
-        if arch and arch != "tutorial":
-            from ..core.weights.torchvision_resnets import load_torchvision
+        """Offer the model given on the command line as :data:`CUSTOM`.
+
+        - ``weights`` with its card beside it (a project ``.safetensors`` and its ``.json``): loaded as the card
+          says, the file checked against the card's sha256 (``arch``, if given, must be the card's).
+        - ``weights`` without a card: opened exactly as an uploaded checkpoint is (read within bounds, never
+          unpickled unsafely, recognised from its keys and shapes or as ``arch`` and ``maxpool`` say, the
+          preprocessing chosen from it), so the terminal and the page take the same decisions and refuse with
+          the same sentences; ``classes`` is a class-names file (one per line, or JSON).
+        - no ``weights``: torchvision's published ImageNet weights for ``arch``, fetched only with ``download``.
+        """
+        if weights:
+            path = Path(weights)
+            card_path = path.with_suffix(".json")
 
             def load() -> Explorer:
-                return Explorer(*load_torchvision(arch, weights, download=download, classes=classes), device=device)
+                names = read_class_names(classes) if classes else None
+                if not card_path.is_file():
+                    return Explorer.from_checkpoint(path, arch=arch or None, maxpool=maxpool, class_names=names,
+                                                    source=f"checkpoint {weights}", device=device)
+                explorer = Explorer.from_weights(path, device)
+                card = explorer.card
+                if arch and _arch_key(arch) != _arch_key(card.arch) and not (arch == "tutorial" and
+                                                                             card.arch == "resnet"):
+                    raise WeightsError(f"weights file {path} has its card {card_path} beside it, which says it is "
+                                       f"{card.arch}, not {arch}: leave out --arch or give the card's")
+                if names is not None:
+                    if len(names) != len(card.classes):
+                        raise WeightsError(f"{len(names)} class names were given, but the checkpoint's classifier "
+                                           f"has {len(card.classes)} classes")
+                    card.classes = names
+                return explorer
 
-            label = f"{arch} ({Path(weights).name if weights else 'torchvision weights'})"
+            label = f"Your checkpoint ({path.name})"
         else:
 
             def load() -> Explorer:
-                return Explorer.from_weights(weights, device)
+                if not arch:
+                    raise WeightsError("give a checkpoint with --weights, or --arch and --download-weights")
+                names = read_class_names(classes) if classes else None
+                return Explorer(*published_torchvision(arch, download=download, classes=names), device=device)
 
-            label = f"Your checkpoint ({Path(weights).name})"
+            label = f"{arch} (torchvision's published weights)"
         self.choices[CUSTOM] = ModelChoice(CUSTOM, label, load)
 
     def get(self, key: str) -> Explorer:
@@ -144,6 +174,10 @@ class Registry:
         if target and not target[2]:
             figure += f" (below the project's {target[1]:.1%} target: interim weights, see the README)"
         return f"**{c.label}**: {card.name} on {c.explorer.where}{figure}"
+
+
+def _arch_key(arch: str) -> str:
+    return str(arch).strip().lower().replace("-", "")
 
 
 def default_registry(device: str | None = None, weights_dir: Path | None = None) -> Registry:

@@ -18,15 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.explorer import Explorer
-from ..core.weights.cards import (
-    IMAGENET,
-    MNIST,
-    PRESETS,
-    WeightsError,
-    imagenet_classes,
-    numbered_classes,
-    read_class_names,
-)
+from ..core.weights.cards import WeightsError, preset_class_names, read_class_names
 from ..core.weights.torchvision_resnets import SUPPORTED_ARCHS
 
 __all__ = ["ARCH_CHOICES", "PRESET_CHOICES", "UPLOAD_PREFIX", "Upload", "UserModels", "parse_class_names"]
@@ -79,12 +71,7 @@ def parse_class_names(text: str | None, path: str | None) -> list[str] | None:
 
 def default_class_names(preset: str, num_classes: int) -> list[str]:
     """The preset's class names when the head has that many classes, else ``class 0`` … ``class n-1``."""
-    if preset == IMAGENET.key and num_classes == 1000:
-        return imagenet_classes()
-    known = PRESETS.get(preset)
-    if known is not None and len(known.classes) == num_classes:
-        return list(known.classes)
-    return numbered_classes(num_classes)
+    return preset_class_names(preset, num_classes)
 
 
 class UserModels:
@@ -170,14 +157,15 @@ def load_upload(
 ) -> Explorer:
     """Read an uploaded checkpoint (bounded, never unpickled unsafely), recognise it and wrap it in an Explorer.
 
-    The file is deleted once read, whatever happens. ``preset`` is a key of :data:`PRESET_CHOICES`.
+    The same way as ``--weights`` on the command line (:meth:`~resnet_demo.core.explorer.Explorer.from_checkpoint`):
+    the same decisions, the same sentences. The file is deleted once read, whatever happens. ``preset`` is a key
+    of :data:`PRESET_CHOICES`; the class names default to the preset's when the head has as many classes.
     """
     path = Path(path)
     try:
         return Explorer.from_checkpoint(
             path, arch=arch, preset=None if preset == "custom" else preset, class_names=class_names,
-            default_classes=lambda n: default_class_names(preset, n), input_size=size, mean=mean, std=std,
-            device=device, drawing=preset == MNIST.key,
+            input_size=size, mean=mean, std=std, device=device,
         )
     finally:
         path.unlink(missing_ok=True)

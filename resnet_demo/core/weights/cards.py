@@ -36,6 +36,7 @@ __all__ = [
     "WeightsError",
     "imagenet_classes",
     "numbered_classes",
+    "preset_class_names",
     "preset_for",
     "read_class_names",
     "tutorial_card",
@@ -257,6 +258,16 @@ def read_class_names(path: str | Path) -> list[str]:
     if blank:
         raise WeightsError(f"class-names file {path}: entry {blank[0]} is blank (one class name per line, none empty)")
     return names
+
+
+def preset_class_names(preset: str | None, num_classes: int) -> list[str]:
+    """The preset's class names when the head has that many classes, else ``class 0`` … ``class n-1``."""
+    if preset == IMAGENET.key and num_classes == 1000:
+        return imagenet_classes()
+    known = PRESETS.get(preset or "")
+    if known is not None and len(known.classes) == num_classes:
+        return list(known.classes)
+    return numbered_classes(num_classes)
 
 
 @lru_cache(maxsize=1)

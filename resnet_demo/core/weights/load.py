@@ -1,46 +1,180 @@
-"""A weights file and its card in, a model of whichever architecture the card names out.
+"""Loading: the project's weights with their card, and any other checkpoint, recognised, into ``(model, card)``.
 
-Above both :mod:`.weights` (the project's ResNet and the tutorial's keys) and :mod:`.tv` (torchvision's
-ResNets), so that neither needs the other.
+- :func:`load_model`: a weights file with its card beside it (``weights/<name>.json``): the card says what
+  the network is and the file must match the card's sha256. A file without a card is a checkpoint from
+  elsewhere and goes the way of every such file:
+- :func:`open_checkpoint`: the one way an untrusted checkpoint becomes a model, for a visitor's upload and
+  for ``--weights`` on the command line alike: read (bounded, never unpickled unsafely), recognised from its
+  keys and shapes (or as the caller says), built, fitted, and given a card whose preprocessing is the one
+  the caller chose or, by default, the one the checkpoint points to (:func:`preset_from_checkpoint`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from torch import nn
 
-from ..model import build_model
-from .cards import ModelCard, WeightsError, tutorial_card
-from .files import file_sha256, load_state_dict_file, load_weights_into
-from .torchvision_resnets import build_torchvision, fit_torchvision_weights
+from ..errors import WeightsError
+from .cards import CIFAR10, IMAGENET, MNIST, ModelCard, Preset, preset_class_names, upload_card
+from .files import file_sha256
+from .fitting import build_recognised, fit_recognised
+from .reader import read_checkpoint
+from .recognise import Architecture, recognise
+from .torchvision_resnets import normalise_arch
 
-__all__ = ["load_model"]
+__all__ = ["AUTO", "card_architecture", "load_model", "open_checkpoint", "preset_from_checkpoint"]
+
+AUTO = "auto"  # the preset "as the checkpoint says": see preset_from_checkpoint
 
 
 def load_model(path: str | Path, *, card: ModelCard | None = None, verify: bool = True) -> tuple[nn.Module, ModelCard]:
     """Load a weights file and its card; returns the model in eval mode on the CPU.
 
-    ``path`` is a project ``.safetensors`` file (its card sits beside it as ``.json``) or a user's
-    checkpoint (a tutorial ``Net`` state dict, or a project state dict). Without a card beside it a
-    checkpoint is taken to be the tutorial's ``Net`` trained on CIFAR-10, its task in the tutorial.
+    ``path`` is a project ``.safetensors`` file whose card sits beside it as ``.json`` (or is given as
+    ``card``): the file must match the card's sha256 (unless ``verify`` is false), and the card says the
+    architecture. A file without a card is opened as any checkpoint is (:func:`open_checkpoint`: its
+    architecture recognised, its preprocessing chosen from it), with messages that name it by ``path``.
+
+    Raises:
+        WeightsError: one sentence naming the file: not found, a sha256 that does not match, a file the
+            reader refuses, or weights that do not fit the card's (or any) architecture.
     """
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {path} not found")
     card_path = path.with_suffix(".json")
-    if card is None:
-        card = ModelCard.read(card_path) if card_path.is_file() else tutorial_card(path.stem)
+    if card is None and not card_path.is_file():
+        return open_checkpoint(path, source=f"checkpoint {path}")
+    card = card if card is not None else ModelCard.read(card_path)
     if verify and card.weights_sha256 and file_sha256(path) != card.weights_sha256:
         raise WeightsError(
             f"weights file {path} does not match the sha256 in its card {card_path}: "
             "the file is corrupt, truncated or was replaced without updating the card"
         )
-    sd = load_state_dict_file(path)
-    if card.arch != "resnet":
-        model = build_torchvision(card.arch, num_classes=len(card.classes))
-        fit_torchvision_weights(model, sd, card.arch, source=f"weights file {path}")
+    source = f"weights file {path}"
+    sd = read_checkpoint(path, source=source)
+    arch = card_architecture(card)
+    model = build_recognised(arch)
+    fit_recognised(model, sd, arch, source)
+    return model.eval(), card
+
+
+def card_architecture(card: ModelCard) -> Architecture:
+    """The :class:`~.recognise.Architecture` a card names: this project's ResNet with the card's config, or a
+    torchvision ResNet with the stem in the card's ``config`` (``in_channels``, ``stem_kernel``, ``maxpool``;
+    torchvision's own stem when there is none)."""
+    if card.arch == "resnet":
+        config = card.resnet_config
+        return Architecture("resnet", config, config.num_classes, config.in_channels, "")
+    stem = card.config or {}
+    kernel = int(stem.get("stem_kernel", 7))
+    return Architecture(normalise_arch(card.arch), None, len(card.classes), int(stem.get("in_channels", 3)), "",
+                        stem_kernel=kernel, stem_stride=2 if kernel == 7 else 1,
+                        maxpool=bool(stem.get("maxpool", kernel == 7)))
+
+
+def preset_from_checkpoint(arch: Architecture) -> tuple[Preset | None, str]:
+    """The preprocessing a checkpoint points to, and why, in words.
+
+    A stem that shrinks its input 4 times before the first block (torchvision's 7×7 at stride 2 and its
+    max-pool) was made for ImageNet-size photos: the ImageNet preset (224×224, ImageNet's mean and std, its
+    class names for a 1000-way head). A stem that keeps the resolution (the tutorial's, this project's, the
+    CIFAR-style 3×3 without a max-pool) was made for 32×32 inputs: MNIST's drawings for one input channel,
+    CIFAR-10's photos for three. Other channel counts get no preset (``None``): a mean of 0.5 and a std of
+    0.25 for every channel, at the size the stem points to.
+    """
+    large = arch.stem_reduction >= 4
+    channels = f"{arch.in_channels} input channel{'s' if arch.in_channels != 1 else ''}"
+    if arch.in_channels == 3 and large:
+        preset = IMAGENET
+    elif arch.in_channels == 1:
+        preset = MNIST
+    elif arch.in_channels == 3:
+        preset = CIFAR10
     else:
-        model = build_model(card.resnet_config)
-        load_weights_into(model, sd, source=f"weights file {path}")
+        size = IMAGENET.input_size if large else CIFAR10.input_size
+        return None, (f"{size}×{size} photos with a mean of 0.5 and a std of 0.25 for every channel, chosen from "
+                      f"the checkpoint: {arch.stem} and {channels}")
+    kind = "drawings" if preset.input_kind == "drawing" else "photos"
+    return preset, (f"{preset.dataset}-style {kind} ({preset.input_size}×{preset.input_size}, {preset.dataset}'s mean "
+                    f"and std), chosen from the checkpoint: {arch.stem} and {channels}")
+
+
+def open_checkpoint(
+    path: str | Path,
+    *,
+    arch: str | None = None,
+    maxpool: bool | None = None,
+    preset: str | None = AUTO,
+    class_names: Sequence[str] | None = None,
+    default_classes: Callable[[int], list[str]] | None = None,
+    input_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    drawing: bool = False,
+    source: str | None = None,
+) -> tuple[nn.Module, ModelCard]:
+    """A checkpoint from an untrusted source as ``(model, card)``: read, recognised, built and fitted.
+
+    The one path for every such file: a visitor's upload, ``--weights`` on the command line, a card-less file
+    given to :func:`load_model`. They take the same decisions and refuse with the same sentences.
+
+    Args:
+        path: a safetensors file or a ``torch.save`` state dict or training checkpoint (read with
+            ``weights_only=True``).
+        arch: the architecture to use instead of the recognised one (``tutorial``, ``resnet`` or a
+            torchvision name).
+        maxpool: for torchvision's blocks, whether a max-pool follows the stem (the weights cannot say);
+            ``None``: as the stem says.
+        preset: ``"auto"`` (the preprocessing the checkpoint points to, :func:`preset_from_checkpoint`),
+            ``cifar10``, ``mnist`` or ``imagenet`` (:data:`~.cards.PRESETS`), or ``None`` for
+            ``input_size``, ``mean`` and ``std`` given directly.
+        class_names: one per class of the checkpoint's head; by default ``default_classes(n)``, else the
+            preset's names when the head has as many classes, else ``class 0`` … ``class n-1``.
+        drawing: with ``preset=None``, prepare inputs as MNIST-style drawings.
+        source: what the messages call the file; ``"checkpoint <file name>"`` by default.
+
+    Raises:
+        ValueError: an unknown ``arch``.
+        WeightsError: the file is refused, fits no supported architecture (or not ``arch``), or the class
+            names, preset or normalisation do not fit it; the one sentence says which.
+    """
+    path = Path(path)
+    source = source or f"checkpoint {path.name}"
+    sd = read_checkpoint(path, source=source)
+    architecture = recognise(sd, override=arch, maxpool=maxpool, source=source)
+    model = build_recognised(architecture)
+    fit_recognised(model, sd, architecture, source)
+    del sd
+    chosen = ""
+    if preset == AUTO:
+        found, chosen = preset_from_checkpoint(architecture)
+        preset = found.key if found is not None else None
+        if found is None:
+            large = architecture.stem_reduction >= 4
+            input_size, mean, std = (IMAGENET if large else CIFAR10).input_size, [0.5], [0.25]
+            drawing = False
+    n = architecture.num_classes
+    if class_names:
+        classes = list(class_names)
+    elif default_classes is not None:
+        classes = default_classes(n)
+    else:
+        classes = preset_class_names(preset, n)
+    if len(classes) != n:
+        raise WeightsError(f"{len(classes)} class names were given, but the checkpoint's classifier has {n} classes")
+    card = upload_card(
+        path.stem, architecture.kind, architecture.config, architecture.in_channels, classes, preset=preset,
+        input_size=input_size, mean=mean, std=std, drawing=drawing,
+    )
+    if architecture.kind != "resnet" and (architecture.in_channels, architecture.stem_kernel,
+                                          architecture.maxpool) != (3, 7, True):
+        card.config = {"in_channels": architecture.in_channels, "stem_kernel": architecture.stem_kernel,
+                       "maxpool": architecture.maxpool}
+    card.weights_sha256 = file_sha256(path)
+    card.training = {"source": source, "architecture": architecture.description}
+    if chosen:
+        card.training["preprocessing"] = chosen
     return model.eval(), card

@@ -1,597 +1,76 @@
-"""A visitor's own checkpoint: read it safely within bounds, recognise its architecture, build and fit the model.
+"""The recogniser: which network a checkpoint is, from its key names and shapes only.
 
-The file comes from a stranger, so nothing in it is trusted until it has been checked, and every check that
-can be made from sizes alone is made before any tensor data is read:
-
-- :func:`read_checkpoint` refuses files over ``max_bytes``; parses a safetensors header itself (bounded) and
-  checks every entry, the parameter count and the classifier width before the library reads any data; reads
-  a ``torch.save`` file with ``weights_only=True`` and ``mmap=True`` (a huge tensor costs no memory until
-  touched) after checking its zip directory, then applies the same bounds before anything touches a tensor.
-- :func:`recognise` infers the architecture from key names and shapes only, comparing them with candidates
-  built on the meta device (no memory, no initialisation): the tutorial's ``Net``, this project's
-  :class:`~.model.ResNet` in either layout, and torchvision's ResNets, wide ResNets and ResNeXts.
-- :func:`build_recognised` and :func:`fit_recognised` make the model and copy the weights in, refusing
-  non-finite weights.
+One answer for every caller (a visitor's upload, ``--weights`` on the command line, a card-less file given
+to :func:`~.load.load_model`): :func:`recognise` compares the state dict with candidates built on the meta
+device (no memory, no initialisation): the tutorial's ``Net``, this project's :class:`~..model.ResNet` in
+either layout, and torchvision's ResNets, wide ResNets and ResNeXts, with torchvision's 7×7 stem or the 3×3
+stem that CIFAR code puts on torchvision's blocks. Its answer is an :class:`Architecture`, with what the
+weights cannot say (a max-pool has no parameters; nor has a stride) stated as an assumption; when nothing
+fits, its one sentence says what the file does look like: the closest candidate and its first key or shape
+that does not fit, the blocks per stage the file has, or that it is no ResNet read here.
 
 A caller does::
 
-    sd = read_checkpoint(path)
-    arch = recognise(sd)
-    model = build_recognised(arch)
+    sd = read_checkpoint(path)                 # .reader: bounded, never unpickled unsafely
+    arch = recognise(sd, source=f"checkpoint {path.name}")
+    model = build_recognised(arch)             # .fitting
     fit_recognised(model, sd, arch, f"checkpoint {path.name}")
 
-Every refusal is a :class:`~.errors.WeightsError` with one sentence that names the file (or ``source``).
+or :func:`~.load.open_checkpoint`, which does all of it and writes the card.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import math
-import pickle
-import pickletools
 import re
-import struct
-import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache, lru_cache
-from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..errors import WeightsError
 from ..model import TUTORIAL_CONFIG, ResNetConfig, build_model
-from .files import load_weights_into, tutorial_key_map
-from .torchvision_resnets import SUPPORTED_ARCHS, build_torchvision, fit_torchvision_weights
+from .reader import _is_count, _shape_str, strip_prefixes
+from .torchvision_resnets import SUPPORTED_ARCHS, build_torchvision
 
 __all__ = [
-    "MAX_BYTES",
-    "MAX_CLASSES",
-    "MAX_HEADER_BYTES",
-    "MAX_PARAMS",
-    "MAX_PICKLE_BYTES",
+    "MAX_BLOCKS",
+    "MAX_STAGES",
     "Architecture",
-    "build_recognised",
-    "fit_recognised",
-    "read_checkpoint",
+    "compare_shapes",
+    "expected_shapes",
     "recognise",
+    "tutorial_key_map",
 ]
 
-# --- limits --------------------------------------------------------------------------------------------
-
-# The largest supported network, wide_resnet101_2, has 126,886,696 parameters: 484 MiB in float32. 512 MiB
-# takes it with room for its BN statistics and a wider classifier, and bounds what one upload can cost.
-MAX_BYTES = 512 * 2**20
-# Again above wide_resnet101_2 (127 M) with headroom; bounds the model's memory (800 MB in float32).
-MAX_PARAMS = 200_000_000
-# ImageNet-21k has 21,841 classes; the page lists the classes and the card names every one of them.
-MAX_CLASSES = 100_000
-# The safetensors library's own cap on the JSON header (MAX_HEADER_SIZE in its Rust source).
-MAX_HEADER_BYTES = 100_000_000
-# A state dict's pickled index (data.pkl) holds names and shapes, not data: resnet152's is 113 KiB. The
-# unpickler builds Python objects from it, so its size bounds the memory that unpickling can take.
-MAX_PICKLE_BYTES = 16 * 2**20
-# No ResNet weight has more than 4 dimensions; a margin, and a bound on work per declared shape.
-MAX_DIMS = 8
 # A bound on the candidates built on the meta device from the keys: resnet152 has 50 blocks in 4 stages.
 MAX_STAGES = 16
 MAX_BLOCKS = 1000
-
-_LARGEST = "wide_resnet101_2"
-_LARGEST_PARAMS = 126_886_696
-
-# safetensors' dtype names -> (bytes per element, floating point). Complex and sub-byte types are refused:
-# no ResNet weight uses them and the model could not take them.
-_ST_DTYPES: dict[str, tuple[int, bool]] = {
-    "F64": (8, True), "F32": (4, True), "F16": (2, True), "BF16": (2, True),
-    "F8_E4M3": (1, True), "F8_E4M3FNUZ": (1, True), "F8_E5M2": (1, True), "F8_E5M2FNUZ": (1, True),
-    "I64": (8, False), "I32": (4, False), "I16": (2, False), "I8": (1, False),
-    "U64": (8, False), "U32": (4, False), "U16": (2, False), "U8": (1, False), "BOOL": (1, False),
-}  # fmt: skip
-
-_WRAPPERS = ("state_dict", "model_state_dict", "model")
-_PREFIXES = ("module.", "_orig_mod.")
-_SAVE_ADVICE = "save its weights with torch.save(model.state_dict(), 'weights.pth') and upload that"
-
-
-def _size(n: int) -> str:
-    """``n`` bytes for a person: '100 bytes', '12 KiB', '612.4 MiB'."""
-    if n < 1024:
-        return f"{n:,} bytes"
-    for unit, scale in (("KiB", 2**10), ("MiB", 2**20), ("GiB", 2**30)):
-        if n < scale * 1024 or unit == "GiB":
-            return f"{n / scale:.1f}".removesuffix(".0") + f" {unit}"
-    raise AssertionError("unreachable")
-
-
-def _shape_str(shape: Iterable[int]) -> str:
-    return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
 def _plural(n: int, word: str, words: str | None = None) -> str:
     return f"{n:,} {word if n == 1 else (words or word + 's')}"
 
 
-# --- reading ---------------------------------------------------------------------------------------------
-
-
-def read_checkpoint(
-    path: str | Path,
-    *,
-    max_bytes: int = MAX_BYTES,
-    max_params: int = MAX_PARAMS,
-    max_classes: int = MAX_CLASSES,
-) -> dict[str, torch.Tensor]:
-    """Read an untrusted ``.safetensors`` or ``torch.save`` state dict, refusing before memory is spent.
-
-    The format is told by the content, not the name: a safetensors file starts with its header's length
-    (a little-endian u64) and ``{``; a ``torch.save`` file is a zip archive (or, before PyTorch 1.6, a
-    pickle). A ``.safetensors`` name is always read as safetensors. Wrappers (``{"state_dict": ...}``,
-    ``{"model_state_dict": ...}``, ``{"model": ...}``) and the ``module.`` / ``_orig_mod.`` prefixes of
-    DataParallel and compiled models are removed. Tensors from a zip checkpoint are memory-mapped: they
-    cost memory only when touched, and keep the file mapped while they live (deleting the file meanwhile
-    is safe; rewriting it in place is not).
-
-    Args:
-        path: the file.
-        max_bytes: largest file accepted.
-        max_params: most values in floating-point tensors (and in any one tensor of another type).
-        max_classes: widest classifier: the first dim of ``fc.weight``, else of the last 2-D weight.
-
-    Returns:
-        The state dict: names -> dense CPU tensors (floating, integer or bool).
-
-    Raises:
-        WeightsError: one sentence naming the file: missing, empty, too large, neither format, truncated or
-            damaged, a safetensors header that lies about its sizes, Python objects other than tensors (a
-            pickle that could run code is never run), a whole pickled model or TorchScript archive (with
-            how to save a state dict instead), or over a bound.
-    """
-    path = Path(path)
-    name = f"checkpoint {path.name}"
-    try:
-        regular = path.is_file()
-        if regular:
-            size = path.stat().st_size
-            with open(path, "rb") as f:
-                head = f.read(16)
-    except (OSError, ValueError) as exc:  # ValueError: a path with a NUL byte
-        raise WeightsError(f"{name} could not be opened ({getattr(exc, 'strerror', None) or 'unreadable'})") from None
-    if not regular:
-        raise WeightsError(f"{name} was not found (or is not a regular file)")
-    if size == 0:
-        raise WeightsError(f"{name} is empty (0 bytes)")
-    if size > max_bytes:
-        raise WeightsError(f"{name} is {_size(size)}, over the limit of {_size(max_bytes)} for an uploaded checkpoint")
-    limits = (max_params, max_classes)
-    if path.suffix.lower() == ".safetensors":
-        return _read_safetensors(path, name, size, limits)
-    # A zip's first 8 bytes would declare an 86 GB header, so "PK" decides; a safetensors header of 128 (or
-    # 384 ...) bytes starts with 0x80 like a pickle, so the '{' is looked for before the pickle's 0x80.
-    if head.startswith(b"PK\x03\x04"):
-        return _read_torch(path, name, limits, zipped=True)
-    if head[8:9] == b"{":
-        return _read_safetensors(path, name, size, limits)
-    if head.startswith(b"\x80"):  # a pickle: the legacy torch.save format, or a bare pickle
-        return _read_torch(path, name, limits, zipped=False)
-    raise WeightsError(
-        f"{name} is neither a safetensors file nor a PyTorch checkpoint written by torch.save "
-        "(its first bytes match neither format)"
-    )
-
-
-def _check_bounds(name: str, entries: list[tuple[str, tuple[int, ...], bool]], limits: tuple[int, int]) -> None:
-    """Refuse a state dict over the parameter or class bound, from names, shapes and dtypes alone.
-
-    Args:
-        name: the file, for messages.
-        entries: ``(key, shape, is_floating)`` in file order.
-        limits: ``(max_params, max_classes)``.
-
-    Raises:
-        WeightsError: too many dimensions, parameters, values in one tensor, or classes.
-    """
-    max_params, max_classes = limits
-    for key, shape, _ in entries:
-        if len(shape) > MAX_DIMS:
-            raise WeightsError(
-                f"{name}: tensor '{key}' has {len(shape)} dimensions; weights have at most {MAX_DIMS}"
-            )
-    params = sum(math.prod(shape) for _, shape, floating in entries if floating)
-    if params > max_params:
-        raise WeightsError(
-            f"{name} holds {params:,} parameters, over the limit of {max_params:,} "
-            f"(the largest supported network, {_LARGEST}, has {_LARGEST_PARAMS:,})"
-        )
-    for key, shape, floating in entries:
-        # Integer tensors are not parameters, but one of them can still be huge (e.g. a stride-0 view).
-        if not floating and math.prod(shape) > max_params:
-            raise WeightsError(
-                f"{name}: tensor '{key}' holds {math.prod(shape):,} values, over the limit of {max_params:,}"
-            )
-    heads = [(k, s) for k, s, _ in entries if k == "fc.weight" and len(s) == 2]
-    heads = heads or [(k, s) for k, s, _ in entries if k.endswith("weight") and len(s) == 2][-1:]
-    if heads and heads[0][1][0] > max_classes:
-        key, shape = heads[0]
-        raise WeightsError(
-            f"{name} has a classifier for {shape[0]:,} classes ('{key}' has shape {_shape_str(shape)}), "
-            f"over the limit of {max_classes:,}"
-        )
-
-
-class _Duplicate(ValueError):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    # json keeps the last of two equal names silently; a header that names a tensor twice is lying.
-    out: dict = {}
-    for key, value in pairs:
-        if key in out:
-            raise _Duplicate(key)
-        out[key] = value
-    return out
-
-
-def _is_count(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
-
-
-def _read_safetensors(path: Path, name: str, size: int, limits: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """Check a safetensors header entry by entry, then the bounds, then the offsets; only then load it.
-
-    Raises:
-        WeightsError: see :func:`read_checkpoint`.
-    """
-    header_len, header = _st_header(path, name, size)
-    # 1. Each entry's form: dtype, shape, offsets. Nothing is compared with the file yet.
-    entries = _st_entries(name, header)
-    # 2. The bounds, from the declared shapes: a header may declare a billion parameters in a tiny file.
-    _check_bounds(name, [(e.key, e.shape, e.floating) for e in entries], limits)
-    # 3. The offsets against the file: every byte of data belongs to exactly one tensor.
-    _st_offsets(name, entries, size - 8 - header_len)
-    # 4. Only now is any tensor data read.
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        sd = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
-        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "unreadable"
-        raise WeightsError(f"{name} is not a readable safetensors file ({detail})") from None
-    return _clean_state_dict(name, sd, limits)
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """One tensor as a safetensors header declares it."""
-
-    key: str
-    itemsize: int
-    floating: bool
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-
-def _st_header(path: Path, name: str, size: int) -> tuple[int, dict]:
-    """The header's length and its table of tensors (``__metadata__`` checked and removed)."""
-    if size < 8:
-        raise WeightsError(f"{name} is {_size(size)} long, too short for a safetensors file (its length field is 8)")
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        if header_len > MAX_HEADER_BYTES:
-            raise WeightsError(
-                f"{name} declares a safetensors header of {header_len:,} bytes, over the format's limit of "
-                f"{MAX_HEADER_BYTES:,}, so it is damaged or not a safetensors file"
-            )
-        if header_len > size - 8:
-            raise WeightsError(
-                f"{name} declares a safetensors header of {header_len:,} bytes but holds only {size - 8:,} "
-                "after the length, so it is truncated or not a safetensors file"
-            )
-        raw = f.read(header_len)
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except _Duplicate as exc:
-        raise WeightsError(f"{name} has a safetensors header that names '{exc}' twice") from None
-    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise WeightsError(
-            f"{name} has a safetensors header that is not valid JSON, so it is damaged or not a safetensors file"
-        ) from None
-    if not isinstance(header, dict):
-        raise WeightsError(f"{name} has a safetensors header that is not a table of tensors")
-    metadata = header.pop("__metadata__", None)
-    if metadata is not None and not (
-        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
-    ):
-        raise WeightsError(f"{name} has a safetensors '__metadata__' entry that is not a table of strings")
-    if not header:
-        raise WeightsError(f"{name} holds no tensors")
-    return header_len, header
-
-
-def _st_entries(name: str, header: dict) -> list[_Entry]:
-    """Each entry's dtype, shape and offsets, checked for their form only."""
-    entries = []
-    for key, entry in header.items():
-        if not isinstance(entry, dict):
-            raise WeightsError(f"{name}: safetensors entry '{key}' is not a description of a tensor")
-        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
-            raise WeightsError(
-                f"{name}: tensor '{key}' has dtype {json.dumps(dtype)[:40]}, which is not a supported tensor type"
-            )
-        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-            raise WeightsError(f"{name}: tensor '{key}' has a shape that is not a list of non-negative integers")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
-            raise WeightsError(f"{name}: tensor '{key}' has data_offsets that are not two non-negative integers")
-        itemsize, floating = _ST_DTYPES[dtype]
-        entries.append(_Entry(key, itemsize, floating, tuple(shape), offsets[0], offsets[1]))
-    return entries
-
-
-def _st_offsets(name: str, entries: list[_Entry], data_len: int) -> None:
-    """Every tensor's bytes inside the data and of its size, and every byte of data in exactly one tensor."""
-    for e in entries:
-        if e.begin > e.end:
-            raise WeightsError(f"{name}: tensor '{e.key}' has data_offsets [{e.begin}, {e.end}] that end before "
-                               "they begin")
-        if e.end > data_len:
-            raise WeightsError(
-                f"{name}: tensor '{e.key}' lies at bytes [{e.begin}, {e.end}) of the data but the file holds only "
-                f"{data_len:,} bytes of data, so it is truncated or its header is wrong"
-            )
-        if e.end - e.begin != math.prod(e.shape) * e.itemsize:
-            raise WeightsError(
-                f"{name}: tensor '{e.key}' of shape {_shape_str(e.shape)} needs {math.prod(e.shape) * e.itemsize:,} "
-                f"bytes but its data_offsets span {e.end - e.begin:,}"
-            )
-    previous: _Entry | None = None  # the last non-empty tensor
-    covered = 0
-    for e in sorted(entries, key=lambda e: (e.begin, e.end)):
-        if e.begin == e.end:
-            continue
-        if previous is not None and e.begin < previous.end:
-            raise WeightsError(f"{name}: tensors '{previous.key}' and '{e.key}' overlap in the file's data")
-        if e.begin > covered:
-            raise WeightsError(f"{name}: bytes [{covered}, {e.begin}) of the data belong to no tensor")
-        previous, covered = e, e.end
-    if covered != data_len:
-        raise WeightsError(
-            f"{name} has {data_len - covered:,} bytes after its last tensor that belong to no tensor"
-        )
-
-
-def _read_torch(path: Path, name: str, limits: tuple[int, int], *, zipped: bool) -> dict[str, torch.Tensor]:
-    """``torch.load`` with ``weights_only=True`` (and ``mmap=True`` for zip checkpoints), after checking the zip.
-
-    Raises:
-        WeightsError: see :func:`read_checkpoint`.
-    """
-    if zipped:
-        _check_zip(path, name)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
-    except pickle.UnpicklingError as exc:
-        raise _refusal(path, name, exc, zipped=zipped) from None
-    except Exception:  # noqa: BLE001 - torch raises many types for a damaged file; none is for a person
-        raise WeightsError(
-            f"{name} could not be read as a PyTorch checkpoint (torch.save): the file is damaged or truncated"
-        ) from None
-    return _clean_state_dict(name, _unwrap(name, obj), limits)
-
-
-def _check_zip(path: Path, name: str) -> None:
-    """The zip directory of a ``torch.save`` file, checked before torch reads anything from it.
-
-    torch.save writes every entry uncompressed; a compressed entry could expand to any size when torch reads
-    it (a zip bomb), so it is refused, and so is a pickled index too large to be a state dict's.
-
-    Raises:
-        WeightsError: truncated or damaged, a TorchScript archive, compressed entries, no or an oversized
-            ``data.pkl``.
-    """
-    try:
-        with zipfile.ZipFile(path) as zf:
-            infos = zf.infolist()
-    except Exception:  # noqa: BLE001 - BadZipFile, struct.error, EOFError, ValueError ... for a damaged file
-        raise WeightsError(
-            f"{name} is a truncated or damaged zip archive, so it is not a complete torch.save checkpoint"
-        ) from None
-    names = [i.filename for i in infos]
-    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
-        raise WeightsError(f"{name} is a TorchScript archive (torch.jit.save), not a state dict; {_SAVE_ADVICE}")
-    if any(i.compress_type != zipfile.ZIP_STORED for i in infos):
-        raise WeightsError(
-            f"{name} holds compressed zip entries, which torch.save never writes; "
-            "re-save it with torch.save(model.state_dict(), 'weights.pth')"
-        )
-    pickles = [i for i in infos if i.filename.endswith("data.pkl")]
-    if not pickles:
-        raise WeightsError(f"{name} is a zip archive without the data.pkl that every torch.save checkpoint has")
-    if max(i.file_size for i in pickles) > MAX_PICKLE_BYTES:
-        raise WeightsError(
-            f"{name} has a pickled index (data.pkl) of {_size(max(i.file_size for i in pickles))}, over the limit of "
-            f"{_size(MAX_PICKLE_BYTES)} (a state dict's is far smaller: resnet152's is 113 KiB)"
-        )
-
-
-# Globals that only a pickle meant to run code refers to. Used only to word the message: the file is never
-# unpickled unsafely, whatever it refers to.
-_DANGEROUS_MODULES = {"os", "posix", "nt", "subprocess", "sys", "shutil", "socket", "importlib", "runpy", "pty",
-                      "ctypes", "code", "webbrowser", "pickle", "_pickle", "marshal", "multiprocessing", "signal"}
-_DANGEROUS_BUILTINS = {"eval", "exec", "compile", "open", "__import__", "getattr", "setattr", "delattr", "globals",
-                       "locals", "vars", "input", "breakpoint", "exit", "quit"}
-
-
-def _refusal(path: Path, name: str, exc: pickle.UnpicklingError, *, zipped: bool) -> WeightsError:
-    """The sentence for a pickle that the weights-only unpickler refused.
-
-    torch's own text advises retrying with unrestricted unpickling: exactly what must not be done with a
-    stranger's file, so none of it is passed on. The pickle is read statically (never run) to tell a whole
-    pickled ``nn.Module`` (the common mistake) from a pickle that would run code.
-    """
-    found = re.search(r"GLOBAL (\S+)", str(exc))
-    refs = _pickle_globals(path, zipped=zipped)
-    dangerous = [r for r in refs if _is_dangerous(r)]
-    # A name mangled by damage ("torch.", "tq") is not a reference to anything: the file is damaged.
-    named = found is not None and re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", found.group(1)) is not None
-    if dangerous or named:
-        refused = dangerous[0] if dangerous else found.group(1)
-        if not dangerous and any(r.startswith(("torch.nn.modules.", "torchvision.models.")) for r in refs):
-            return WeightsError(f"{name} holds a whole pickled model ({refused}); {_SAVE_ADVICE}")
-        return WeightsError(
-            f"{name} holds Python objects, not only tensors (it refers to {refused}), and was not loaded "
-            "(only tensors are accepted; unsafe pickles are refused)"
-        )
-    # Refused for its form (truncated, garbled, an opcode torch does not take), not for what it refers to.
-    return WeightsError(
-        f"{name} could not be read as a PyTorch checkpoint (torch.save): the file is damaged or truncated"
-    )
-
-
-def _is_dangerous(ref: str) -> bool:
-    module, _, attr = ref.rpartition(".")
-    top = module.split(".")[0]
-    return top in _DANGEROUS_MODULES or (top in ("builtins", "__builtin__") and attr in _DANGEROUS_BUILTINS)
-
-
-_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
-
-
-def _pickle_globals(path: Path, *, zipped: bool) -> list[str]:
-    """The globals a checkpoint's pickle refers to, in order, read with ``pickletools`` (nothing is executed).
-
-    Best effort, for the wording of a refusal: a damaged pickle yields what was read before the damage.
-    """
-    try:
-        if zipped:
-            with zipfile.ZipFile(path) as zf:
-                info = next(i for i in zf.infolist() if i.filename.endswith("data.pkl"))
-                stream = io.BytesIO(zf.read(info))  # stored and at most MAX_PICKLE_BYTES: _check_zip saw to it
-        else:
-            # A legacy file is four pickles (magic, protocol, system info, the object) before raw data; read
-            # from a bounded copy, so a declared length can never make a read allocate more than this.
-            with open(path, "rb") as f:
-                stream = io.BytesIO(f.read(MAX_PICKLE_BYTES))
-    except Exception:  # noqa: BLE001 - best effort only
-        return []
-    found: list[str] = []
-    for _ in range(1 if zipped else 4):
-        memo: dict[object, object] = {}
-        recent: list[object] = []  # the last two values pushed, for STACK_GLOBAL
-        try:
-            for op, arg, _pos in pickletools.genops(stream):
-                if op.name == "GLOBAL":
-                    found.append(str(arg).replace(" ", "."))
-                elif op.name == "STACK_GLOBAL" and len(recent) == 2 and all(isinstance(s, str) for s in recent):
-                    found.append(f"{recent[0]}.{recent[1]}")
-                if op.name in _STRING_OPS:
-                    recent = [*recent[-1:], arg]
-                elif op.name == "MEMOIZE":
-                    memo[len(memo)] = recent[-1] if recent else None
-                elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                    memo[arg] = recent[-1] if recent else None
-                elif op.name in ("GET", "BINGET", "LONG_BINGET"):
-                    recent = [*recent[-1:], memo.get(arg)]
-                else:
-                    recent = [*recent[-1:], None]
-        except Exception:  # noqa: BLE001 - the end of the readable part
-            break
-    return list(dict.fromkeys(found))
-
-
-def _unwrap(name: str, obj: object) -> dict:
-    """The state dict inside what ``torch.load`` returned (a training checkpoint's wrappers removed).
-
-    Raises:
-        WeightsError: not a dict of tensors.
-    """
-    for _ in range(3):
-        if not isinstance(obj, dict):
-            break
-        inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), dict)), None)
-        if inner is None:
-            # {"net": state_dict, "epoch": 3}: one table of tensors among other entries is the state dict.
-            tables = [v for v in obj.values() if isinstance(v, dict) and v and
-                      all(isinstance(t, torch.Tensor) for t in v.values())]
-            if len(tables) == 1 and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-                inner = tables[0]
-        if inner is None:
-            break
-        obj = inner
-    if isinstance(obj, torch.Tensor):
-        raise WeightsError(f"{name} holds a single tensor, not a state dict (a table of named tensors)")
-    if not isinstance(obj, dict):
-        raise WeightsError(f"{name} holds a {type(obj).__name__}, not a state dict (a table of named tensors)")
-    return obj
-
-
-def _clean_state_dict(name: str, sd: Mapping, limits: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """Names checked, prefixes removed, every tensor dense, real and on the CPU, and the bounds applied.
-
-    Only tensor metadata is read here: nothing touches the data of a memory-mapped tensor.
-
-    Raises:
-        WeightsError: an empty table, a name that is not a string, an entry that is not a plain dense tensor,
-            or over a bound.
-    """
-    if not sd:
-        raise WeightsError(f"{name} holds no tensors")
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        if not isinstance(key, str):
-            raise WeightsError(f"{name} has an entry named {key!r:.40}, not a string: it is not a state dict")
-        if not isinstance(value, torch.Tensor):
-            raise WeightsError(f"{name}: entry '{key}' is not a tensor (it holds a Python {type(value).__name__})")
-        what = None
-        if value.layout != torch.strided or value.is_sparse:
-            what = "a sparse tensor"
-        elif value.is_nested:
-            what = "a nested tensor"
-        elif value.is_quantized:
-            what = "a quantized tensor"
-        elif value.is_complex():
-            what = "a complex tensor"
-        elif value.device.type != "cpu":
-            what = f"a tensor without data (device '{value.device.type}')"
-        elif type(value) not in (torch.Tensor, nn.Parameter):
-            what = f"a tensor subclass ({type(value).__name__})"
-        if what:
-            raise WeightsError(f"{name}: entry '{key}' is {what}; only plain dense tensors are accepted")
-        out[key] = value.detach()
-    out = _strip_prefixes(out)
-    _check_bounds(name, [(k, tuple(v.shape), v.is_floating_point()) for k, v in out.items()], limits)
-    return out
-
-
-def _strip_prefixes(sd: dict) -> dict:
-    # Checkpoints saved from a DataParallel or compiled model carry a prefix on every key (both, nested).
-    for _ in range(4):
-        prefix = next((p for p in _PREFIXES if sd and all(k.startswith(p) for k in sd)), None)
-        if prefix is None:
-            break
-        sd = {k[len(prefix) :]: v for k, v in sd.items()}
-    return sd
-
-
-# --- recognising ----------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class Architecture:
-    """What a checkpoint is, as far as its key names and shapes say.
+    """What a checkpoint is, as far as its key names and shapes say, and what was assumed where they cannot.
 
     Attributes:
-        kind: ``"resnet"`` for this project's :class:`~.model.ResNet` (the tutorial's ``Net`` included),
-            else a torchvision architecture name from :data:`~.tv.SUPPORTED_ARCHS`.
-        config: the :class:`~.model.ResNetConfig` for ``"resnet"``, else ``None``.
+        kind: ``"resnet"`` for this project's :class:`~..model.ResNet` (the tutorial's ``Net`` included),
+            else a torchvision architecture name from :data:`~.torchvision_resnets.SUPPORTED_ARCHS`.
+        config: the :class:`~..model.ResNetConfig` for ``"resnet"``, else ``None``.
         num_classes: the classifier's width.
         in_channels: the first conv's input channels.
-        description: one line for the page.
+        description: one line for the page (with what was assumed, in parentheses).
+        stem_kernel: the first conv's kernel: 7 (torchvision's stem) or 3 (the tutorial's, this project's
+            and the CIFAR-style stem on torchvision's blocks).
+        stem_stride: the first conv's stride (2 for torchvision's 7×7 stem, else 1): an assumption for a
+            torchvision layout, whose weights do not hold it.
+        maxpool: whether a max-pool follows the stem: an assumption for a torchvision layout (it has no
+            weights), unless the caller said which.
+        assumptions: what the weights could not say and was taken as something, one clause each.
     """
 
     kind: str
@@ -599,6 +78,21 @@ class Architecture:
     num_classes: int
     in_channels: int
     description: str
+    stem_kernel: int = 3
+    stem_stride: int = 1
+    maxpool: bool = False
+    assumptions: tuple[str, ...] = ()
+
+    @property
+    def stem_reduction(self) -> int:
+        """How much the stem shrinks the input before the first block: 4 for torchvision's, 1 for CIFAR's."""
+        return self.stem_stride * (2 if self.maxpool else 1)
+
+    @property
+    def stem(self) -> str:
+        """The stem in words: "a 7×7 stem at stride 2 with a max-pool"."""
+        pool = "with a max-pool" if self.maxpool else "without a max-pool"
+        return f"a {self.stem_kernel}×{self.stem_kernel} stem at stride {self.stem_stride} {pool}"
 
 
 @dataclass(frozen=True)
@@ -606,24 +100,30 @@ class _Candidate:
     """An architecture to compare a checkpoint with: its expected keys and shapes in state_dict order."""
 
     kind: str
-    label: str  # "torchvision resnet18", "the tutorial's Net", "this project's ResNet"
+    label: str  # "torchvision resnet18", "CIFAR-style resnet18", "the tutorial's Net", "this project's ResNet"
     short: str  # "resnet18", "the tutorial's Net", "this project's ResNet"
     expected: dict[str, tuple[int, ...]]
     config: ResNetConfig | None
     summary: str  # "3 stages of 3 blocks at 64/128/256 channels"
     note: str = ""
+    stem_kernel: int = 3
+    stem_stride: int = 1
+    maxpool: bool = False
 
 
 _RES_KEY = re.compile(r"^res(\d{1,6})\.")
 _STAGE_KEY = re.compile(r"^stages\.(\d{1,6})\.")
 _BLOCK_KEY = re.compile(r"^stages\.(\d{1,6})\.blocks\.res(\d{1,6})\.")
+_LAYER_KEY = re.compile(r"^layer(\d{1,6})\.(\d{1,6})\.")
 _OVERRIDES = ("tutorial", "resnet", *SUPPORTED_ARCHS)
+_TRANSFORMERS = ("resnet.embedder.", "embedder.", "encoder.stages.")
 
 
 def recognise(
     sd_or_shapes: Mapping[str, torch.Tensor | tuple[int, ...]],
     override: str | None = None,
     *,
+    maxpool: bool | None = None,
     source: str = "the checkpoint",
 ) -> Architecture:
     """The architecture a state dict fits exactly, read from its key names and shapes only.
@@ -631,7 +131,10 @@ def recognise(
     Candidates are built on the meta device (no memory, no initialisation) and compared key by key and
     shape by shape. BN ``num_batches_tracked`` counters may be absent (older checkpoints lack them; eval
     never reads them). The first conv's input channels and the classifier's width are read from the
-    checkpoint for every family; the first stage's stride cannot be read from weights and is taken as 1
+    checkpoint for every family, and for torchvision's blocks the stem's kernel too: 7×7 is torchvision's
+    stem (stride 2, then a max-pool), 3×3 the CIFAR-style stem (stride 1, no max-pool). Neither a stride nor
+    a max-pool is in the weights: they are taken as said and the :class:`Architecture` records the
+    assumption (``maxpool`` overrides it). The first stage's stride of this project's ResNet is taken as 1
     (as 2, and said so, when the first stage downsamples).
 
     Args:
@@ -639,6 +142,8 @@ def recognise(
             are removed.
         override: ``"tutorial"`` (the tutorial's key names), ``"resnet"`` (this project's ResNet, either key
             naming) or a torchvision architecture name: only that family is considered.
+        maxpool: for torchvision's blocks, whether a max-pool follows the stem; ``None``: as the stem says
+            (after a 7×7 stem yes, after a 3×3 stem no).
         source: what the messages call the checkpoint, e.g. ``"checkpoint net.pth"``.
 
     Returns:
@@ -647,28 +152,78 @@ def recognise(
     Raises:
         ValueError: ``override`` is not one of the names above.
         WeightsError: one sentence: nothing fits, with the closest candidate and its first key or shape that
-            does not fit; or the ``override`` does not fit, with its first key or shape that does not fit; or
-            a classifier without classes or a first conv without input channels.
+            does not fit, or what the file is instead; the ``override`` does not fit, with its first key or
+            shape that does not fit and what does fit; a max-pool asked of a network without one; a
+            classifier without classes or a first conv without input channels.
     """
     family = _normalise_override(override)
     shapes = _shapes_of(sd_or_shapes, source)
     if not shapes:
         raise WeightsError(f"{source} holds no tensors")
-    if family is None:
-        # Try the family the key names point to first: building all twelve candidates is the slow path.
-        for candidate in _candidates(shapes, _sniff(shapes)):
-            if _compare(candidate.expected, shapes)[1] is None:
-                return _architecture(candidate, source)
-    candidates = list(_candidates(shapes, family or "all"))
-    scored = [(_compare(c.expected, shapes), c) for c in candidates]
-    for (_, problem), candidate in scored:
-        if problem is None:
-            return _architecture(candidate, source)
-    (_, problem), best = max(scored, key=lambda s: s[0][0])  # max keeps the first of equal scores
+    found, scored = _search(shapes, family, maxpool)
+    if found is not None:
+        return _architecture(found, source, maxpool)
+    (score, problem), best = max(scored, key=lambda s: s[0][0])  # max keeps the first of equal scores
     what = _problem_text(problem, best.short)
     if family is None:
-        raise WeightsError(f"{source} fits no supported architecture: closest is {best.label}, but {what}")
-    raise WeightsError(f"{source} does not fit {best.label} (as asked): {what}")
+        raise WeightsError(_fits_nothing(shapes, source, score, f"closest is {best.label}, but {what}"))
+    fits, _ = _search(shapes, None, maxpool)
+    hint = f"it fits {fits.label} instead" if fits is not None else _unsupported(shapes, _best_score(shapes, maxpool))
+    raise WeightsError(f"{source} does not fit {best.label} (as asked): {what}" + (f"; {hint}" if hint else ""))
+
+
+def _search(
+    shapes: Mapping[str, tuple[int, ...]], family: str | None, maxpool: bool | None
+) -> tuple[_Candidate | None, list[tuple[tuple[int, tuple | None], _Candidate]]]:
+    """The first candidate of ``family`` (``None``: any) that ``shapes`` fits, and every candidate's score."""
+    if family is None:
+        # Try the family the key names point to first: building all twelve candidates is the slow path.
+        for candidate in _candidates(shapes, _sniff(shapes), maxpool):
+            if _compare(candidate.expected, shapes)[1] is None:
+                return candidate, []
+    scored = [(_compare(c.expected, shapes), c) for c in _candidates(shapes, family or "all", maxpool)]
+    return next((c for (_, problem), c in scored if problem is None), None), scored
+
+
+def _best_score(shapes: Mapping[str, tuple[int, ...]], maxpool: bool | None) -> int:
+    return max(score for (score, _), _ in _search(shapes, "all", maxpool)[1])
+
+
+def _file_blocks(shapes: Mapping[str, tuple[int, ...]]) -> tuple[list[int], str]:
+    """Blocks per stage of a torchvision-style file (``layer{s}.{i}.``), counted in the file, and their kind."""
+    blocks: dict[int, set[int]] = {}
+    for key in shapes:
+        if m := _LAYER_KEY.match(key):
+            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    per_stage = [len(blocks[s]) for s in sorted(blocks)]
+    kind = "Bottleneck" if any(_LAYER_KEY.match(k) and ".conv3." in k for k in shapes) else "BasicBlock"
+    return per_stage, kind
+
+
+def _unsupported(shapes: Mapping[str, tuple[int, ...]], score: int) -> str | None:
+    """What a file that fits nothing is, as a clause, when that says more than the closest candidate does."""
+    if any(k.startswith(_TRANSFORMERS) for k in shapes):
+        return "it is a Hugging Face transformers ResNet checkpoint, whose key names are not read here"
+    if any(_LAYER_KEY.match(k) for k in shapes):
+        per_stage, kind = _file_blocks(shapes)
+        known = {_TV_BLOCKS[a] for a in SUPPORTED_ARCHS if (_TV_KIND[a] == kind)}
+        if tuple(per_stage) not in known:
+            return (f"it has {'/'.join(map(str, per_stage))} torchvision-style {kind}s per stage, "
+                    "which no supported torchvision ResNet has")
+        return None
+    if score == 0:
+        sample = ", ".join(f"'{k[:60]}'" for k in list(shapes)[:3])
+        return f"it is not a ResNet checkpoint read here (its first keys are {sample})"
+    return None
+
+
+def _fits_nothing(shapes: Mapping[str, tuple[int, ...]], source: str, score: int, closest: str) -> str:
+    clause = _unsupported(shapes, score)
+    if clause is None:
+        return f"{source} fits no supported architecture: {closest}"
+    if clause.startswith("it has"):  # torchvision's blocks in another number: the closest is worth saying
+        return f"{source} fits no supported architecture: {clause} ({closest})"
+    return f"{source} fits no supported architecture: {clause}"
 
 
 def _normalise_override(override: str | None) -> str | None:
@@ -692,7 +247,7 @@ def _shapes_of(sd: Mapping, source: str) -> dict[str, tuple[int, ...]]:
         if not isinstance(key, str) or not isinstance(shape, (tuple, list)) or not all(_is_count(d) for d in shape):
             raise WeightsError(f"{source} has an entry {str(key)[:80]!r} that is not a named tensor shape")
         out[key] = tuple(int(d) for d in shape)
-    return _strip_prefixes(out)
+    return strip_prefixes(out)
 
 
 def _sniff(shapes: Mapping[str, tuple[int, ...]]) -> str:
@@ -705,7 +260,9 @@ def _sniff(shapes: Mapping[str, tuple[int, ...]]) -> str:
     return "none"
 
 
-def _candidates(shapes: Mapping[str, tuple[int, ...]], family: str) -> Iterator[_Candidate]:
+def _candidates(
+    shapes: Mapping[str, tuple[int, ...]], family: str, maxpool: bool | None = None
+) -> Iterator[_Candidate]:
     """The candidates of ``family``: "all", "tutorial", "resnet" (both namings), "torchvision" or an arch.
 
     Lazily, so that the first fit ends the search; torchvision's networks come in the order of how well
@@ -718,9 +275,9 @@ def _candidates(shapes: Mapping[str, tuple[int, ...]], family: str) -> Iterator[
     if family in ("all", "torchvision"):
         per_stage = [len({k.split(".")[1] for k in shapes if k.startswith(f"layer{s}.")}) for s in range(1, 5)]
         for arch in sorted(SUPPORTED_ARCHS, key=lambda a: _TV_BLOCKS[a] != tuple(per_stage)):
-            yield _torchvision_candidate(shapes, arch)
+            yield _torchvision_candidate(shapes, arch, maxpool)
     elif family in SUPPORTED_ARCHS:
-        yield _torchvision_candidate(shapes, family)
+        yield _torchvision_candidate(shapes, family, maxpool)
 
 
 # Blocks per stage of each torchvision network, to try the likely ones first (checked against torchvision
@@ -729,6 +286,7 @@ _TV_BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3
               "resnet101": (3, 4, 23, 3), "resnet152": (3, 8, 36, 3), "wide_resnet50_2": (3, 4, 6, 3),
               "wide_resnet101_2": (3, 4, 23, 3), "resnext50_32x4d": (3, 4, 6, 3),
               "resnext101_32x8d": (3, 4, 23, 3), "resnext101_64x4d": (3, 4, 23, 3)}
+_TV_KIND = {a: "BasicBlock" if a in ("resnet18", "resnet34") else "Bottleneck" for a in _TV_BLOCKS}
 
 
 def _compare(
@@ -946,25 +504,42 @@ def _infer_project(shapes: Mapping[str, tuple[int, ...]]) -> tuple[ResNetConfig 
     return config, "the first stage downsamples: its stride is not in the weights and was taken as 2" if strided else ""
 
 
-def _torchvision_candidate(shapes: Mapping[str, tuple[int, ...]], arch: str) -> _Candidate:
-    """torchvision ``arch`` with the checkpoint's input channels and classifier width."""
+def _torchvision_candidate(shapes: Mapping[str, tuple[int, ...]], arch: str, maxpool: bool | None = None) -> _Candidate:
+    """torchvision ``arch`` with the checkpoint's input channels, stem kernel (7 or 3) and classifier width.
+
+    A 3×3 first conv is the CIFAR-style stem (stride 1, no max-pool, unless ``maxpool`` says there is one);
+    any other kernel is compared with torchvision's 7×7 stem (stride 2, then a max-pool unless ``maxpool``
+    says not).
+    """
     expected = dict(_meta_torchvision_shapes(arch))
-    out_c, _, kh, kw = expected["conv1.weight"]
-    expected["conv1.weight"] = (out_c, _dim(shapes, "conv1.weight", 1, 4, 3), kh, kw)
+    out_c = expected["conv1.weight"][0]
+    small = tuple(shapes.get("conv1.weight", ()))[2:] == (3, 3)
+    kernel = 3 if small else 7
+    expected["conv1.weight"] = (out_c, _dim(shapes, "conv1.weight", 1, 4, 3), kernel, kernel)
     classes = _num_classes(shapes, 1000)
     expected["fc.weight"] = (classes, expected["fc.weight"][1])
     expected["fc.bias"] = (classes,)
     per_stage = [len({k.split(".")[1] for k in expected if k.startswith(f"layer{s}.")}) for s in range(1, 5)]
     block = "Bottleneck" if "layer1.0.conv3.weight" in expected else "BasicBlock"
     summary = f"4 stages of {'/'.join(map(str, per_stage))} {block}s"
-    return _Candidate(arch, f"torchvision {arch}", arch, expected, None, summary)
+    if small:
+        pool = bool(maxpool)
+        note = ("a 3×3 stem at stride 1 and no max-pool, as CIFAR code puts before torchvision's blocks: neither "
+                "is in the weights" if maxpool is None else
+                f"a 3×3 stem at stride 1 {'with' if pool else 'and no'} max-pool, as asked")
+        return _Candidate(arch, f"CIFAR-style {arch}", arch, expected, None, summary, note, 3, 1, pool)
+    pool = maxpool is not False
+    note = ("the max-pool after the 7×7 stem is not in the weights and was taken as there, as torchvision builds "
+            "it" if maxpool is None else f"{'with' if pool else 'without'} the max-pool after the 7×7 stem, as asked")
+    return _Candidate(arch, f"torchvision {arch}", arch, expected, None, summary, note, 7, 2, pool)
 
 
-def _architecture(candidate: _Candidate, source: str) -> Architecture:
+def _architecture(candidate: _Candidate, source: str, maxpool: bool | None = None) -> Architecture:
     """The :class:`Architecture` of a candidate the checkpoint fits.
 
     Raises:
-        WeightsError: a classifier without classes or a first conv without input channels.
+        WeightsError: a classifier without classes, a first conv without input channels, or a max-pool asked
+            of this project's ResNet (which has none).
     """
     first = "conv1.weight" if "conv1.weight" in candidate.expected else "stem.conv.weight"
     in_channels = candidate.expected[first][1]
@@ -975,6 +550,9 @@ def _architecture(candidate: _Candidate, source: str) -> Architecture:
     if in_channels < 1:
         raise WeightsError(f"{source} has a first convolution without input channels ('{first}' has shape "
                            f"{_shape_str(candidate.expected[first])})")
+    if candidate.kind == "resnet" and maxpool:
+        raise WeightsError(f"{source} is {candidate.label}, which has no max-pool after its stem to keep: "
+                           "the max-pool choice is for torchvision's ResNets")
     params = sum(math.prod(s) for k, s in candidate.expected.items()
                  if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
     description = (
@@ -982,89 +560,49 @@ def _architecture(candidate: _Candidate, source: str) -> Architecture:
         f"{_plural(num_classes, 'class', 'classes')}, {params:,} parameters"
         + (f" ({candidate.note})" if candidate.note else "")
     )
-    return Architecture(candidate.kind, candidate.config, num_classes, in_channels, description)
+    assumed = (candidate.note,) if candidate.note and not candidate.note.endswith("as asked") else ()
+    return Architecture(candidate.kind, candidate.config, num_classes, in_channels, description,
+                        candidate.stem_kernel, candidate.stem_stride, candidate.maxpool, assumed)
 
 
-# --- building and fitting -----------------------------------------------------------------------------------
+# --- key names and expected shapes ----------------------------------------------------------------------------
 
 
-def build_recognised(arch: Architecture) -> nn.Module:
-    """A randomly initialised model of ``arch``, in eval mode, on the CPU.
+def tutorial_key_map(config: ResNetConfig) -> dict[str, str]:
+    """Map the project's key prefixes to the tutorial's (``stages.0.blocks.res1.branch.conv1`` -> ``res1.conv1``)."""
+    if config.downsample != "transition":
+        raise WeightsError("tutorial-style checkpoints need a config with downsample='transition'")
+    mapping = {"stem.conv": "conv1", "stem.bn": "bn1", "fc": "fc"}
+    k = 0
+    for s, n in enumerate(config.blocks):
+        if s > 0:
+            mapping[f"stages.{s}.transition.conv"] = f"conv{s + 1}"
+            mapping[f"stages.{s}.transition.bn"] = f"bn{s + 1}"
+        for _ in range(n):
+            k += 1
+            for part in ("conv1", "bn1", "conv2", "bn2"):
+                mapping[f"stages.{s}.blocks.res{k}.branch.{part}"] = f"res{k}.{part}"
+    return mapping
 
-    A torchvision ResNet with other than 3 input channels gets a first conv of that many (torchvision
-    always builds 3), with torchvision's kernel, stride and padding.
+
+def expected_shapes(arch: Architecture, sd_keys: Iterable[str] = ()) -> dict[str, tuple[int, ...]]:
+    """The keys and shapes a checkpoint of ``arch`` has, in the tutorial's naming when ``sd_keys`` use it.
 
     Raises:
-        ValueError: ``arch.kind`` is neither ``"resnet"`` nor a supported torchvision name, or ``"resnet"``
-            without a config.
+        ValueError: an ``arch`` of kind ``"resnet"`` without a config.
     """
-    with torch.device("cpu"):  # whatever the process's default device: the model starts on the CPU
-        if arch.kind == "resnet":
-            if arch.config is None:
-                raise ValueError("an Architecture of kind 'resnet' needs a config")
-            return build_model(arch.config).eval()
-        model = build_torchvision(arch.kind, num_classes=arch.num_classes)
-        if arch.in_channels != model.conv1.in_channels:
-            conv = model.conv1
-            model.conv1 = nn.Conv2d(arch.in_channels, conv.out_channels, kernel_size=conv.kernel_size,
-                                    stride=conv.stride, padding=conv.padding, bias=conv.bias is not None)
-            nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's init
-    return model.eval()
-
-
-def _expected_shapes(arch: Architecture, sd_keys: Iterable[str] = ()) -> dict[str, tuple[int, ...]]:
-    """The keys and shapes a checkpoint of ``arch`` has, in the tutorial's naming when ``sd_keys`` use it."""
     keys = set(sd_keys)
     if arch.kind == "resnet":
         if arch.config is None:
             raise ValueError("an Architecture of kind 'resnet' needs a config")
         tutorial = "res1.conv1.weight" in keys and "conv1.weight" in keys
         return _resnet_candidate(arch.config, tutorial_names=tutorial, label="").expected
-    shapes = {"conv1.weight": (64, arch.in_channels, 7, 7), "fc.weight": (arch.num_classes, 0)}
-    return _torchvision_candidate(shapes, arch.kind).expected
+    k = arch.stem_kernel
+    shapes = {"conv1.weight": (64, arch.in_channels, k, k), "fc.weight": (arch.num_classes, 0)}
+    return _torchvision_candidate(shapes, arch.kind, arch.maxpool).expected
 
 
-def fit_recognised(model: nn.Module, sd: Mapping[str, torch.Tensor], arch: Architecture, source: str) -> nn.Module:
-    """Copy ``sd`` into ``model`` (built by :func:`build_recognised` for ``arch``), every key and shape checked.
-
-    Non-finite weights are refused: a model with a NaN or an infinity in its weights gives no meaningful
-    prediction, and the file is damaged or its training diverged. Missing BN ``num_batches_tracked``
-    counters are filled in with zeros (eval never reads them).
-
-    Args:
-        model: the model to fill, in place.
-        sd: the state dict from :func:`read_checkpoint` (either key naming for ``"resnet"``).
-        arch: what :func:`recognise` said ``sd`` is.
-        source: what the messages call the checkpoint, e.g. ``"checkpoint net.pth"``.
-
-    Returns:
-        ``model``, in eval mode.
-
-    Raises:
-        WeightsError: a key or shape that does not fit ``arch``, or non-finite values.
-    """
-    sd = _strip_prefixes(dict(sd))
-    expected = _expected_shapes(arch, sd)
-    short = "torchvision " + arch.kind if arch.kind != "resnet" else "this ResNet"
+def compare_shapes(expected: Mapping[str, tuple[int, ...]], sd: Mapping, source: str, short: str) -> str | None:
+    """The first key or shape of ``sd`` that does not fit ``expected``, as a clause, or ``None`` when all fit."""
     _, problem = _compare(expected, _shapes_of(sd, source))
-    if problem is not None:
-        raise WeightsError(f"{source} does not fit {short}: {_problem_text(problem, short)}")
-    for key, value in sd.items():
-        if value.is_floating_point():
-            # float8 types lack isfinite; their values fit in float32 exactly.
-            exotic = value.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-            finite = torch.isfinite(value.float() if exotic else value)
-            if not finite.all():
-                bad = value.numel() - int(finite.sum())
-                raise WeightsError(
-                    f"{source} was refused because key '{key}' holds {_plural(bad, 'NaN or infinite value')} "
-                    f"(of {value.numel():,}): a model with non-finite weights cannot give a meaningful prediction"
-                )
-    for key, shape in expected.items():
-        if key.endswith("num_batches_tracked") and key not in sd:
-            sd[key] = torch.zeros(shape, dtype=torch.long)
-    if arch.kind == "resnet":
-        load_weights_into(model, sd, source=source)
-    else:
-        fit_torchvision_weights(model, sd, arch.kind, source)
-    return model.eval()
+    return None if problem is None else _problem_text(problem, short)
