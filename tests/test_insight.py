@@ -231,7 +231,7 @@ def test_gradcam_has_the_input_size_is_non_negative_and_leaves_no_trace(seed_mod
     for block in ("res3", "res9"):
         cam = insight.gradcam(seed_model, x, block)
         assert cam.shape == (32, 32) and cam.dtype == np.float32
-        assert cam.min() >= 0 and cam.sum() > 0 and cam.max() == pytest.approx(1.0)
+        assert cam.min() == 0 and cam.sum() > 0 and cam.max() == pytest.approx(1.0)
         assert np.array_equal(cam, insight.gradcam(seed_model, x, block, class_index=pred))
     assert hook_count(seed_model) == 0 and not seed_model.training
     assert all(p.grad is None for p in seed_model.parameters())
@@ -240,15 +240,44 @@ def test_gradcam_has_the_input_size_is_non_negative_and_leaves_no_trace(seed_mod
 
 def test_gradcam_at_the_last_block_equals_the_closed_form(seed_model):
     # After the last block come only a mean pool and a linear layer, so d logit_c / d A_k = W[c, k] / (h w):
-    # Grad-CAM is relu(sum_k W[c, k] A_k), upsampled and scaled to a maximum of 1.
+    # Grad-CAM is relu(sum_k W[c, k] A_k), upsampled and min-max normalised.
     x = image(8)
     c = 4
     _, records = capture_forward(seed_model, x, blocks=["res9"])
     a = records[0].y[0]  # (C, h, w)
     cam = torch.relu(torch.einsum("k,khw->hw", seed_model.fc.weight[c].detach(), a))
     cam = torch.nn.functional.interpolate(cam[None, None], size=(32, 32), mode="bilinear", align_corners=False)[0, 0]
-    want = (cam / cam.max()).numpy()
+    want = ((cam - cam.min()) / (cam.max() - cam.min())).numpy()
     np.testing.assert_allclose(insight.gradcam(seed_model, x, "res9", class_index=c), want, rtol=1e-4, atol=1e-5)
+
+
+def test_gradcam_is_min_max_normalised_where_its_minimum_is_above_zero(tiny_model):
+    # A class whose head weights are all positive reads a map of non-negative block outputs: the map is above 0
+    # everywhere, which is where min-max (0 = least evidence, 1 = most, as pytorch-grad-cam) and division by the
+    # maximum alone differ. Computed by hand: relu(sum_k W[c, k] A_k) (the closed form at the last block, where
+    # d logit_c / d A_k = W[c, k] / (h w)), upsampled bilinearly to the input, then (cam - min) / (max - min).
+    c = 1
+    with torch.no_grad():
+        tiny_model.fc.weight[c] = tiny_model.fc.weight[c].abs() + 0.1
+    x = image(13, (1, 3, 16, 16))
+    _, records = capture_forward(tiny_model, x, blocks=["res3"])
+    a = records[0].y[0].double()  # (C, h, w)
+    cam = torch.relu(torch.einsum("k,khw->hw", tiny_model.fc.weight[c].detach().double(), a))
+    cam = torch.nn.functional.interpolate(cam[None, None], size=(16, 16), mode="bilinear", align_corners=False)[0, 0]
+    assert float(cam.min()) > 0.05 * float(cam.max())  # the case in question: the least location is well above 0
+    want = ((cam - cam.min()) / (cam.max() - cam.min())).numpy()
+    got = insight.gradcam(tiny_model, x, "res3", class_index=c)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    assert got.min() == 0.0 and got.max() == pytest.approx(1.0, abs=1e-6)
+    assert not np.allclose(got, (cam / cam.max()).numpy(), atol=1e-2)  # what division by the maximum gave
+
+
+def test_a_flat_gradcam_is_all_zeros(tiny_model):
+    # no location speaks for the class (all weights negative on non-negative outputs): relu gives 0 everywhere
+    with torch.no_grad():
+        tiny_model.fc.weight[2] = -tiny_model.fc.weight[2].abs() - 0.1
+    cam = insight.gradcam(tiny_model, image(14, (1, 3, 16, 16)), "res3", class_index=2)
+    assert cam.shape == (16, 16) and not cam.any()
 
 
 def test_gradcam_refuses_bad_arguments_and_works_under_inference_mode(seed_model):

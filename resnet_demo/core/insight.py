@@ -8,7 +8,9 @@
   width equals the head's input width, showing how the prediction forms with depth. The last block's
   readout is the model's own logits.
 - **Grad-CAM** (Selvaraju et al. 2017): ``relu(sum_c w_c A_c)`` with ``A`` a block's output and
-  ``w_c`` the spatial mean of d logit / d A_c, upsampled to the input's size. Its hook, like the
+  ``w_c`` the spatial mean of d logit / d A_c, upsampled to the input's size and min-max normalised
+  (0 the least evidence for the class on this image, 1 the most), as pytorch-grad-cam and most CAM
+  tools show it. Its hook, like the
   capture's, acts only for the calling thread and is removed in ``finally``; gradients are taken with
   :func:`torch.autograd.grad`, so no parameter's ``.grad`` is touched.
 
@@ -340,8 +342,9 @@ def gradcam(model: nn.Module, x: torch.Tensor, block: str, class_index: int | No
     """Grad-CAM of one image at ``block``'s output for ``class_index`` (the predicted class by default).
 
     Returns:
-        (H_in, W_in) float32 map, non-negative, scaled to a maximum of 1 (all zeros when no location
-        speaks for the class).
+        (H_in, W_in) float32 map, min-max normalised: ``(cam - min) / (max - min)`` over the upsampled map,
+        so 0 is the location with the least evidence for the class and 1 the one with the most. A flat map
+        (no location stands out, e.g. none speaks for the class) is all zeros.
 
     Raises:
         KeyError: ``block`` is not a block of ``model``.
@@ -377,8 +380,8 @@ def gradcam(model: nn.Module, x: torch.Tensor, block: str, class_index: int | No
     weights = grad.mean(dim=(1, 2))  # (C,)
     cam = torch.relu(torch.einsum("c,chw->hw", weights, a))
     cam = F.interpolate(cam[None, None], size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[0, 0]
-    cam = cam.clamp_min(0)
-    peak = float(cam.max())
-    if peak > 0:
-        cam = cam / peak
+    # min-max, as pytorch-grad-cam's scale_cam_image (which normalises before resizing; here the map shown
+    # is normalised, so it spans exactly 0 to 1)
+    low, high = float(cam.min()), float(cam.max())
+    cam = (cam - low) / (high - low) if high > low else torch.zeros_like(cam)
     return cam.cpu().numpy().astype(np.float32)
