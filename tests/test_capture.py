@@ -326,3 +326,71 @@ def test_tune_malloc_applies_on_glibc_and_changes_nothing_elsewhere(monkeypatch)
     assert tune_malloc() is False and calls == ["libc.so.6"]  # musl & co.: no libc.so.6, nothing changed
     monkeypatch.setattr(explorer.sys, "platform", "darwin")
     assert tune_malloc() is False and calls == ["libc.so.6"]  # not even looked up off Linux
+
+
+# --- keeping only some parts ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keep", [("y",), ("x",), ("f",), ("s",), ("f", "s"), ("x", "f", "y"), ()])
+@pytest.mark.parametrize("kind", ["project", "torchvision"])
+def test_a_capture_keeps_only_the_parts_asked_for(keep, kind):
+    if kind == "project":
+        model, x = randomise_bn(build_model(TINY_PROJ)), torch.randn(2, 3, 16, 16)  # identity and projection shortcuts
+    else:
+        torchvision = pytest.importorskip("torchvision")
+        torch.manual_seed(0)
+        model, x = randomise_bn(torchvision.models.resnet18(num_classes=5).eval()), torch.randn(2, 3, 64, 64)
+    full_logits, full = capture_forward(model, x)
+    logits, records = capture_forward(model, x, keep=keep)
+    assert torch.equal(logits, full_logits)
+    assert [r.name for r in records] == [r.name for r in full]  # every block reached, whatever is kept
+    for rec, ref in zip(records, full):
+        for part in ("x", "f", "s", "y"):
+            got = getattr(rec, part)
+            if part in keep:
+                assert torch.equal(got, getattr(ref, part)), (rec.name, part)
+            else:
+                assert got is None, (rec.name, part)
+    assert hook_count(model) == 0
+
+
+def test_hooks_are_registered_only_for_the_parts_kept(tiny_model):
+    blocks = len(find_blocks(tiny_model))
+    with capture(tiny_model, keep=("y",)):
+        assert hook_count(tiny_model) == blocks  # one per block: its output (and that it was reached)
+    with capture(tiny_model):
+        assert hook_count(tiny_model) == 2 * blocks  # the branch and the block (x is shared with the last y)
+    assert hook_count(tiny_model) == 0
+    with pytest.raises(ValueError, match=r"unknown part\(s\) \['z'\]"):
+        with capture(tiny_model, keep=("y", "z")):
+            pass
+
+
+def test_a_reduced_capture_holds_only_the_reduction():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model, x = randomise_bn(torchvision.models.resnet18(num_classes=5).eval()), torch.randn(3, 3, 64, 64)
+    _, full = capture_forward(model, x)
+
+    def channel_means(t):
+        return t.mean(dim=(2, 3))
+
+    _, records = capture_forward(model, x, keep=("x", "f", "y"), reduce=channel_means)
+    for rec, ref in zip(records, full):
+        # F(x) as the branch produced it, before torchvision adds the shortcut into it in place
+        for part in ("x", "f", "y"):
+            torch.testing.assert_close(getattr(rec, part), channel_means(getattr(ref, part)), rtol=0, atol=0)
+        assert rec.s is None
+    # a reduction that returns a view of the activation is copied, so a later in-place write cannot reach it
+    _, views = capture_forward(model, x, keep=("f",), reduce=lambda t: t[:, :1])
+    for rec, ref in zip(views, full):
+        assert torch.equal(rec.f, ref.f[:, :1])
+
+
+def test_block_shapes_are_the_captured_shapes(tiny_model):
+    from resnet_demo.core.capture import block_shapes
+
+    x = torch.randn(1, 3, 16, 16)
+    _, records = capture_forward(tiny_model, x)
+    assert block_shapes(tiny_model, x) == {r.name: (tuple(r.x.shape[1:]), tuple(r.y.shape[1:])) for r in records}
+    assert hook_count(tiny_model) == 0

@@ -17,6 +17,11 @@ et al. 2016) and a *graded* one scales it, ``y = relu(alpha * F(x) + s(x))``. ``
 exactly (the branch becomes zeros, not ``F * 0``, which would keep a NaN or infinity) and ``alpha = 1``
 leaves the tensor untouched, so its logits are the intact model's bit for bit.
 
+A capture keeps only the parts asked for (``keep``, e.g. ``("y",)``): hooks for the other parts are not
+registered, so a study that reads only block outputs never holds a block's input or branch. ``reduce``
+goes further: each kept tensor is handed to it the moment the model produces it and only its result is
+kept (a Gram matrix, per-channel means), so the full activation is freed as the forward pass moves on.
+
 Recorded tensors are copies wherever the model could change them in place later in the pass
 (torchvision's blocks add the shortcut into F and apply an in-place ReLU). The project's own
 :class:`~resnet_demo.core.model.ResNet` never writes into a tensor it has produced, so for it the hooks
@@ -29,6 +34,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -40,7 +46,9 @@ from torch import nn
 
 from .model import ResidualBlock, ResNet
 
-__all__ = ["BlockRecord", "BlockSpec", "Capture", "capture", "capture_forward", "find_blocks"]
+__all__ = ["PARTS", "BlockRecord", "BlockSpec", "Capture", "block_shapes", "capture", "capture_forward", "find_blocks"]
+
+PARTS = ("x", "f", "s", "y")  # a block's input, branch F(x), shortcut s(x) and output
 
 
 @dataclass(frozen=True)
@@ -71,14 +79,14 @@ _TV_STAGE = re.compile(r"(?:^|\.)layer(\d+)\.\d+$")
 
 
 def _torchvision_block_types() -> tuple[type, ...]:
-    try:
-        from torchvision.models.resnet import BasicBlock, Bottleneck
-    except (ImportError, RuntimeError):
-        # torchvision is optional for the project's own models: absent, or built for another torch (its
-        # import then raises RuntimeError "operator torchvision::nms does not exist"). Models built by
-        # torchvision cannot exist in this process then, so there are no such blocks to find.
-        return ()
-    return (BasicBlock, Bottleneck)
+    """torchvision's block classes, if torchvision's ResNet module is loaded in this process.
+
+    A model built by torchvision cannot exist before its module is imported, so nothing is imported
+    here: importing torchvision costs seconds (it pulls in torch._dynamo) that a page serving only the
+    project's own models would spend at start for nothing.
+    """
+    resnet = sys.modules.get("torchvision.models.resnet")
+    return () if resnet is None else (resnet.BasicBlock, resnet.Bottleneck)
 
 
 def find_blocks(model: nn.Module) -> list[BlockSpec]:
@@ -124,11 +132,12 @@ class Capture:
 
     specs: list[BlockSpec]
     records: dict[str, BlockRecord] = field(default_factory=dict)
+    reached: set[str] = field(default_factory=set)  # blocks a forward pass in this context completed
 
     @property
     def blocks(self) -> list[BlockRecord]:
         """Records in forward order, only for blocks the forward pass reached."""
-        return [self.records[s.name] for s in self.specs if self.records[s.name].y is not None]
+        return [self.records[s.name] for s in self.specs if s.name in self.reached]
 
 
 def _copy(t: torch.Tensor) -> torch.Tensor:
@@ -137,6 +146,14 @@ def _copy(t: torch.Tensor) -> torch.Tensor:
 
 def _keep(t: torch.Tensor) -> torch.Tensor:
     return t.detach()
+
+
+def _parts(keep: Iterable[str]) -> frozenset[str]:
+    keep = (keep,) if isinstance(keep, str) else tuple(keep)
+    unknown = [p for p in keep if p not in PARTS]
+    if unknown:
+        raise ValueError(f"unknown part(s) {unknown} to keep; a block's parts are {list(PARTS)}")
+    return frozenset(keep)
 
 
 def _scales(specs: list[BlockSpec], lesion: Iterable[str], scale: Mapping[str, float]) -> dict[str, float]:
@@ -167,6 +184,8 @@ def capture(
     lesion: Iterable[str] = (),
     record: bool = True,
     scale: Mapping[str, float] = MappingProxyType({}),
+    keep: Iterable[str] = PARTS,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[Capture]:
     """Record x, F(x), s(x), y of every block (or of ``blocks``) during forward passes in this context.
 
@@ -179,35 +198,44 @@ def capture(
         scale: block name -> alpha: that block computes ``y = relu(alpha * F(x) + s(x))`` for passes in
             this context. 0 is the lesion, 1 the intact block (its tensor is not touched). A scaled or
             lesioned block's record holds the branch as it was added (``alpha * F(x)``, zeros).
+        keep: the parts to record (of :data:`PARTS`); the others stay ``None`` and no hook records them.
+            An identity shortcut's ``s`` is the block's input, taken without keeping ``x``.
+        reduce: applied to each kept tensor when the model produces it (detached, before anything can write
+            into it); the record holds its result instead of the tensor, e.g. ``gram`` for a Gram matrix.
 
     Raises:
         KeyError: a name in ``blocks``, ``lesion`` or ``scale`` is not a block of ``model``.
         ValueError: ``model`` has no residual blocks; a scale is not a finite number, or a lesioned block
-            is also scaled by something other than 0.
+            is also scaled by something other than 0; a part to keep that is not one of :data:`PARTS`.
     """
     specs, inplace = _scan(model)
     if not specs:
         raise ValueError(f"{type(model).__name__} has no residual blocks to capture")
+    parts = _parts(keep)
     recorded = _select(specs, blocks, "capture") if record else []
     factors = _scales(specs, lesion, scale)
     # The project's ResNet itself (not a subclass, whose forward could differ) with no in-place module
     # creates a new tensor at every step, so its activations can be kept; anything else gets copies.
-    hooks = _Hooks(threading.get_ident(), _keep if type(model) is ResNet and not inplace else _copy)
     result = Capture(recorded, {s.name: BlockRecord(s.name, s.stage) for s in recorded})
+    hooks = _Hooks(threading.get_ident(), _keep if type(model) is ResNet and not inplace else _copy, parts, reduce,
+                   result.reached)
     handles: list[torch.utils.hooks.RemovableHandle] = []
     try:
         for spec in specs:
             rec = result.records.get(spec.name)
             alpha = factors.get(spec.name)
-            if rec is None and alpha is None:
+            identity = spec.shortcut is None
+            if alpha is not None or (rec is not None and "f" in parts):
+                branch_rec = rec if "f" in parts else None
+                handles.append(spec.branch_end.register_forward_hook(hooks.on_branch(branch_rec, alpha)))
+            if rec is None:
                 continue
-            handles.append(spec.branch_end.register_forward_hook(hooks.on_branch(rec, alpha)))
-            if rec is not None:
-                if spec.shortcut is not None:
-                    handles.append(spec.shortcut.register_forward_hook(hooks.on_shortcut(rec)))
-                if not hooks.share:
-                    handles.append(spec.module.register_forward_pre_hook(hooks.on_block_input(rec)))
-                handles.append(spec.module.register_forward_hook(hooks.on_block(rec, spec.shortcut is None)))
+            if not identity and "s" in parts:
+                handles.append(spec.shortcut.register_forward_hook(hooks.on_shortcut(rec)))
+            wants_x = "x" in parts or (identity and "s" in parts)
+            if wants_x and not hooks.share:
+                handles.append(spec.module.register_forward_pre_hook(hooks.on_block_input(rec, identity)))
+            handles.append(spec.module.register_forward_hook(hooks.on_block(rec, identity, wants_x)))
         yield result
     finally:
         hooks.previous.clear()
@@ -218,16 +246,32 @@ def capture(
 class _Hooks:
     """The hooks of one capture: they act only in the thread that opened it (``owner``).
 
-    ``copy`` keeps a tensor as it is (``_keep``) or copies it (``_copy``). Without in-place modules a
-    block's input is usually the previous block's output tensor, unchanged: it is shared (``share``).
-    With them, something between two blocks may have written into it (an in-place ReLU on the previous
-    output), so the input is copied as the block receives it, in a pre-hook.
+    ``copy`` keeps a tensor as it is (``_keep``) or copies it (``_copy``); with ``reduce`` the tensor is reduced
+    at once instead and only the result kept. Without in-place modules a block's input is usually the previous
+    block's output tensor, unchanged: it is shared (``share``). With them, something between two blocks may
+    have written into it (an in-place ReLU on the previous output), so the input is taken as the block
+    receives it, in a pre-hook.
     """
 
-    def __init__(self, owner: int, copy: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.owner, self.copy = owner, copy
+    def __init__(self, owner: int, copy: Callable[[torch.Tensor], torch.Tensor], parts: frozenset[str],
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None, reached: set[str]) -> None:
+        self.owner, self.copy, self.parts, self.reduce, self.reached = owner, copy, parts, reduce, reached
         self.share = copy is _keep
         self.previous: list = [None, None]  # [output tensor of the last recorded block, its record]
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        if self.reduce is None:
+            return self.copy(t)
+        out = self.reduce(t.detach())
+        # a reduction that returns a view of its input (a slice, a reshape) would be written into later
+        same = isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+        return out.clone() if same else out
+
+    def _set_input(self, rec: BlockRecord, value: torch.Tensor, identity: bool) -> None:
+        if "x" in self.parts:
+            rec.x = value
+        if identity and "s" in self.parts:
+            rec.s = value
 
     def on_branch(self, rec: BlockRecord | None, alpha: float | None):
         def hook(_module, _inputs, output):
@@ -236,7 +280,7 @@ class _Hooks:
             if alpha is not None:
                 output = torch.zeros_like(output) if alpha == 0 else output * alpha
             if rec is not None:
-                rec.f = self.copy(output)
+                rec.f = self.take(output)
             return None if alpha is None else output
 
         return hook
@@ -244,29 +288,40 @@ class _Hooks:
     def on_shortcut(self, rec: BlockRecord):
         def hook(_module, _inputs, output):
             if threading.get_ident() == self.owner:
-                rec.s = self.copy(output)
+                rec.s = self.take(output)
 
         return hook
 
-    def on_block_input(self, rec: BlockRecord):
+    def on_block_input(self, rec: BlockRecord, identity: bool):
         def hook(_module, inputs):
             if threading.get_ident() == self.owner:
-                rec.x = self.copy(inputs[0])
+                self._set_input(rec, self.take(inputs[0]), identity)
 
         return hook
 
-    def on_block(self, rec: BlockRecord, identity: bool):
+    def on_block(self, rec: BlockRecord, identity: bool, wants_x: bool):
+        keep_y = "y" in self.parts
+
         def hook(_module, inputs, output):
-            if threading.get_ident() == self.owner:
-                if self.share:
-                    x = inputs[0]
-                    rec.x = self.previous[1] if x is self.previous[0] else self.copy(x)
-                if identity:
-                    rec.s = rec.x
-                rec.y = self.copy(output)
+            if threading.get_ident() != self.owner:
+                return
+            if wants_x and self.share:
+                x = inputs[0]
+                self._set_input(rec, self.previous[1] if x is self.previous[0] else self.take(x), identity)
+            if keep_y:
+                rec.y = self.take(output)
                 self.previous[:] = [output, rec.y]
+            self.reached.add(rec.name)
 
         return hook
+
+
+def block_shapes(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Block name -> (shape of its input, shape of its output), per example (without the batch dimension),
+    for input ``x``; one forward pass that keeps no activation (F(x) and s(x) have the output's shape)."""
+    with torch.inference_mode(), capture(model, keep=("x", "y"), reduce=lambda t: torch.tensor(t.shape[1:])) as cap:
+        model(x)
+    return {r.name: (tuple(r.x.tolist()), tuple(r.y.tolist())) for r in cap.blocks}
 
 
 def capture_forward(
@@ -276,8 +331,12 @@ def capture_forward(
     blocks: Iterable[str] | None = None,
     lesion: Iterable[str] = (),
     scale: Mapping[str, float] = MappingProxyType({}),
+    keep: Iterable[str] = PARTS,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[BlockRecord]]:
-    """One forward pass under ``torch.inference_mode`` with capture; returns (logits, records)."""
-    with torch.inference_mode(), capture(model, blocks=blocks, lesion=lesion, scale=scale) as cap:
+    """One forward pass under ``torch.inference_mode`` with capture; returns (logits, records).
+    ``keep`` and ``reduce`` as for :func:`capture`."""
+    with torch.inference_mode(), capture(model, blocks=blocks, lesion=lesion, scale=scale, keep=keep,
+                                         reduce=reduce) as cap:
         logits = model(x)
     return logits, cap.blocks

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..capture import capture_forward, find_blocks
+from ..capture import BlockRecord, capture_forward, find_blocks
 from ..metrics import BlockMetrics, block_metrics
+from .budget import budgeted, footprint
 from .distributed import Dist
 
 __all__ = [
@@ -44,7 +45,8 @@ __all__ = [
 
 PERCENTILES = (5, 25, 50, 75, 95)
 BAND_METRICS = ("ratio", "cosine")
-DEFAULT_BATCH = 64  # the capture keeps x, F, s, y of every block: ~150 MB per 64 CIFAR images for the tutorial Net
+DEFAULT_BATCH = 64  # images per forward pass, fewer when the server's study budget asks for it
+BRANCH_METRICS = ("ratio", "cosine")  # computed from F(x) and s(x) alone: the capture keeps nothing else
 
 # How to say "higher" and "lower" for each metric.
 _WORDING = {
@@ -68,6 +70,43 @@ def bands_from_values(
             qs = np.percentile(arr, list(percentiles))
             out[metric][name] = {f"p{q:g}": float(v) for q, v in zip(percentiles, qs)}
     return out
+
+
+def _branch_metrics(records: list[BlockRecord]) -> dict[str, torch.Tensor]:
+    """``ratio`` and ``cosine`` of every image and block, (B, blocks) float64, from F(x) and s(x) only; the
+    same arithmetic as :func:`~resnet_demo.core.metrics.block_metrics` (float64 norms and dot product)."""
+    ratio, cosine = [], []
+    for rec in records:
+        stacked = torch.stack((rec.f.flatten(1), rec.s.flatten(1)), dim=1).double()  # (B, 2, N)
+        g = stacked @ stacked.transpose(1, 2)
+        nf, ns, dot = g[:, 0, 0].sqrt(), g[:, 1, 1].sqrt(), g[:, 0, 1]
+        r = nf / ns
+        r = torch.where((ns == 0) & (nf == 0), torch.zeros_like(r), r)  # a dead input: 0 when F is 0 too, else inf
+        ratio.append(torch.where((ns == 0) & (nf != 0), torch.full_like(r, float("inf")), r))
+        cosine.append(torch.where((nf > 0) & (ns > 0), dot / (nf * ns).clamp_min(1e-300), torch.zeros_like(dot)))
+    return {"ratio": torch.stack(ratio, dim=1), "cosine": torch.stack(cosine, dim=1)}
+
+
+def _batch_values(
+    model: nn.Module, x: torch.Tensor, metrics: Sequence[str]
+) -> tuple[list[str], list[list[list[float]]]]:
+    """Block names reached, and ``values[image][metric][block]`` for one prepared batch. Ratio and cosine
+    need only F(x) and s(x), so for them the capture keeps nothing else."""
+    if set(metrics) <= set(BRANCH_METRICS):
+        _, records = capture_forward(model, x, keep=("f", "s"))
+        table = _branch_metrics(records)
+        values = torch.stack([table[m] for m in metrics], dim=1).tolist()  # (B, metrics, blocks)
+        return [r.name for r in records], values
+    _, records = capture_forward(model, x)
+    per_image = block_metrics(records)
+    return [r.name for r in records], [[[getattr(m, metric) for m in image] for metric in metrics]
+                                       for image in per_image]
+
+
+def _planned(model: nn.Module, sample: torch.Tensor, batch_size: int, metrics: Sequence[str]):
+    """The server's budget for a bands study: the batch size that fits, held while it runs."""
+    kept = ("f", "s") if set(metrics) <= set(BRANCH_METRICS) else ("x", "f", "s", "y")
+    return budgeted(footprint(model, sample, kept=kept), batch_size, what="Reference bands")
 
 
 def _batches(data: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> Iterable[torch.Tensor]:
@@ -96,31 +135,48 @@ def compute_bands(
             ``normalise`` first (e.g. :class:`resnet_demo.data.Normalise` built from the model card);
             float images are taken as already normalised.
         normalise: uint8 batch -> model input.
-        batch_size: images per forward pass when ``data`` is one tensor.
+        batch_size: images per forward pass when ``data`` is one tensor (at most; fewer when the server's
+            study budget asks for it, :mod:`~.budget`).
 
     Returns:
         ``{metric: {block: {"p5": ..., ...}}, "percentiles": [...], "n": number of images}``.
+
+    Raises:
+        StudyTooLarge: not even one image fits the server's study budget.
     """
     device = next(model.parameters()).device
     values: dict[str, dict[str, list[float]]] = {m: {} for m in metrics}
     n = 0
-    for batch in _batches(data, batch_size):
+
+    def prepared(batch: torch.Tensor) -> torch.Tensor:
         if batch.dtype == torch.uint8:
             if normalise is None:
                 raise ValueError("uint8 images need a normalise function (uint8 batch -> model input)")
             batch = normalise(batch)
-        _, records = capture_forward(model, batch.to(device))
-        for per_image in block_metrics(records):
-            for m in per_image:
-                for metric in metrics:
-                    values[metric].setdefault(m.name, []).append(getattr(m, metric))
-        n += len(batch)
+        return batch.to(device)
+
+    if isinstance(data, torch.Tensor) and len(data):
+        with _planned(model, prepared(data[:1]), batch_size, metrics) as size:
+            for batch in _batches(data, size):
+                n += _add(values, *_batch_values(model, prepared(batch), metrics), metrics)
+    else:
+        for batch in _batches(data, batch_size):
+            n += _add(values, *_batch_values(model, prepared(batch), metrics), metrics)
     if n == 0:
         raise ValueError("no images to compute reference bands from")
     bands: dict = bands_from_values(values, percentiles)
     bands["percentiles"] = [float(q) if q != int(q) else int(q) for q in percentiles]
     bands["n"] = n
     return bands
+
+
+def _add(values: dict[str, dict[str, list[float]]], names: list[str], batch: list[list[list[float]]],
+         metrics: Sequence[str]) -> int:
+    for image in batch:
+        for metric, per_block in zip(metrics, image):
+            for name, v in zip(names, per_block):
+                values[metric].setdefault(name, []).append(v)
+    return len(batch)
 
 
 def band_values(
@@ -134,17 +190,22 @@ def band_values(
 ) -> dict[str, dict[str, list[float]]]:
     """``values[metric][block]``: one number per image of ``images`` (uint8), in data order, whichever
     process computed it. Each process runs its shard in whole batches of ``batch_size`` and every process
-    gets all the values (``all_gather``)."""
+    gets all the values (``all_gather``). ``batch_size`` is at most what a pass takes: fewer images when the
+    server's study budget asks for it (the same in every process: the estimate depends only on the model).
+
+    Raises:
+        StudyTooLarge: not even one image fits the server's study budget.
+    """
     dist = dist or Dist()
-    index = dist.shard(len(images), block=batch_size)
     names = [b.name for b in find_blocks(model)]
-    rows = []
-    for start in range(0, len(index), batch_size):
-        _, records = capture_forward(model, normalise(images[index[start : start + batch_size]]))
-        per_image = block_metrics(records)
-        if [m.name for m in per_image[0]] != names:
-            raise ValueError(f"a forward pass reached only the blocks {[m.name for m in per_image[0]]} of {names}")
-        rows.extend([getattr(m, metric) for metric in metrics for m in image] for image in per_image)
+    with _planned(model, normalise(images[:1]), batch_size, metrics) as batch_size:
+        index = dist.shard(len(images), block=batch_size)
+        rows = []
+        for start in range(0, len(index), batch_size):
+            reached, per_image = _batch_values(model, normalise(images[index[start : start + batch_size]]), metrics)
+            if reached != names:
+                raise ValueError(f"a forward pass reached only the blocks {reached} of {names}")
+            rows.extend([v for per_metric in image for v in per_metric] for image in per_image)
     local = torch.tensor(rows, dtype=torch.float64).reshape(len(index), len(metrics) * len(names))
     table = dist.gather(local, index)  # (N, metrics x blocks), in data order
     return {metric: {name: table[:, i * len(names) + j].tolist() for j, name in enumerate(names)}

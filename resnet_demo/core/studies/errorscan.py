@@ -23,6 +23,7 @@ import torch
 
 from ..errors import DataError
 from ..explorer import Explorer
+from .budget import Footprint, budgeted, footprint
 
 __all__ = ["SCANS", "SORTS", "WHICH", "LabelledImages", "Scan", "ScanCache", "scan", "scan_logits", "scan_set"]
 
@@ -186,10 +187,13 @@ def scan(
     Args:
         images: (N, C, H, W) uint8 in the model's training format (an evaluation set's, or a labelled set's).
         labels: (N,) true classes, indices into the explorer's classes.
+        batch_size: images per forward pass, at most: fewer when the server's study budget asks for it
+            (:mod:`~.budget`); the logits do not depend on it.
         progress: called with the share of images done, after each batch.
 
     Raises:
         DataError: the images are not a uint8 batch, or labels and images do not fit each other or the model.
+        StudyTooLarge: not even one image fits the server's study budget.
     """
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise DataError(f"a scan needs (N, C, H, W) uint8 images, got {images.dtype} of shape {tuple(images.shape)}")
@@ -200,10 +204,13 @@ def scan(
     n = images.shape[0]
     parts = []
     with torch.inference_mode():
-        for start in range(0, n, batch_size):
-            parts.append(explorer.logits(explorer.batch_input(images[start : start + batch_size])))
-            if progress is not None:
-                progress(min(n, start + batch_size) / n)
+        # a bare forward pass: nothing is captured, only the logits are kept
+        need = footprint(explorer.model, explorer.batch_input(images[:1])) if n else Footprint(0)
+        with budgeted(need, batch_size, what=f"The error scan of {explorer.card.name}") as batch_size:
+            for start in range(0, n, batch_size):
+                parts.append(explorer.logits(explorer.batch_input(images[start : start + batch_size])))
+                if progress is not None:
+                    progress(min(n, start + batch_size) / n)
     logits = torch.cat(parts) if parts else torch.zeros(0, len(explorer.classes))
     return scan_logits(logits, labels, explorer.classes, name)
 

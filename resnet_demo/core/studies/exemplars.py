@@ -43,6 +43,7 @@ from ..capture import BlockRecord, capture_forward
 from ..errors import DataError, InputError, WeightsError
 from ..explorer import Explorer
 from ..weights.cards import WEIGHTS_DIR, ModelCard
+from .budget import budgeted, footprint
 from .distributed import Dist
 from .evalsets import EvalSet, evalset_for, load_evalset
 from .featurevis import VIEWS, block_views
@@ -63,7 +64,7 @@ __all__ = [
 STUDY = "exemplars"  # the card's studies[...] key and the file's middle name: weights/<name>.exemplars.npz
 FORMAT = 1  # version of the stored file's layout
 DEFAULT_K = 9  # exemplars kept per channel (and negative ones per F(x) channel)
-DEFAULT_BATCH = 50  # images per forward pass of the scan
+DEFAULT_BATCH = 50  # images per forward pass of the scan, at most (the server's study budget may ask for fewer)
 ERF_IMAGES = 8  # evaluation images the effective receptive fields are measured on
 ERF_MASS = 0.8  # share of the gradient mass a crop must hold
 SIGNED = ("f",)  # views with negative exemplars too: the branch is signed, x and y are after a ReLU
@@ -262,24 +263,30 @@ def _crop(image: torch.Tensor, top: int, left: int, height: int, width: int) -> 
 # --- the scan --------------------------------------------------------------------------------------------
 
 
-def _receptive_fields(explorer: Explorer, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def _receptive_fields(explorer: Explorer, images: torch.Tensor, chunk: int) -> tuple[np.ndarray, np.ndarray]:
     """(blocks, views, 5): map h, w, crop side, offset y, x from the effective receptive field of each
-    view's centre unit (see the module's docstring); and (blocks, views) the channel counts."""
+    view's centre unit (see the module's docstring); and (blocks, views) the channel counts. The gradients
+    are taken ``chunk`` images at a time (their masses add up)."""
     x0 = explorer.batch_input(images)
     size = x0.shape[-2:]
     rows, widths = [], []
     for name in explorer.block_names:
-        x = x0.detach().clone().requires_grad_(True)
+        mass: dict[str, torch.Tensor] = {}
+        shape: dict[str, tuple[int, int, int]] = {}
         with block_views(explorer.model, name) as run:
-            out = run(x)
-        row = []
-        for v in VIEWS:
-            t = out[v]
-            h, w = t.shape[-2:]
-            (grad,) = torch.autograd.grad(t[:, :, h // 2, w // 2].sum(), x, retain_graph=v != VIEWS[-1])
-            row.append(_erf_geometry(grad.abs().sum(dim=(0, 1)).double().cpu(), (h, w), (h // 2, w // 2), size))
-        rows.append(row)
-        widths.append([out[v].shape[1] for v in VIEWS])
+            for start in range(0, len(x0), chunk):
+                x = x0[start : start + chunk].detach().clone().requires_grad_(True)
+                out = run(x)
+                for v in VIEWS:
+                    t = out[v]
+                    h, w = t.shape[-2:]
+                    (grad,) = torch.autograd.grad(t[:, :, h // 2, w // 2].sum(), x, retain_graph=v != VIEWS[-1])
+                    m = grad.abs().sum(dim=(0, 1)).double().cpu()
+                    mass[v] = m if v not in mass else mass[v] + m
+                    shape[v] = (t.shape[1], h, w)
+                del out
+        rows.append([_erf_geometry(mass[v], shape[v][1:], (shape[v][1] // 2, shape[v][2] // 2), size) for v in VIEWS])
+        widths.append([shape[v][0] for v in VIEWS])
     return np.asarray(rows, dtype=np.float64), np.asarray(widths, dtype=np.int64)
 
 
@@ -313,16 +320,23 @@ def _empty(key: str, widths: np.ndarray) -> torch.Tensor:
     return torch.zeros((0, int(widths[:, VIEWS.index(view)].sum())), dtype=dtype)
 
 
+def _channel_stats(t: torch.Tensor) -> torch.Tensor:
+    """What the scan keeps of one block tensor (B, C, h, w): per image and channel the mean over the map and
+    the flat positions of its maximum and minimum, (B, C, 3) float64 (exact for both)."""
+    t = t.float().flatten(2)
+    return torch.stack([t.mean(dim=2).double(), t.argmax(dim=2).double(), t.argmin(dim=2).double()], dim=2)
+
+
 def _batch_stats(records: list[BlockRecord]) -> dict[str, torch.Tensor]:
     """Per image and channel (all blocks concatenated): the mean over the map, and the flat position of
-    the map's maximum (and minimum, for F(x)); each (B, channels)."""
+    the map's maximum (and minimum, for F(x)); each (B, channels). ``records`` hold :func:`_channel_stats`."""
     out: dict[str, list[torch.Tensor]] = {}
     for v in VIEWS:
-        tensors = [getattr(r, v).float() for r in records]
-        out.setdefault(f"{v}_mean", []).extend(t.mean(dim=(2, 3)) for t in tensors)
-        out.setdefault(f"{v}_argmax", []).extend(t.flatten(2).argmax(dim=2) for t in tensors)
+        stats = [getattr(r, v) for r in records]
+        out.setdefault(f"{v}_mean", []).extend(t[:, :, 0].float() for t in stats)
+        out.setdefault(f"{v}_argmax", []).extend(t[:, :, 1].long() for t in stats)
         if v in SIGNED:
-            out.setdefault(f"{v}_argmin", []).extend(t.flatten(2).argmin(dim=2) for t in tensors)
+            out.setdefault(f"{v}_argmin", []).extend(t[:, :, 2].long() for t in stats)
     return {key: torch.cat(parts, dim=1).cpu() for key, parts in out.items()}
 
 
@@ -353,6 +367,8 @@ def scan_exemplars(
     Args:
         explorer: the model and its preprocessing (:meth:`Explorer.batch_input`).
         evalset: uint8 images in the model's training format.
+        batch_size: images per forward pass, at most: fewer when the server's study budget asks for it
+            (:mod:`~.budget`); the result does not depend on it.
         progress: called with the share of this process's batches done, after each.
         dist: under ``torchrun``, this process's place (:class:`~.distributed.Dist`): it scans its shard in
             whole batches, and the per-image statistics are gathered back into data order, so every
@@ -360,23 +376,32 @@ def scan_exemplars(
 
     Raises:
         InputError: fewer than ``k`` images, or ``k`` < 1.
+        StudyTooLarge: not even one image fits the server's study budget.
     """
     n = len(evalset.images)
     if k < 1 or n < k:
         raise InputError(f"keeping {k} exemplars per channel needs at least {k} images; the set has {n}")
     dist = dist or Dist()
-    geometry, widths = _receptive_fields(explorer, evalset.images[:ERF_IMAGES])
-    mine = dist.shard(n, block=batch_size)
-    starts = list(range(0, len(mine), batch_size))
-    stats: dict[str, list[torch.Tensor]] = {key: [_empty(key, widths)] for key in _stat_keys()}
-    for i, s in enumerate(starts):
-        batch = evalset.images[mine[s : s + batch_size]]
-        with torch.inference_mode():
-            _, records = capture_forward(explorer.model, explorer.batch_input(batch))
-            for key, t in _batch_stats(records).items():
-                stats[key].append(t)
-        if progress is not None:
-            progress((i + 1) / len(starts))
+    with torch.inference_mode():
+        sample = explorer.batch_input(evalset.images[:1])
+        with_grad, scan_pass = footprint(explorer.model, sample, grad=True), footprint(explorer.model, sample)
+    what = f"The exemplar scan of {explorer.card.name}"
+    with budgeted(with_grad, ERF_IMAGES, what=what) as chunk:
+        geometry, widths = _receptive_fields(explorer, evalset.images[:ERF_IMAGES], chunk)
+    # the capture keeps x, F(x) and y of every block only as per-channel means and peak positions
+    with budgeted(scan_pass, batch_size, what=what) as batch_size:
+        mine = dist.shard(n, block=batch_size)
+        starts = list(range(0, len(mine), batch_size))
+        stats: dict[str, list[torch.Tensor]] = {key: [_empty(key, widths)] for key in _stat_keys()}
+        for i, s in enumerate(starts):
+            batch = evalset.images[mine[s : s + batch_size]]
+            with torch.inference_mode():
+                _, records = capture_forward(explorer.model, explorer.batch_input(batch), keep=VIEWS,
+                                             reduce=_channel_stats)
+                for key, t in _batch_stats(records).items():
+                    stats[key].append(t)
+            if progress is not None:
+                progress((i + 1) / len(starts))
     # every process's per-image numbers, back in data order: the top-k below is then the single process's
     full = {key: dist.gather(torch.cat(parts).to(dist.device), mine.to(dist.device)).cpu()
             for key, parts in stats.items()}

@@ -36,6 +36,7 @@ from ..capture import capture, find_blocks
 from ..errors import DataError
 from ..explorer import Explorer
 from ..model import ResNet
+from .budget import budgeted, footprint
 from .distributed import Dist
 
 __all__ = [
@@ -45,7 +46,8 @@ __all__ = [
 
 NONE = "none"  # the row of the intact model in the per-class matrix
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
-DEFAULT_BATCH = 100  # images per forward pass; the tutorial Net keeps ~130 MB of block inputs per 100 images
+DEFAULT_BATCH = 100  # images per forward pass (fewer when the server's study budget asks for it); the tutorial
+# Net keeps ~130 MB of block inputs per 100 images to resume from
 
 
 def _matrix(rows: Sequence, shape: tuple[int, ...], what: str) -> np.ndarray:
@@ -276,28 +278,33 @@ def lesion_scan(
         normalise: uint8 batch -> model input on the model's device.
         alphas: factors of a block's branch; 0 is the lesion, 1 intact.
         dist: the data-parallel job (one process by default); every process gets the combined result.
-        batch_size: images per forward pass.
+        batch_size: images per forward pass, at most: fewer when the server's study budget
+            (:mod:`~.budget`) asks for it. The counts do not depend on it.
         progress: called with (images done, images of this process) after each batch.
 
     Raises:
         DataError: images, labels or classes that do not fit together.
         ValueError: an alpha that is not finite; a model whose logits do not match ``classes``.
+        StudyTooLarge: not even one image fits the server's study budget.
     """
     dist = dist or Dist()
     _check(images, labels, classes)
     alphas = _alphas(alphas)
     blocks = [b.name for b in find_blocks(model)]
     runner = _Runner(model)
-    index = dist.shard(len(images), block=batch_size)
-    counts = _Counts(len(blocks), len(classes), len(alphas))  # stays zero for a process without images
-    for start in range(0, len(index), batch_size):
-        idx = index[start : start + batch_size]
-        x = normalise(images[idx])
-        if start == 0:
-            counts = _Counts(len(blocks), len(classes), len(alphas), x.device)
-        counts.add_batch(runner, x, labels[idx].to(x.device, torch.int64), blocks, alphas)
-        if progress is not None:
-            progress(min(start + batch_size, len(index)), len(index))
+    # nothing is captured; the project's ResNet keeps every block's input of the batch to resume from
+    need = footprint(model, normalise(images[:1]), kept=("x",) if runner.steps is not None else ())
+    with budgeted(need, batch_size, what="The lesion study") as batch_size:
+        index = dist.shard(len(images), block=batch_size)
+        counts = _Counts(len(blocks), len(classes), len(alphas))  # stays zero for a process without images
+        for start in range(0, len(index), batch_size):
+            idx = index[start : start + batch_size]
+            x = normalise(images[idx])
+            if start == 0:
+                counts = _Counts(len(blocks), len(classes), len(alphas), x.device)
+            counts.add_batch(runner, x, labels[idx].to(x.device, torch.int64), blocks, alphas)
+            if progress is not None:
+                progress(min(start + batch_size, len(index)), len(index))
     correct, support, curves = (dist.sum(t).cpu().numpy() for t in (counts.correct, counts.support, counts.curves))
     lesions = ClassLesions([NONE, *blocks], list(classes), correct, support)
     return LesionScan(lesions, AlphaCurves(blocks, alphas, curves, int(support.sum())))
