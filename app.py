@@ -5,7 +5,7 @@
     python app.py --arch resnet50 --weights resnet50.pth
 
 The page is built tab by tab: each function below lays out one part of the page and wires its own
-events. Handlers return typed results (``resnet_demo.view.page``) whose fields are mapped to
+events. Handlers return typed results (``resnet_demo.view.results``) whose fields are mapped to
 components by name. This file talks to ``resnet_demo.view`` only, and to the core's error types.
 """
 
@@ -39,20 +39,11 @@ from gradio.utils import _parse_file_size  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from resnet_demo.core.errors import WeightsError  # noqa: E402
-from resnet_demo.view import page as pages_mod  # noqa: E402
-from resnet_demo.view.dataset_page import SHIPPED_SET, SORTS, USER_SET  # noqa: E402
-from resnet_demo.view.page import (  # noqa: E402
-    METRIC_COLUMNS,
-    SWEEP_COLUMNS,
-    AnalysisView,
-    ChannelView,
-    Pages,
-    SetFilter,
-    Settings,
-    SetView,
-    Timelines,
-    UploadRequest,
-)
+from resnet_demo.view.analysis_view import METRIC_COLUMNS  # noqa: E402
+from resnet_demo.view.channel_page import ChannelView  # noqa: E402
+from resnet_demo.view.dataset_page import SHIPPED_SET, SORTS, USER_SET, SetFilter, SetView  # noqa: E402
+from resnet_demo.view.insight_view import SWEEP_COLUMNS  # noqa: E402
+from resnet_demo.view.pages import Pages  # noqa: E402
 from resnet_demo.view.registry import (  # noqa: E402
     AUTO,
     CUSTOM,
@@ -64,6 +55,8 @@ from resnet_demo.view.registry import (  # noqa: E402
     start_serving,
 )
 from resnet_demo.view.render import VIEWS, png_data_url  # noqa: E402
+from resnet_demo.view.results import AnalysisView, Settings, UploadRequest  # noqa: E402
+from resnet_demo.view.timeline_view import Timelines  # noqa: E402
 from resnet_demo.view.uploads import ARCH_CHOICES, PRESET_CHOICES, UserModels  # noqa: E402
 
 try:  # Hugging Face Spaces with ZeroGPU: the decorated function gets a GPU for its duration.
@@ -90,7 +83,7 @@ VIEW_CHOICES = [(f"{label} ({key})", key) for key, label in VIEWS.items()]
 SESSIONS = 1000
 STATUS_UPDATE_S = 1.0
 # Feature maps and the model's input are sent at (near) their own resolution: the browser enlarges them
-# the way PIL's nearest-neighbour would, for a fraction of the server's PNG encoding (view/page.py: SCREEN).
+# the way PIL's nearest-neighbour would, for a fraction of the server's PNG encoding (view/analysis_view.py: SCREEN).
 CSS = ".pixelated img { image-rendering: pixelated; object-fit: contain !important; }"
 
 
@@ -197,7 +190,7 @@ class PhotoInput(gr.Image):
         try:
             return super().preprocess(payload)
         except Exception:  # noqa: BLE001 - PIL raises many types for hostile files
-            raise gr.Error(pages_mod.upload_error(payload.path), print_exception=False) from None
+            raise gr.Error(Pages.upload_error(payload.path), print_exception=False) from None
 
 
 class InlineImage(gr.Image):
@@ -949,7 +942,7 @@ def wire_analysis(pages: Pages, registry: Registry, inputs: InputsPanel, c: Cont
         return analyze(state.source, state.kind, state, chart, model_key, k, view, detail, lesioned, request)
 
     def block_clicked(state, evt: gr.SelectData):  # a click on a block's grid in the strip enlarges that block
-        return pages_mod.block_at(state, evt.index[0]) or gr.skip()
+        return Pages.block_at(state, evt.index[0]) or gr.skip()
 
     inputs.photo.change(photo, [inputs.photo, *settings], outputs, api_name="analyze_photo",
                         trigger_mode="always_last")

@@ -17,7 +17,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 import app  # noqa: E402
-from resnet_demo.view.page import build_page  # noqa: E402
+from resnet_demo.view.analysis_view import build_page  # noqa: E402
 
 SETTINGS = ("auto", 5, "f", "res9", [])
 

@@ -397,7 +397,7 @@ def test_the_timeline_slider_shows_each_snapshot(page, server):
 
 
 def test_a_click_on_a_channel_tile_shows_what_it_responds_to(page, server):
-    from resnet_demo.view.page import SCREEN, block_tensor
+    from resnet_demo.view.analysis_view import SCREEN, block_tensor
     from resnet_demo.view.render import rank_channels
 
     _, registry = server

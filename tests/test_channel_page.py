@@ -6,9 +6,11 @@ import pytest
 from PIL import Image
 
 from resnet_demo.core.studies.exemplars import exemplars_for
-from resnet_demo.view.page import SCREEN, Pages, PageState, Settings, block_tensor
+from resnet_demo.view.analysis_view import SCREEN, block_tensor
+from resnet_demo.view.pages import Pages
 from resnet_demo.view.registry import default_registry
 from resnet_demo.view.render import rank_channels
+from resnet_demo.view.results import PageState, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTO = ROOT / "examples" / "cifar10-ship-0.jpg"

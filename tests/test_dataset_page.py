@@ -13,8 +13,9 @@ from resnet_demo.core.errors import DataError
 from resnet_demo.core.studies.evalsets import load_evalset
 from resnet_demo.view.dataset_page import SHIPPED_SET, USER_SET, SetFilter
 from resnet_demo.view.error_view import confusion_layout
-from resnet_demo.view.page import Pages, Settings
+from resnet_demo.view.pages import Pages
 from resnet_demo.view.registry import default_registry
+from resnet_demo.view.results import Settings
 
 SETTINGS = Settings("mnist", 3, session="s1")
 

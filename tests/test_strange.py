@@ -251,8 +251,9 @@ def test_the_page_warns_for_noise_and_not_for_a_test_photo():
     import numpy as np
     from PIL import Image
 
-    from resnet_demo.view.page import Pages, Settings
+    from resnet_demo.view.pages import Pages
     from resnet_demo.view.registry import default_registry
+    from resnet_demo.view.results import Settings
 
     registry = default_registry("cpu")
     registry.load_all()

@@ -15,8 +15,9 @@ from resnet_demo.core.studies.evalsets import load_evalset
 from resnet_demo.core.studies.timeline import Timeline, find_timelines
 from resnet_demo.core.weights.cards import MNIST, WEIGHTS_DIR, ModelCard
 from resnet_demo.core.weights.files import save_weights
-from resnet_demo.view.page import Pages, PageState, Settings
+from resnet_demo.view.pages import Pages
 from resnet_demo.view.registry import default_registry
+from resnet_demo.view.results import PageState, Settings
 from resnet_demo.view.timeline_view import Timelines, timeline_chart, timeline_view
 
 STEPS = (1, 6, 40)

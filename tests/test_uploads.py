@@ -18,7 +18,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 from resnet_demo.core.explorer import Explorer  # noqa: E402
-from resnet_demo.view.page import summarise  # noqa: E402
+from resnet_demo.view.analysis_view import summarise  # noqa: E402
 from resnet_demo.view.uploads import UserModels, default_class_names  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -195,8 +195,9 @@ def test_class_names_that_do_not_fit_the_head_are_refused(server, tutorial_file)
 
 
 def test_the_page_refuses_another_sessions_model_even_past_the_selector(tmp_path):
-    from resnet_demo.view.page import Pages, Settings
+    from resnet_demo.view.pages import Pages
     from resnet_demo.view.registry import default_registry
+    from resnet_demo.view.results import Settings
 
     pages = Pages(default_registry("cpu", weights_dir(tmp_path)), UserModels())
     explorer = Explorer.from_weights(weights_dir(tmp_path) / "mnist_resnet.safetensors", "cpu")

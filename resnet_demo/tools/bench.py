@@ -31,7 +31,7 @@ from ..core.model import build_model
 from ..core.runtime import machine, record_cuda_graph, tune_malloc
 from ..core.weights.cards import WEIGHTS_DIR, tutorial_card
 from ..core.weights.load import load_model
-from ..view.page import build_page
+from ..view.analysis_view import build_page
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "cifar10-cat-0.jpg"
 

@@ -130,7 +130,7 @@ def expected_results(paths: list[Path], weights_dir: Path, k: int = 5) -> list[E
     import torch
 
     from ..core.explorer import Explorer
-    from ..view.page import summarise
+    from ..view.analysis_view import summarise
 
     explorer = Explorer.from_weights(Path(weights_dir) / PHOTO_WEIGHTS, "cpu")
     out = []

@@ -1,37 +1,28 @@
-"""What the page shows, computed without Gradio: one analysis and each tool's result as typed values.
+"""The page's handlers without Gradio: :class:`Pages` takes a session's state and settings, asks the
+core's :class:`~resnet_demo.core.explorer.Explorer` (or a study over one) for the numbers, and returns one
+typed result of :mod:`.results`, drawn by :mod:`.analysis_view` and :mod:`.insight_view`.
 
-``app.py`` lays out components and maps these results' fields to them by name; everything here can be
-tested and benchmarked without a server. The page asks the core's :class:`~resnet_demo.core.explorer.Explorer`
-for every number and only turns results into pictures and words.
-
-A browser session remembers a :class:`PageState`: the image, the model it was analysed with, and the
-results of the tools already run on it, so that the export packs what the page has shown instead of
-computing it again. It holds no tensors (Gradio keeps one per session).
+Everything here can be tested and benchmarked without a server; ``app.py`` only maps the results' fields to
+components by name.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
-from ..core.errors import WeightsError
+from ..core.errors import InputError, WeightsError
 from ..core.explorer import Analysis, Explorer
-from ..core.insight import LesionResult, Readout
-from ..core.metrics import METRIC_NAMES
-from ..core.preprocess import InputError, load_image
-from ..core.studies.bands import describe
+from ..core.preprocess import load_image
 from ..core.studies.evalsets import evalset_for, load_evalset
 from ..core.studies.similarity import block_similarity
-from ..core.studies.strangeness import strangeness
+from .analysis_view import FILES, block_detail, build_page, compare_text, detail_channel, metrics_table, side_by_side
 from .channel_page import ChannelView, channel_view, visualisation
 from .dataset_page import (
     USER_SET,
@@ -47,397 +38,28 @@ from .dataset_page import (
 )
 from .error_view import labelled_summary
 from .export import export_zip
+from .insight_view import cam_image, lesion_text, readout_text, sweep_rows
 from .probe_charts import probe_chart, probe_summary
 from .registry import Registry
-from .render import (
-    VIEWS,
-    Strip,
-    comparison_chart,
-    feature_grid,
-    feature_strip,
-    grid_codes,
-    input_image,
-    lesion_sweep_chart,
-    overlay,
-    palette_image,
-    rank_channels,
-    readout_chart,
-    residual_chart,
-    similarity_map,
-    slot_at,
-    tile_at,
+from .render import comparison_chart, lesion_sweep_chart, readout_chart, residual_chart, similarity_map, slot_at
+from .results import (
+    AnalysisView,
+    CompareView,
+    GradcamView,
+    LesionView,
+    PageState,
+    ReadoutView,
+    ResidualView,
+    Settings,
+    SimilarityView,
+    SweepView,
+    UploadRequest,
+    UploadView,
 )
 from .timeline_view import RUN_PREFIX, Timelines, TimelineView, timeline_view
 from .uploads import UPLOAD_PREFIX, UserModels, load_upload, parse_class_names
 
-__all__ = [
-    "METRIC_COLUMNS",
-    "SWEEP_COLUMNS",
-    "AnalysisView",
-    "ChannelView",
-    "CompareView",
-    "SimilarityView",
-    "GradcamView",
-    "LesionView",
-    "Page",
-    "PageState",
-    "Pages",
-    "ReadoutView",
-    "ResidualView",
-    "SCREEN",
-    "FILES",
-    "Settings",
-    "UploadRequest",
-    "UploadView",
-    "Sizes",
-    "SetFilter",
-    "SetView",
-    "StudyView",
-    "SweepView",
-    "TimelineView",
-    "Timelines",
-    "block_at",
-    "build_page",
-    "metrics_table",
-    "upload_error",
-]
-
-METRIC_COLUMNS = ["block", "stage", *METRIC_NAMES]
-SWEEP_COLUMNS = ["lesioned block", "new top-1", "p(original top-1)", "Δp", "KL (nats)"]
-CAM_SIZE = 256  # pixels of the Grad-CAM overlay
-
-
-@dataclass(frozen=True)
-class Sizes:
-    """Pixel sizes of a page's images: one channel tile (its feature map enlarged by a whole factor), the
-    white line between tiles, and the side of the input as the model saw it."""
-
-    grid_cell: int
-    detail_cell: int
-    pad: int
-    input_px: int
-
-
-# On screen, images are sent at (near) their own resolution and the browser enlarges them with
-# ``image-rendering: pixelated`` (app.py's CSS), the nearest-neighbour enlargement PIL would do, so the
-# page looks the same for a fraction of the PNG encoding. Files in the export are seen without that CSS.
-SCREEN = Sizes(grid_cell=32, detail_cell=16, pad=1, input_px=32)
-FILES = Sizes(grid_cell=48, detail_cell=40, pad=2, input_px=160)
-
-
-# --- one analysis as pictures and words ------------------------------------------------------------
-
-
-@dataclass
-class Page:
-    """Every output of one analysis, ready for the page's components."""
-
-    analysis: Analysis
-    predictions: dict[str, float]
-    model_input: Image.Image
-    grids: Strip | list[tuple[Image.Image, str]]  # one strip of every block's grid on screen; one image each in files
-    chart: Image.Image | None
-    table: list[list]
-    summary: str
-    detail: Image.Image | None = None
-
-
-def metrics_table(analysis: Analysis, digits: int = 4) -> list[list]:
-    return [[m.name, m.stage, *(round(getattr(m, k), digits) for k in METRIC_NAMES)] for m in analysis.metrics]
-
-
-def block_tensor(analysis: Analysis, block: str, view: str):
-    if view not in VIEWS:
-        raise ValueError(f"view must be one of {list(VIEWS)}, got {view!r}")
-    for rec in analysis.blocks:
-        if rec.name == block:
-            return getattr(rec, view)[0]
-    raise KeyError(f"unknown block {block!r}; this model's blocks are {[r.name for r in analysis.blocks]}")
-
-
-def block_detail(
-    analysis: Analysis, block: str, view: str = "f", max_channels: int = 256, sizes: Sizes = SCREEN
-) -> Image.Image:
-    """All channels of one block (up to ``max_channels``), each scaled to its own range, most active first."""
-    fmap = block_tensor(analysis, block, view)
-    n = min(fmap.shape[0], max_channels)
-    return feature_grid(fmap, signed=view == "f", max_channels=n, cell=sizes.detail_cell, pad=sizes.pad,
-                        per_channel_scale=True)
-
-
-def detail_channel(analysis: Analysis, block: str, view: str, x: float, y: float, max_channels: int = 256,
-                   sizes: Sizes = SCREEN) -> int | None:
-    """The channel whose tile is under pixel (x, y) of :func:`block_detail`'s picture (tiles are in order of
-    activity on this image, so the same pixel is another channel on another image)."""
-    fmap = block_tensor(analysis, block, view)
-    n = min(fmap.shape[0], max_channels)
-    tile = tile_at(n, fmap.shape[1], fmap.shape[2], sizes.detail_cell, sizes.pad, x, y)
-    return None if tile is None else int(rank_channels(fmap)[tile])
-
-
-def summarise(analysis: Analysis) -> str:
-    top = analysis.predictions[0]
-    metrics = analysis.metrics
-    busiest = max(metrics, key=lambda m: m.ratio)
-    quietest = min(metrics, key=lambda m: m.ratio)
-    against = [m.name for m in metrics if m.cosine < -0.2]
-    lines = [
-        f"**{analysis.card.name}** predicts **{top.label}** ({top.prob:.1%}).",
-    ]
-    odd = strangeness(metrics, analysis.logits, analysis.card)
-    if odd is not None and odd.strange:
-        lines.append(f"⚠ {odd.message}")
-    lines += [
-        f"Block **{busiest.name}** changes its input most (‖F‖/‖s‖ = {busiest.ratio:.2f}); "
-        f"**{quietest.name}** least ({quietest.ratio:.2f}).",
-    ]
-    if against:
-        lines.append(f"Branches that mostly cancel their input (cosine < −0.2): {', '.join(against)}.")
-    if analysis.card.reference_bands:
-        lines += describe(metrics, analysis.card.reference_bands, outside=10)[:3]
-    if not analysis.card.trained:
-        lines.append("These weights are **untrained**: the predictions are noise.")
-    return "  \n".join(lines)
-
-
-def build_page(
-    analysis: Analysis,
-    *,
-    view: str = "f",
-    detail_block: str | None = None,
-    max_channels: int = 16,
-    chart: bool = True,
-    sizes: Sizes = SCREEN,
-) -> Page:
-    """Render one analysis: top-k, the input as the model saw it, a grid per block, chart and table.
-
-    ``chart=False`` leaves the residual chart out (``None``): the page draws it only while its tab is open.
-    """
-    captions = [f"{m.name} · {m.ratio:.2f}" for m in analysis.metrics]  # metrics follow the records, in order
-    # F(x)'s channels are ranked by mean |F|, which the metrics hold already (channel_f); x and y are ranked here.
-    ranked = [np.argsort(-m.channel_f, kind="stable")[:max_channels] if view == "f" else None for m in analysis.metrics]
-    codes = [grid_codes(getattr(rec, view)[0], signed=view == "f", channels=order, max_channels=max_channels,
-                        cell=sizes.grid_cell, pad=sizes.pad) for rec, order in zip(analysis.blocks, ranked)]
-    cmap = "RdBu_r" if view == "f" else "magma"
-    if sizes == SCREEN:
-        grids = feature_strip(codes, captions, cmap)
-    else:
-        grids = [(palette_image(c, cmap), caption) for c, caption in zip(codes, captions)]
-    return Page(
-        analysis=analysis,
-        predictions={p.label: p.prob for p in analysis.predictions},
-        model_input=input_image(analysis.input, analysis.card, size=sizes.input_px),
-        grids=grids,
-        chart=residual_chart(analysis.metrics, bands=analysis.card.reference_bands or None) if chart else None,
-        table=metrics_table(analysis),
-        summary=summarise(analysis),
-        detail=block_detail(analysis, detail_block, view, sizes=sizes) if detail_block else None,
-    )
-
-
-# --- what one browser session remembers, and the results the page shows ----------------------------
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The page's controls that every analysis and tool reads."""
-
-    model_key: str = "auto"
-    k: int = 5
-    view: str = "f"
-    detail_block: str | None = None
-    lesion_blocks: tuple[str, ...] = ()
-    session: str = ""  # the browser session: uploaded models are visible to theirs only
-    alpha: float = 0.0  # the lesion tab's branch factor: 0 removes the chosen branches, 1 leaves them intact
-
-
-@dataclass
-class PageState:
-    """The session's image and what the tools have computed for it with one model and top-k.
-
-    ``tools`` is emptied whenever the image, the model or k changes (a new state is made).
-    """
-
-    source: Any
-    kind: str
-    model_key: str = ""
-    k: int = 5
-    choices: tuple = ()  # the block names and classes the page's choosers offer for this model
-    strip: tuple[int, int] = (0, 0)  # (pitch, slot) of the feature-map strip, to find the block under a click
-    lesion: LesionResult | None = None
-    sweep: list[LesionResult] | None = None
-    readout: Readout | None = None
-    cam: tuple[str, int, np.ndarray] | None = None  # (block, class index, map over the input)
-
-    def same_request(self, model_key: str, k: int) -> bool:
-        return self.model_key == model_key and self.k == k
-
-
-@dataclass
-class AnalysisView:
-    """The main analysis: what every component outside the tools' own tabs shows."""
-
-    state: PageState
-    page: Page
-    blocks: list[str]  # this model's block names, for the block choosers
-    detail_block: str  # the block enlarged
-    lesion_blocks: list[str]  # the lesion choice, kept where the blocks still exist
-    classes: list[str]
-    choices_changed: bool  # the session's first analysis, or another model: the choosers need the new names
-
-
-@dataclass(frozen=True)
-class UploadRequest:
-    """What the "Your model" panel asks for besides the checkpoint itself."""
-
-    preset: str = "cifar10"  # a key of uploads.PRESET_CHOICES
-    arch: str | None = None  # None: recognised from the keys and shapes
-    class_file: str | None = None
-    class_text: str | None = None
-    size: int | None = None  # custom preset only
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    file_name: str | None = None  # as the visitor named it
-
-
-@dataclass
-class UploadView:
-    key: str
-    label: str
-    text: str
-    choices: list[tuple[str, str]]
-
-
-@dataclass
-class CompareView:
-    """Model A (the page's) and model B on the session's image, side by side."""
-
-    state: PageState
-    predictions_a: dict[str, float]
-    predictions_b: dict[str, float]
-    chart: Image.Image
-    detail_a: Image.Image
-    detail_b: Image.Image
-    sweeps: Image.Image
-    readouts: Image.Image | None
-    text: str
-
-
-@dataclass
-class SimilarityView:
-    image: Image.Image
-    text: str
-
-
-@dataclass
-class ResidualView:
-    state: PageState | None
-    chart: Image.Image | None
-    table: list[list] | None
-
-
-@dataclass
-class LesionView:
-    state: PageState
-    predictions: dict[str, float]
-    text: str
-
-
-@dataclass
-class SweepView:
-    state: PageState
-    chart: Image.Image
-    rows: list[list]
-
-
-@dataclass
-class ReadoutView:
-    state: PageState
-    chart: Image.Image
-    text: str
-    probes: Image.Image | None = None  # linear probes per block beside the head, where the card has them
-
-
-@dataclass
-class GradcamView:
-    state: PageState
-    image: Image.Image
-    label: str
-    blocks: list[str]  # the model's, for the choosers
-    classes: list[str]
-    block: str  # the block explained
-
-
-def lesion_text(result: LesionResult) -> str:
-    after = result.predictions[0]
-    names = ", ".join(result.lesioned)
-    what = (f"Without the branch of **{names}**" if result.alpha == 0
-            else f"With the branch of **{names}** scaled by α = {result.alpha:g} (y = relu(α·F(x) + s(x)))")
-    return (
-        f"{what}, the network predicts **{after.label}** "
-        f"({after.prob:.1%}). The original top-1 **{result.orig_label}** goes from "
-        f"{result.p_orig_top1_before:.1%} to {result.p_orig_top1_after:.1%} (Δ {result.delta:+.1%}); "
-        f"KL(intact ‖ lesioned) = {result.kl:.3f} nats."
-        + (" **The top-1 changed.**" if result.top1_changed else " The top-1 is unchanged.")
-    )
-
-
-def sweep_rows(results: list[LesionResult]) -> list[list]:
-    return [[r.lesioned[0], r.predictions[0].label, round(r.p_orig_top1_after, 4), round(r.delta, 4), round(r.kl, 4)]
-            for r in results]
-
-
-def readout_text(result: Readout) -> str:
-    steps = ", ".join(f"{r.name}: {r.top1.label} ({r.p_final:.0%})" for r in result)
-    settles = (f"The prediction settles at **{result.settles_at}**." if result.settles_at
-               else "The readouts never agree with the final prediction.")
-    return f"Final top-1: **{result.final.label}**. Probability of it, read out after each block: {steps}. {settles}"
-
-
-def block_at(state: PageState | None, x: float) -> str | None:
-    """The block whose grid is under pixel column ``x`` of the session's feature-map strip, if any."""
-    if state is None or not state.choices:
-        return None
-    i = slot_at(x, *state.strip)
-    names = state.choices[0]
-    return names[i] if i is not None and i < len(names) else None
-
-
-def side_by_side(images: list[Image.Image], gap: int = 12) -> Image.Image:
-    """Images next to each other on white, top-aligned."""
-    out = Image.new("RGB", (sum(i.width for i in images) + gap * (len(images) - 1), max(i.height for i in images)),
-                    "white")
-    x = 0
-    for img in images:
-        out.paste(img.convert("RGB"), (x, 0))
-        x += img.width + gap
-    return out
-
-
-def compare_text(a: Analysis, b: Analysis) -> str:
-    """What differs between the two analyses of one image, in words."""
-    ta, tb = a.predictions[0], b.predictions[0]
-    agree = "agree" if ta.label == tb.label else "disagree"
-    lines = [f"A (**{a.card.name}**) predicts **{ta.label}** ({ta.prob:.1%}); B (**{b.card.name}**) predicts "
-             f"**{tb.label}** ({tb.prob:.1%}): they {agree}."]
-    pairs = list(zip(a.metrics, b.metrics))
-    if pairs:
-        i, (ma, mb) = max(enumerate(pairs), key=lambda p: abs(math.log(max(p[1][0].ratio, 1e-9))
-                                                               - math.log(max(p[1][1].ratio, 1e-9))))
-        lines.append(f"Blocks paired by depth: the largest difference in ‖F‖/‖s‖ is at depth {i + 1} "
-                     f"({ma.name}: {ma.ratio:.2f} in A, {mb.name}: {mb.ratio:.2f} in B).")
-    if len(a.metrics) != len(b.metrics):
-        lines.append(f"A has {len(a.metrics)} blocks, B {len(b.metrics)}: the chart pairs them by position.")
-    return "  \n".join(lines)
-
-
-def upload_error(path: str) -> str:
-    """The sentence to show for an upload Gradio could not decode: the project's decoder says what is wrong."""
-    try:
-        load_image(path)
-    except InputError as exc:
-        return str(exc)
-    return "The upload could not be read as an image."
+__all__ = ["Pages"]
 
 
 class Pages:
@@ -451,6 +73,24 @@ class Pages:
         self.user_sets = UserSets()
         self._results: dict[tuple, Any] = {}  # see _cached
         self._lock = threading.Lock()
+
+    @staticmethod
+    def block_at(state: PageState | None, x: float) -> str | None:
+        """The block whose grid is under pixel column ``x`` of the session's feature-map strip, if any."""
+        if state is None or not state.choices:
+            return None
+        i = slot_at(x, *state.strip)
+        names = state.choices[0]
+        return names[i] if i is not None and i < len(names) else None
+
+    @staticmethod
+    def upload_error(path: str) -> str:
+        """The sentence to show for an upload Gradio could not decode: the project's decoder says what is wrong."""
+        try:
+            load_image(path)
+        except InputError as exc:
+            return str(exc)
+        return "The upload could not be read as an image."
 
     def explorer(self, model_key: str, kind: str, session: str = "") -> tuple[str, Explorer]:
         if model_key.startswith(UPLOAD_PREFIX):
@@ -700,11 +340,7 @@ class Pages:
         cam = explorer.gradcam(analysis, block, index)
         state = dataclasses.replace(state, cam=(block, index, cam))
         title = f"Grad-CAM for “{classes[index]}” at {block}" + (f" ({'; '.join(foreign)})" if foreign else "")
-        return GradcamView(state, self._cam_image(analysis, cam), title, blocks, list(classes), block)
-
-    @staticmethod
-    def _cam_image(analysis: Analysis, cam: np.ndarray) -> Image.Image:
-        return overlay(cam, input_image(analysis.input, analysis.card, size=CAM_SIZE))
+        return GradcamView(state, cam_image(analysis, cam), title, blocks, list(classes), block)
 
     def export(self, state: PageState | None, settings: Settings, folder: Path) -> tuple[PageState, Path]:
         """A ZIP of everything the page shows for the session's image; tools already run are not run again."""
@@ -729,7 +365,7 @@ class Pages:
         images["lesion sweep"] = lesion_sweep_chart(sweep)
         if readout is not None:
             images["readout"] = readout_chart(readout)
-        images[f"grad-cam {cam[0]}"] = self._cam_image(analysis, cam_map)
+        images[f"grad-cam {cam[0]}"] = cam_image(analysis, cam_map)
         folder.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         path = export_zip(analysis, images=images, lesion=lesion, sweep=sweep, readout=readout,
