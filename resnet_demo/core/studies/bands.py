@@ -156,7 +156,7 @@ def compute_bands(
         return batch.to(device)
 
     if isinstance(data, torch.Tensor) and len(data):
-        with _planned(model, prepared(data[:1]), batch_size, metrics) as size:
+        with _planned(model, prepared(data[:1]), min(batch_size, len(data)), metrics) as size:
             for batch in _batches(data, size):
                 n += _add(values, *_batch_values(model, prepared(batch), metrics), metrics)
     else:
@@ -198,7 +198,7 @@ def band_values(
     """
     dist = dist or Dist()
     names = [b.name for b in find_blocks(model)]
-    with _planned(model, normalise(images[:1]), batch_size, metrics) as batch_size:
+    with _planned(model, normalise(images[:1]), min(batch_size, len(images)), metrics) as batch_size:
         index = dist.shard(len(images), block=batch_size)
         rows = []
         for start in range(0, len(index), batch_size):

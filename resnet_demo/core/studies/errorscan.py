@@ -206,7 +206,7 @@ def scan(
     with torch.inference_mode():
         # a bare forward pass: nothing is captured, only the logits are kept
         need = footprint(explorer.model, explorer.batch_input(images[:1])) if n else Footprint(0)
-        with budgeted(need, batch_size, what=f"The error scan of {explorer.card.name}") as batch_size:
+        with budgeted(need, min(batch_size, max(n, 1)), what=f"The error scan of {explorer.card.name}") as batch_size:
             for start in range(0, n, batch_size):
                 parts.append(explorer.logits(explorer.batch_input(images[start : start + batch_size])))
                 if progress is not None:

@@ -386,10 +386,10 @@ def scan_exemplars(
         sample = explorer.batch_input(evalset.images[:1])
         with_grad, scan_pass = footprint(explorer.model, sample, grad=True), footprint(explorer.model, sample)
     what = f"The exemplar scan of {explorer.card.name}"
-    with budgeted(with_grad, ERF_IMAGES, what=what) as chunk:
+    with budgeted(with_grad, min(ERF_IMAGES, n), what=what) as chunk:
         geometry, widths = _receptive_fields(explorer, evalset.images[:ERF_IMAGES], chunk)
     # the capture keeps x, F(x) and y of every block only as per-channel means and peak positions
-    with budgeted(scan_pass, batch_size, what=what) as batch_size:
+    with budgeted(scan_pass, min(batch_size, n), what=what) as batch_size:
         mine = dist.shard(n, block=batch_size)
         starts = list(range(0, len(mine), batch_size))
         stats: dict[str, list[torch.Tensor]] = {key: [_empty(key, widths)] for key in _stat_keys()}

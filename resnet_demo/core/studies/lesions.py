@@ -294,7 +294,7 @@ def lesion_scan(
     runner = _Runner(model)
     # nothing is captured; the project's ResNet keeps every block's input of the batch to resume from
     need = footprint(model, normalise(images[:1]), kept=("x",) if runner.steps is not None else ())
-    with budgeted(need, batch_size, what="The lesion study") as batch_size:
+    with budgeted(need, min(batch_size, len(images)), what="The lesion study") as batch_size:
         index = dist.shard(len(images), block=batch_size)
         counts = _Counts(len(blocks), len(classes), len(alphas))  # stays zero for a process without images
         for start in range(0, len(index), batch_size):
