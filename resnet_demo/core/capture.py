@@ -1,10 +1,12 @@
 """Forward-hook capture of every residual block's x, F(x), s(x) and y.
 
-Blocks are found by walking ``named_modules()``: the project's :class:`~resnet_demo.core.model.ResidualBlock`
-and torchvision's ``BasicBlock`` / ``Bottleneck``. For each block three hooks are registered:
+Blocks are found by walking ``named_modules()`` and asking :mod:`.blocks` about each module: the project's
+:class:`~resnet_demo.core.model.ResidualBlock`, torchvision's ``BasicBlock`` / ``Bottleneck``, timm's ResNet and
+ResNetV2 blocks and transformers' ResNet layers. For each block three hooks are registered:
 
-- on the module whose output is F(x) (the project's ``branch``; torchvision's last BN). torchvision
-  adds the shortcut to that tensor *in place*, so the hook copies it at once, before the add;
+- on the module whose output is F(x) (the project's ``branch``; torchvision's last BN; timm's last of BN, SE and
+  drop-path; transformers' ``layer``). Most libraries add the shortcut to that tensor *in place*, so the hook
+  copies it at once, before the add;
 - on the projection shortcut, when there is one (otherwise s(x) is x);
 - on the block itself, for x (its input) and y (its output).
 
@@ -15,7 +17,8 @@ lesioned, so concurrent requests on one shared model never mix.
 The same branch hook makes interventions: a *lesion* removes a block's branch (``y = relu(s(x))``, Veit
 et al. 2016) and a *graded* one scales it, ``y = relu(alpha * F(x) + s(x))``. ``alpha = 0`` is the lesion
 exactly (the branch becomes zeros, not ``F * 0``, which would keep a NaN or infinity) and ``alpha = 1``
-leaves the tensor untouched, so its logits are the intact model's bit for bit.
+leaves the tensor untouched, so its logits are the intact model's bit for bit. A pre-activation block (timm's
+``resnetv2``, :attr:`BlockSpec.activation` ``None``) has no ReLU after the sum: there the lesion is ``y = s(x)``.
 
 A capture keeps only the parts asked for (``keep``, e.g. ``("y",)``): hooks for the other parts are not
 registered, so a study that reads only block outputs never holds a block's input or branch. ``reduce``
@@ -33,8 +36,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import re
-import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -44,7 +45,8 @@ from types import MappingProxyType
 import torch
 from torch import nn
 
-from .model import ResidualBlock, ResNet
+from .blocks import BlockTypes, TorchvisionBlocks
+from .model import ResNet
 
 __all__ = ["PARTS", "BlockRecord", "BlockSpec", "Capture", "block_shapes", "capture", "capture_forward", "find_blocks"]
 
@@ -53,7 +55,9 @@ PARTS = ("x", "f", "s", "y")  # a block's input, branch F(x), shortcut s(x) and 
 
 @dataclass(frozen=True)
 class BlockSpec:
-    """Where a block's parts are. ``shortcut`` is ``None`` for an identity shortcut."""
+    """Where a block's parts are. ``shortcut`` is ``None`` for an identity shortcut; ``activation`` is what follows
+    the sum (``"relu"``), ``None`` for a pre-activation block (``y = F(x) + s(x)``; see :mod:`.blocks` for how its
+    metrics read)."""
 
     name: str
     stage: int
@@ -61,6 +65,7 @@ class BlockSpec:
     module: nn.Module
     branch_end: nn.Module
     shortcut: nn.Module | None
+    activation: str | None = "relu"
 
 
 @dataclass
@@ -75,18 +80,10 @@ class BlockRecord:
     y: torch.Tensor | None = None
 
 
-_TV_STAGE = re.compile(r"(?:^|\.)layer(\d+)\.\d+$")
-
-
 def _torchvision_block_types() -> tuple[type, ...]:
-    """torchvision's block classes, if torchvision's ResNet module is loaded in this process.
-
-    A model built by torchvision cannot exist before its module is imported, so nothing is imported
-    here: importing torchvision costs seconds (it pulls in torch._dynamo) that a page serving only the
-    project's own models would spend at start for nothing.
-    """
-    resnet = sys.modules.get("torchvision.models.resnet")
-    return () if resnet is None else (resnet.BasicBlock, resnet.Bottleneck)
+    """torchvision's block classes, if torchvision's ResNet module is loaded in this process (nothing is imported:
+    a model built by torchvision cannot exist before its module is)."""
+    return TorchvisionBlocks().classes()
 
 
 def find_blocks(model: nn.Module) -> list[BlockSpec]:
@@ -97,21 +94,17 @@ def find_blocks(model: nn.Module) -> list[BlockSpec]:
 def _scan(model: nn.Module) -> tuple[list[BlockSpec], bool]:
     """The blocks, and whether any module of ``model`` works in place (one walk over the modules:
     a capture needs both, and walking ~100 modules costs ~0.1 ms)."""
-    tv_types = _torchvision_block_types()
+    types = BlockTypes()
     specs = []
     inplace = False
     for path, module in model.named_modules():
         # ``inplace`` as ReLU & co. keep it (instance attribute) or as a class attribute; getattr on the
         # module itself would go through Module.__getattr__, slow for a missing name
         inplace = inplace or module.__dict__.get("inplace", getattr(type(module), "inplace", False)) is True
-        if isinstance(module, ResidualBlock):
-            shortcut = None if isinstance(module.shortcut, nn.Identity) else module.shortcut
-            specs.append(BlockSpec(module.name or path, module.stage, path, module, module.branch, shortcut))
-        elif tv_types and isinstance(module, tv_types):
-            last_bn = module.bn3 if hasattr(module, "bn3") else module.bn2
-            match = _TV_STAGE.search(path)  # torchvision names blocks layer<stage>.<index>
-            stage = int(match.group(1)) if match else 0
-            specs.append(BlockSpec(path, stage, path, module, last_bn, module.downsample))
+        parts = types.parts_of(path, module)
+        if parts is not None:
+            specs.append(BlockSpec(parts.name, parts.stage, path, module, parts.branch_end, parts.shortcut,
+                                   parts.activation))
     return specs, inplace
 
 
