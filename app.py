@@ -783,12 +783,13 @@ def your_model_panel() -> YourModelPanel:
     with gr.Accordion("Your model: upload a checkpoint", open=False, elem_id="your-model"):
         gr.Markdown(HOW_TO_READ["upload"])
         with gr.Row():
-            checkpoint = gr.File(label="Checkpoint (.safetensors, .pt, .pth)", file_types=[".safetensors", ".pt",
-                                 ".pth", ".bin", ".ckpt"], type="filepath", elem_id="upload-checkpoint")
+            checkpoint = gr.File(label="Checkpoint (.safetensors, .pt, .pth, .pth.tar)", file_types=[
+                                 ".safetensors", ".pt", ".pth", ".tar", ".bin", ".ckpt"], type="filepath",
+                                 elem_id="upload-checkpoint")
             class_file = gr.File(label="Class names (optional: one per line)", file_types=[".txt", ".json"],
                                  type="filepath")
         class_text = gr.Textbox(label="…or type the class names (one per line, or comma-separated)", lines=2)
-        preset = gr.Radio(PRESET_CHOICES, value="cifar10", label="Inputs were prepared as")
+        preset = gr.Radio(PRESET_CHOICES, value=PRESET_CHOICES[0][1], label="Inputs were prepared as")
         with gr.Row():
             size = gr.Number(label="Custom: input size (px)", value=32, precision=0, minimum=8, maximum=1024)
             mean = gr.Textbox(label="Custom: mean (one, or one per channel)", value="0.5")
@@ -984,7 +985,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weights-dir", type=Path, default=None,
                         help="folder holding cifar10_resnet.* and mnist_resnet.* (default: the shipped weights/)")
     parser.add_argument("--arch", help="the architecture instead of the recognised one: tutorial, resnet, or a "
-                        "torchvision ResNet (resnet18/34/50/101/152, wide_resnet50_2, resnext50_32x4d ...); without "
+                        "torchvision ResNet (resnet18/34/50/101/152, wide_resnet50_2, resnext50_32x4d ...), or auto; "
+                        "add :maxpool or :no-maxpool to say whether a max-pool follows the stem (the weights cannot "
+                        "say: assumed after a 7x7 stem, not after a 3x3 one), e.g. resnet18:no-maxpool; without "
                         "--weights, the torchvision ResNet whose published weights --download-weights fetches")
     parser.add_argument("--download-weights", action="store_true",
                         help="with --arch and no --weights: fetch torchvision's published ImageNet weights (needs "

@@ -257,3 +257,233 @@ def test_the_published_torchvision_weights_need_the_explicit_flag(tmp_path, monk
     explorer = registry.get(CUSTOM)
     assert explorer.card.input_size == 224 and len(explorer.card.classes) == 1000
     logits(explorer, source, size=64)
+
+
+# --- preprocessing from what the checkpoint says -----------------------------------------------------------------
+
+
+def cifar_resnet18(num_classes: int = 10, kernel: int = 3) -> torch.nn.Module:
+    """torchvision's resnet18 as CIFAR code builds it: a 3×3 (or 7×7) first conv and no max-pool."""
+    model = torchvision.models.resnet18(num_classes=num_classes)
+    if kernel == 3:
+        model.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = torch.nn.Identity()
+    return randomise_bn(model)
+
+
+def test_the_default_preset_is_the_one_the_checkpoint_points_to(tmp_path):
+    from resnet_demo.core.weights.cards import CIFAR10, IMAGENET, MNIST
+    from resnet_demo.core.weights.load import AUTO
+    from resnet_demo.view.uploads import DEFAULT_PRESET, PRESET_CHOICES
+
+    assert PRESET_CHOICES[0][1] == DEFAULT_PRESET == AUTO  # the page's default
+    torch.manual_seed(0)
+    cases = {
+        "imagenet.pth": (torchvision.models.resnet18(), IMAGENET, "a 7×7 stem at stride 2 with a max-pool",
+                         "ImageNet-1k-style photos (224×224, ImageNet-1k's mean and std), chosen from the checkpoint: "
+                         "a 7×7 stem at stride 2 with a max-pool and 3 input channels"),
+        "cifar.pth": (cifar_resnet18(), CIFAR10, "a 3×3 stem at stride 1 without a max-pool",
+                      "CIFAR-10-style photos (32×32, CIFAR-10's mean and std), chosen from the checkpoint: a 3×3 "
+                      "stem at stride 1 without a max-pool and 3 input channels"),
+        "mnist.pth": (build_model(TINY.__class__(in_channels=1, widths=(8, 16), blocks=(1, 1))), MNIST,
+                      "a 3×3 stem at stride 1 without a max-pool",
+                      "MNIST-style drawings (32×32, MNIST's mean and std), chosen from the checkpoint: a 3×3 stem at "
+                      "stride 1 without a max-pool and 1 input channel"),
+    }
+    for name, (model, preset, stem, sentence) in cases.items():
+        torch.save(model.state_dict(), tmp_path / name)
+        _, explorer = upload(tmp_path, name)
+        card = explorer.card
+        classes = imagenet_classes() if preset is IMAGENET else list(preset.classes)
+        assert (card.input_size, card.resize, card.mean, card.std, card.input_kind, card.classes) == (
+            preset.input_size, preset.resize, list(preset.mean) * (3 // len(preset.mean) if preset is not MNIST
+                                                                    else 1), list(preset.std) * (
+                3 // len(preset.std) if preset is not MNIST else 1), preset.input_kind, classes), name
+        assert card.training["stem"] == stem and card.training["preprocessing"] == sentence
+        assert "warnings" not in card.training  # what the checkpoint points to always suits its stem
+
+
+def test_a_stem_that_does_not_suit_the_chosen_size_is_said(tmp_path):
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
+    _, explorer = upload(tmp_path, "r18.pth", preset="cifar10")
+    assert explorer.card.training["preprocessing"] == (
+        "CIFAR-10-style photos (32×32, CIFAR-10's mean and std), as chosen")
+    assert explorer.card.training["warnings"] == [
+        "the checkpoint has a 7×7 stem at stride 2 with a max-pool, made for ImageNet-size inputs (about 224×224), "
+        "but 32×32 was chosen: its last blocks see 1×1 maps"]
+    torch.save(Net().state_dict(), tmp_path / "net.pth")
+    _, explorer = upload(tmp_path, "net.pth", preset="imagenet")
+    assert explorer.card.training["warnings"] == [
+        "the checkpoint has a 3×3 stem at stride 1 without a max-pool, made for small inputs (about 32×32), but "
+        "224×224 was chosen: its first blocks see 224×224 maps, 7 times as wide as such a stem is made for"]
+    _, explorer = upload(tmp_path, "net.pth", preset="custom", size=48, mean=(0.5,), std=(0.25,))
+    assert "warnings" not in explorer.card.training
+
+
+# --- CIFAR-style stems and the max-pool --------------------------------------------------------------------------
+
+
+def test_a_3x3_stem_without_a_max_pool_is_recognised_as_cifar_style_not_as_torchvisions(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    source = cifar_resnet18()
+    torch.save(source.state_dict(), tmp_path / "c18.pth")
+    (cli_error, cli), (page_error, page) = both(tmp_path, "c18.pth", monkeypatch)
+    assert cli_error is None and page_error is None
+    for explorer in (cli, page):
+        logits(explorer, source, size=32)
+        assert explorer.card.arch == "resnet18"
+        assert explorer.card.config == {"in_channels": 3, "stem_kernel": 3, "maxpool": False}
+        assert explorer.card.training["architecture"] == (
+            "CIFAR-style resnet18: 4 stages of 2/2/2/2 BasicBlocks, 3 input channels, 10 classes, 11,173,962 "
+            "parameters (a 3×3 stem at stride 1 and no max-pool, as CIFAR code puts before torchvision's blocks: "
+            "neither is in the weights)")
+        assert explorer.card.training["assumptions"] == [
+            "a 3×3 stem at stride 1 and no max-pool, as CIFAR code puts before torchvision's blocks: neither is in "
+            "the weights"]
+    # Saved with its card, it loads back with the same stem.
+    from resnet_demo.core.weights.load import load_model
+
+    save_weights(page.model.cpu(), page.card, tmp_path / "c18.safetensors", half=False)
+    model, _ = load_model(tmp_path / "c18.safetensors")
+    assert isinstance(model.maxpool, torch.nn.Identity) and model.conv1.kernel_size == (3, 3)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source(x), rtol=0, atol=1e-5)
+
+
+def test_the_max_pool_is_an_override_on_either_route(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    source = cifar_resnet18(kernel=7)  # a 7×7 stem whose max-pool was removed: the keys cannot show it
+    torch.save(source.state_dict(), tmp_path / "c7.pth")
+    _, assumed = upload(tmp_path, "c7.pth")
+    assert assumed.card.training["assumptions"] == [
+        "the max-pool after the 7×7 stem is not in the weights and was taken as there, as torchvision builds it"]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert not torch.allclose(assumed.logits(x), source(x), atol=1e-3)  # the assumption was wrong here
+    (cli_error, cli), (page_error, page) = both(tmp_path, "c7.pth", monkeypatch, arch="auto:no-maxpool")
+    assert cli_error is None and page_error is None
+    (_, named), _ = both(tmp_path, "c7.pth", monkeypatch, arch="resnet18:no-maxpool")
+    for explorer in (cli, page, named):
+        logits(explorer, source, size=64)
+        assert explorer.card.training["architecture"].endswith("(without the max-pool after the 7×7 stem, as asked)")
+        assert "assumptions" not in explorer.card.training
+        assert explorer.card.config["maxpool"] is False
+    _, pooled = upload(tmp_path, "c7.pth", arch="auto:maxpool")
+    assert isinstance(pooled.model.maxpool, torch.nn.MaxPool2d)
+    torch.save(Net().state_dict(), tmp_path / "net.pth")
+    same_refusal(tmp_path, "net.pth", monkeypatch,
+                 "checkpoint net.pth is the tutorial's Net, which has no max-pool after its stem to keep: the "
+                 "max-pool choice is for torchvision's ResNets", arch="auto:maxpool")
+
+
+def test_the_override_grammar_is_one_for_both_routes():
+    from resnet_demo.core.weights.recognise import parse_override
+    from resnet_demo.view.uploads import ARCH_CHOICES
+
+    assert parse_override("resnet18:no-maxpool") == ("resnet18", False)
+    assert parse_override("ResNet-50:maxpool") == ("resnet50", True)
+    assert parse_override("auto") == parse_override("") == parse_override(None) == (None, None)
+    assert parse_override("auto:no-maxpool") == (None, False)
+    for _, value in ARCH_CHOICES:
+        parse_override(value)  # every choice on the page is a valid --arch
+    with pytest.raises(ValueError, match=r"unknown max-pool choice 'pool' in 'resnet18:pool'"):
+        parse_override("resnet18:pool")
+
+
+# --- training checkpoints ------------------------------------------------------------------------------------------
+
+
+def trained_a_step(model: torch.nn.Module) -> torch.optim.Optimizer:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.train()
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    model.eval()
+    return optimizer
+
+
+@pytest.mark.parametrize("name", ["checkpoint.pth.tar", "model_best.tar"])
+def test_a_timm_style_training_checkpoint_gives_up_its_state_dict(tmp_path, monkeypatch, name):
+    import argparse
+
+    torch.manual_seed(0)
+    source = cifar_resnet18()
+    optimizer = trained_a_step(source)
+    args = argparse.Namespace(model="resnet18", lr=0.1, epochs=200, batch_size=128, amp=False, mean=(0.49, 0.48, 0.45),
+                              data_dir="/data/cifar10", sched=None, decay_milestones=[100, 150])
+    # As timm's train.py (CheckpointSaver) saves one.
+    torch.save({"epoch": 199, "arch": "resnet18", "state_dict": source.state_dict(),
+                "optimizer": optimizer.state_dict(), "version": 2, "args": args, "metric": 94.2}, tmp_path / name)
+    before = torch.serialization.get_safe_globals()
+    (cli_error, cli), (page_error, page) = both(tmp_path, name, monkeypatch)
+    assert cli_error is None and page_error is None
+    logits(cli, source)
+    logits(page, source)
+    assert cli.card.to_json() == page.card.to_json()
+    after = torch.serialization.get_safe_globals()
+    assert after == before and argparse.Namespace not in after  # the allow-list was for that read only
+
+
+def test_the_pytorch_tutorials_general_checkpoint_gives_up_its_state_dict(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    source = randomise_bn(Net())
+    optimizer = trained_a_step(source)
+    # As "Saving and loading a general checkpoint in PyTorch" saves one.
+    torch.save({"epoch": 5, "model_state_dict": source.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
+                "loss": torch.tensor(0.42)}, tmp_path / "model.pt")
+    (cli_error, cli), (page_error, page) = both(tmp_path, "model.pt", monkeypatch)
+    assert cli_error is None and page_error is None
+    logits(cli, source)
+    logits(page, source)
+
+
+def test_a_training_checkpoint_with_anything_else_is_refused_as_before(tmp_path, monkeypatch):
+    import argparse
+    import pathlib
+
+    marker = tmp_path / "PWNED"
+    torch.save({"state_dict": Net().state_dict(), "args": argparse.Namespace(out=pathlib.PurePosixPath("/runs/1"))},
+               tmp_path / "path.pth.tar")
+    same_refusal(tmp_path, "path.pth.tar", monkeypatch,
+                 "checkpoint path.pth.tar holds Python objects, not only tensors (it refers to pathlib.PurePosixPath), "
+                 "and was not loaded (only tensors are accepted; unsafe pickles are refused)")
+    from hostile import Payload
+
+    torch.save({"state_dict": Net().state_dict(), "args": argparse.Namespace(run=Payload(marker))},
+               tmp_path / "evil.pth.tar")
+    same_refusal(tmp_path, "evil.pth.tar", monkeypatch,
+                 "checkpoint evil.pth.tar holds Python objects, not only tensors (it refers to posix.system), and was "
+                 "not loaded (only tensors are accepted; unsafe pickles are refused)")
+    assert not marker.exists()
+
+
+# --- distinct names ----------------------------------------------------------------------------------------------
+
+
+def test_two_uploads_called_model_safetensors_have_distinct_names(tmp_path):
+    from safetensors.torch import save_file
+
+    from resnet_demo.view.uploads import UserModels
+
+    store, names, keys = UserModels(), [], []
+    for seed in (1, 2, 1):
+        folder = tmp_path / f"seed{seed}-{len(names)}"
+        folder.mkdir()
+        torch.manual_seed(seed)
+        save_file(randomise_bn(Net(), seed=seed).state_dict(), str(folder / "model.safetensors"))
+        _, explorer = upload(folder, "model.safetensors")
+        sha = __import__("hashlib").sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+        assert explorer.card.name == f"model.safetensors ({sha[:8]})"
+        names.append(explorer.card.name)
+        keys.append(store.add("s", explorer, "Yours: model.safetensors")[0])
+    assert names[0] != names[1] and names[0] == names[2]  # the same file, the same name
+    labels = [label for label, _ in store.choices("s")]
+    assert labels == ["Yours: model.safetensors", f"Yours: model.safetensors ({names[1][-9:-1]})",
+                      f"Yours: model.safetensors ({names[0][-9:-1]})"]
+    store.end_session("s")
+    for _ in range(3):  # the same file three times: a number after the hash
+        store.add("s", explorer, "Yours: model.safetensors")
+    assert [label for label, _ in store.choices("s")] == [
+        "Yours: model.safetensors", f"Yours: model.safetensors ({names[0][-9:-1]})",
+        f"Yours: model.safetensors ({names[0][-9:-1]}) (2)"]

@@ -70,16 +70,15 @@ class Registry:
         device: str | None = None,
         download: bool = False,
         classes: str | None = None,
-        maxpool: bool | None = None,
     ) -> None:
         """Offer the model given on the command line as :data:`CUSTOM`.
 
         - ``weights`` with its card beside it (a project ``.safetensors`` and its ``.json``): loaded as the card
           says, the file checked against the card's sha256 (``arch``, if given, must be the card's).
         - ``weights`` without a card: opened exactly as an uploaded checkpoint is (read within bounds, never
-          unpickled unsafely, recognised from its keys and shapes or as ``arch`` and ``maxpool`` say, the
-          preprocessing chosen from it), so the terminal and the page take the same decisions and refuse with
-          the same sentences; ``classes`` is a class-names file (one per line, or JSON).
+          unpickled unsafely, recognised from its keys and shapes or as ``arch`` says, ``resnet18:no-maxpool``
+          included, the preprocessing chosen from it), so the terminal and the page take the same decisions and
+          refuse with the same sentences; ``classes`` is a class-names file (one per line, or JSON).
         - no ``weights``: torchvision's published ImageNet weights for ``arch``, fetched only with ``download``.
         """
         if weights:
@@ -89,7 +88,7 @@ class Registry:
             def load() -> Explorer:
                 names = read_class_names(classes) if classes else None
                 if not card_path.is_file():
-                    return Explorer.from_checkpoint(path, arch=arch or None, maxpool=maxpool, class_names=names,
+                    return Explorer.from_checkpoint(path, arch=arch or None, class_names=names,
                                                     source=f"checkpoint {weights}", device=device)
                 explorer = Explorer.from_weights(path, device)
                 card = explorer.card

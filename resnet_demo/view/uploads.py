@@ -19,21 +19,31 @@ from pathlib import Path
 
 from ..core.explorer import Explorer
 from ..core.weights.cards import WeightsError, preset_class_names, read_class_names
+from ..core.weights.load import AUTO
 from ..core.weights.torchvision_resnets import SUPPORTED_ARCHS
 
-__all__ = ["ARCH_CHOICES", "PRESET_CHOICES", "UPLOAD_PREFIX", "Upload", "UserModels", "parse_class_names"]
+__all__ = ["ARCH_CHOICES", "DEFAULT_PRESET", "PRESET_CHOICES", "UPLOAD_PREFIX", "Upload", "UserModels", "load_upload",
+           "parse_class_names"]
 
 UPLOAD_PREFIX = "upload:"  # model keys of uploaded models; never a shipped model's key
-# The input presets offered for an upload: label -> preset key ("custom" takes size, mean and std typed in).
+# The input presets offered for an upload: label -> preset key ("custom" takes size, mean and std typed in). The
+# first, the default, is the preprocessing the checkpoint points to: ImageNet's for torchvision's 7×7 stem with
+# a max-pool, CIFAR-10's for a 3×3 stem and 3 channels, MNIST's for one channel (the card says which and why).
 PRESET_CHOICES = [
+    ("From the checkpoint (its stem and input channels)", AUTO),
     ("CIFAR-style 32×32 photo", "cifar10"),
     ("MNIST-style drawing", "mnist"),
     ("ImageNet 224 photo", "imagenet"),
     ("Custom size / mean / std", "custom"),
 ]
-# The architecture override: recognised from the keys and shapes unless the visitor says otherwise.
+DEFAULT_PRESET = AUTO
+# The architecture override: recognised from the keys and shapes unless the visitor says otherwise. A max-pool
+# has no weights, so whether one follows the stem is an assumption (after a 7×7 stem yes, after a 3×3 stem no)
+# that the visitor may correct; the values are the override's grammar (resnet_demo.core.weights.recognise).
 ARCH_CHOICES = [
     ("Recognise it from the keys and shapes", ""),
+    ("Recognise it; a max-pool follows the stem", "auto:maxpool"),
+    ("Recognise it; no max-pool after the stem (CIFAR-style)", "auto:no-maxpool"),
     ("The tutorial's Net / this project's ResNet", "tutorial"),
 ]
 ARCH_CHOICES += [(f"torchvision {name}", name) for name in SUPPORTED_ARCHS]
@@ -86,11 +96,22 @@ class UserModels:
         self._ids = itertools.count(1)
 
     def add(self, session: str, explorer: Explorer, label: str) -> tuple[str, list[str]]:
-        """Keep ``explorer`` for ``session``; returns its key and the labels of models evicted to make room."""
+        """Keep ``explorer`` for ``session``; returns its key and the labels of models evicted to make room.
+
+        Two of a session's models never share a label: a second ``label`` gets the weights' short sha256 (two
+        uploads both called model.safetensors), and the same file twice a number.
+        """
         if not session:
             raise WeightsError("uploads need a browser session; reload the page and try again")
         with self._lock:
             key = f"{UPLOAD_PREFIX}{next(self._ids)}"
+            taken = {u.label for u in self._models.values() if u.session == session}
+            sha = explorer.card.weights_sha256[:8]
+            if label in taken and sha and sha not in label:
+                label = f"{label} ({sha})"
+            base, n = label, 2
+            while label in taken:
+                label, n = f"{base} ({n})", n + 1
             self._models[key] = Upload(key, label, session, explorer)
             evicted = self._evict(session)
         gc.collect()  # the evicted models' tensors go back now, not at some later collection

@@ -24,7 +24,7 @@ from .reader import read_checkpoint
 from .recognise import Architecture, recognise
 from .torchvision_resnets import normalise_arch
 
-__all__ = ["AUTO", "card_architecture", "load_model", "open_checkpoint", "preset_from_checkpoint"]
+__all__ = ["AUTO", "card_architecture", "load_model", "open_checkpoint", "preset_from_checkpoint", "stem_warning"]
 
 AUTO = "auto"  # the preset "as the checkpoint says": see preset_from_checkpoint
 
@@ -148,14 +148,13 @@ def open_checkpoint(
     model = build_recognised(architecture)
     fit_recognised(model, sd, architecture, source)
     del sd
-    chosen = ""
+    preprocessing = ""
     if preset == AUTO:
-        found, chosen = preset_from_checkpoint(architecture)
+        found, preprocessing = preset_from_checkpoint(architecture)
         preset = found.key if found is not None else None
         if found is None:
-            large = architecture.stem_reduction >= 4
-            input_size, mean, std = (IMAGENET if large else CIFAR10).input_size, [0.5], [0.25]
-            drawing = False
+            input_size = (IMAGENET if architecture.stem_reduction >= 4 else CIFAR10).input_size
+            mean, std, drawing = [0.5], [0.25], False
     n = architecture.num_classes
     if class_names:
         classes = list(class_names)
@@ -165,16 +164,45 @@ def open_checkpoint(
         classes = preset_class_names(preset, n)
     if len(classes) != n:
         raise WeightsError(f"{len(classes)} class names were given, but the checkpoint's classifier has {n} classes")
+    sha256 = file_sha256(path)
     card = upload_card(
-        path.stem, architecture.kind, architecture.config, architecture.in_channels, classes, preset=preset,
-        input_size=input_size, mean=mean, std=std, drawing=drawing,
+        f"{path.name} ({sha256[:8]})", architecture.kind, architecture.config, architecture.in_channels, classes,
+        preset=preset, input_size=input_size, mean=mean, std=std, drawing=drawing,
     )
-    if architecture.kind != "resnet" and (architecture.in_channels, architecture.stem_kernel,
-                                          architecture.maxpool) != (3, 7, True):
+    preprocessing = preprocessing or _chosen(card, preset)
+    if architecture.kind != "resnet":
         card.config = {"in_channels": architecture.in_channels, "stem_kernel": architecture.stem_kernel,
                        "maxpool": architecture.maxpool}
-    card.weights_sha256 = file_sha256(path)
-    card.training = {"source": source, "architecture": architecture.description}
-    if chosen:
-        card.training["preprocessing"] = chosen
+    card.weights_sha256 = sha256
+    card.training = {"source": source, "architecture": architecture.description, "stem": architecture.stem,
+                     "preprocessing": preprocessing}
+    if architecture.assumptions:
+        card.training["assumptions"] = list(architecture.assumptions)
+    warning = stem_warning(architecture, card.input_size)
+    if warning:
+        card.training["warnings"] = [warning]
     return model.eval(), card
+
+
+def _chosen(card: ModelCard, preset: str | None) -> str:
+    """The preprocessing a caller chose, in words."""
+    kind = "drawings" if card.input_kind == "drawing" else "photos"
+    if preset is not None:
+        return (f"{card.dataset}-style {kind} ({card.input_size}×{card.input_size}, {card.dataset}'s mean and std), "
+                "as chosen")
+    return f"{card.input_size}×{card.input_size} {kind} with the mean and std given, as chosen"
+
+
+def stem_warning(arch: Architecture, input_size: int) -> str | None:
+    """One sentence when the input size does not suit the stem: a stem that shrinks its input 4 times was made
+    for ImageNet-size inputs, one that keeps the resolution for 32×32 ones; else ``None``."""
+    size = int(input_size)
+    if arch.stem_reduction >= 4 and size < 112:
+        stride = arch.stem_reduction * 8  # torchvision's 3 strided stages after the stem
+        last = max(1, -(-size // stride))
+        return (f"the checkpoint has {arch.stem}, made for ImageNet-size inputs (about 224×224), but {size}×{size} "
+                f"was chosen: its last blocks see {last}×{last} maps")
+    if arch.stem_reduction == 1 and size > 64:
+        return (f"the checkpoint has {arch.stem}, made for small inputs (about 32×32), but {size}×{size} was chosen: "
+                f"its first blocks see {size}×{size} maps, {size / 32:.3g} times as wide as such a stem is made for")
+    return None

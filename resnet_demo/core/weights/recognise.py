@@ -40,6 +40,7 @@ __all__ = [
     "Architecture",
     "compare_shapes",
     "expected_shapes",
+    "parse_override",
     "recognise",
     "tutorial_key_map",
 ]
@@ -141,7 +142,8 @@ def recognise(
         sd_or_shapes: a state dict, or its keys with shapes (tuples); ``module.`` / ``_orig_mod.`` prefixes
             are removed.
         override: ``"tutorial"`` (the tutorial's key names), ``"resnet"`` (this project's ResNet, either key
-            naming) or a torchvision architecture name: only that family is considered.
+            naming) or a torchvision architecture name: only that family is considered; ``"auto"`` or ``None``:
+            every family. A ``:maxpool`` / ``:no-maxpool`` suffix says ``maxpool`` (:func:`parse_override`).
         maxpool: for torchvision's blocks, whether a max-pool follows the stem; ``None``: as the stem says
             (after a 7×7 stem yes, after a 3×3 stem no).
         source: what the messages call the checkpoint, e.g. ``"checkpoint net.pth"``.
@@ -156,7 +158,8 @@ def recognise(
             shape that does not fit and what does fit; a max-pool asked of a network without one; a
             classifier without classes or a first conv without input channels.
     """
-    family = _normalise_override(override)
+    family, said = parse_override(override)
+    maxpool = said if maxpool is None else maxpool
     shapes = _shapes_of(sd_or_shapes, source)
     if not shapes:
         raise WeightsError(f"{source} holds no tensors")
@@ -226,12 +229,35 @@ def _fits_nothing(shapes: Mapping[str, tuple[int, ...]], source: str, score: int
     return f"{source} fits no supported architecture: {clause}"
 
 
-def _normalise_override(override: str | None) -> str | None:
+def parse_override(override: str | None) -> tuple[str | None, bool | None]:
+    """An architecture override as a person writes it (``--arch``, the page's chooser): ``(family, maxpool)``.
+
+    ``"resnet18"`` -> ``("resnet18", None)``; ``"resnet18:no-maxpool"`` -> ``("resnet18", False)``;
+    ``"auto:maxpool"`` -> ``(None, True)`` (recognised, with a max-pool after the stem); ``""``, ``"auto"`` or
+    ``None`` -> ``(None, None)``.
+
+    Raises:
+        ValueError: an unknown architecture or max-pool word, with the choices.
+    """
     if override is None:
+        return None, None
+    arch, sep, pool = str(override).strip().partition(":")
+    maxpool = None
+    if sep:
+        word = pool.strip().lower().replace("_", "-").replace(" ", "")
+        if word not in ("maxpool", "no-maxpool"):
+            raise ValueError(f"unknown max-pool choice {pool!r} in {override!r}; write ':maxpool' or ':no-maxpool'")
+        maxpool = word == "maxpool"
+    return _normalise_override(arch), maxpool
+
+
+def _normalise_override(override: str | None) -> str | None:
+    if override is None or str(override).strip().lower() in ("", "auto"):
         return None
     key = str(override).strip().lower().replace("-", "").replace(" ", "")
     if key not in _OVERRIDES:
-        raise ValueError(f"unknown architecture {override!r}; choose one of {', '.join(_OVERRIDES)}")
+        raise ValueError(f"unknown architecture {override!r}; choose one of {', '.join(_OVERRIDES)} (or auto), "
+                         "followed by ':maxpool' or ':no-maxpool' to say whether a max-pool follows the stem")
     return key
 
 
@@ -526,7 +552,7 @@ def _torchvision_candidate(shapes: Mapping[str, tuple[int, ...]], arch: str, max
         pool = bool(maxpool)
         note = ("a 3×3 stem at stride 1 and no max-pool, as CIFAR code puts before torchvision's blocks: neither "
                 "is in the weights" if maxpool is None else
-                f"a 3×3 stem at stride 1 {'with' if pool else 'and no'} max-pool, as asked")
+                f"a 3×3 stem at stride 1 {'with a' if pool else 'and no'} max-pool, as asked")
         return _Candidate(arch, f"CIFAR-style {arch}", arch, expected, None, summary, note, 3, 1, pool)
     pool = maxpool is not False
     note = ("the max-pool after the 7×7 stem is not in the weights and was taken as there, as torchvision builds "
