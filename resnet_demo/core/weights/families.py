@@ -20,7 +20,7 @@ the recogniser's way (:func:`~.fitting.build_recognised`, :func:`~.load.open_che
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,9 +33,11 @@ from .cifar_repo import from_cifar_repo_keys, looks_cifar_repo
 from .hf_resnets import HFArch, looks_transformers
 from .lightning import model_prefixes, under
 from .recognise import Architecture, recognise
-from .timm_resnets import TimmArch, looks_timm
+from .timm_resnets import TimmArch, looks_timm, timm_signs
 
-__all__ = ["Found", "Source", "SOURCES", "identify", "is_timm_config", "is_transformers_config", "open_library"]
+__all__ = [
+    "SOURCES", "Found", "Given", "Source", "identify", "is_timm_config", "is_transformers_config", "open_library",
+]
 
 Shapes = Mapping[str, tuple[int, ...]]
 
@@ -73,6 +75,16 @@ def is_transformers_config(config: Mapping[str, Any] | None) -> bool:
     return bool(config) and isinstance(config.get("model_type"), str)
 
 
+@dataclass(frozen=True)
+class Given:
+    """What came with the weights: a ``config.json``, what messages call the file, and whether a max-pool follows
+    a torchvision-style stem (``None``: as the stem says)."""
+
+    config: Mapping[str, Any] | None
+    source: str
+    maxpool: bool | None = None
+
+
 class Source:
     """One source of checkpoints. :meth:`find` answers a :class:`Found` for a state dict it reads, ``None`` for one
     it does not, or raises :class:`WeightsError` when the keys are its own but do not fit (a sentence worth more than
@@ -80,36 +92,36 @@ class Source:
 
     label = ""
 
-    def find(self, sd: dict[str, torch.Tensor], shapes: Shapes, config: Mapping[str, Any] | None,
-             source: str) -> Found | None:
+    def find(self, sd: dict[str, torch.Tensor], shapes: Shapes, given: Given) -> Found | None:
         raise NotImplementedError
 
 
 class TimmSource(Source):
     label = "timm"
 
-    def find(self, sd, shapes, config, source):
-        if not (is_timm_config(config) or looks_timm(shapes)):
+    def find(self, sd, shapes, given):
+        config = given.config if is_timm_config(given.config) else None
+        if not (config or looks_timm(shapes)):
             return None
         from .timm_resnets import recognise_timm
 
-        arch = recognise_timm(shapes, config=config if is_timm_config(config) else None, source=source)
+        arch = recognise_timm(shapes, config=config, source=given.source)
         return None if arch is None else Found("timm", sd, arch)
 
 
 class TransformersSource(Source):
     label = "transformers"
 
-    def find(self, sd, shapes, config, source):
+    def find(self, sd, shapes, given):
         if not looks_transformers(shapes):
             return None
         from .hf_resnets import recognise_hf
 
-        given = config if is_transformers_config(config) else None
+        config = given.config if is_transformers_config(given.config) else None
         try:
-            arch = recognise_hf(shapes, config=given, source=source)
+            arch = recognise_hf(shapes, config=config, source=given.source)
         except WeightsError as exc:
-            if given is None and "does not fit" in str(exc):
+            if config is None and "does not fit" in str(exc):
                 raise WeightsError(f"{exc}; it looks like a transformers ResNet without its config: give its "
                                    "config.json beside it") from None
             raise
@@ -119,19 +131,20 @@ class TransformersSource(Source):
 class RecogniserSource(Source):
     label = "the recogniser"
 
-    def find(self, sd, shapes, config, source):
-        return Found("recognised", sd, recognise(shapes, source=source))  # its WeightsError: the closest candidate
+    def find(self, sd, shapes, given):
+        # its WeightsError names the closest candidate
+        return Found("recognised", sd, recognise(shapes, maxpool=given.maxpool, source=given.source))
 
 
 class CifarRepoSource(Source):
     label = "kuangliu/pytorch-cifar"
 
-    def find(self, sd, shapes, config, source):
+    def find(self, sd, shapes, given):
         if not looks_cifar_repo(shapes):
             return None
         renamed = from_cifar_repo_keys(sd)
         try:
-            arch = recognise(from_cifar_repo_keys(shapes), source=source)
+            arch = recognise(from_cifar_repo_keys(shapes), maxpool=given.maxpool, source=given.source)
         except WeightsError as exc:
             raise WeightsError(f"{exc} (after renaming the CIFAR-repo layout's keys, kuangliu/pytorch-cifar's "
                                "'shortcut' and 'linear', to torchvision's)") from None
@@ -139,38 +152,43 @@ class CifarRepoSource(Source):
                      ["kuangliu/pytorch-cifar's layout ('shortcut' read as 'downsample', 'linear' as 'fc')"])
 
 
+_TIMM = TimmSource()
 # The recogniser before timm: a file in torchvision's names (timm's resnet50 has them too) stays torchvision's.
-SOURCES: tuple[Source, ...] = (TransformersSource(), CifarRepoSource(), RecogniserSource(), TimmSource())
+SOURCES: tuple[Source, ...] = (TransformersSource(), CifarRepoSource(), RecogniserSource(), _TIMM)
 
 
-def _first(sd: dict[str, torch.Tensor], config: Mapping[str, Any] | None, source: str) -> Found:
+def _first(sd: dict[str, torch.Tensor], given: Given) -> Found:
     """The first source that reads ``sd`` (timm's, when a timm config.json names the model); when none does, the
     recogniser's sentence, with what the keys say of timm."""
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
-    sources = (SOURCES[-1],) if is_timm_config(config) else SOURCES
+    sources = (_TIMM,) if is_timm_config(given.config) else SOURCES
     recognised_error: WeightsError | None = None
     for src in sources:
         try:
-            found = src.find(sd, shapes, config, source)
+            found = src.find(sd, shapes, given)
         except WeightsError as exc:
             if not isinstance(src, RecogniserSource):
                 raise
             recognised_error, found = exc, None
         if found is not None:
             return found
-    text = str(recognised_error or f"{source} fits no supported architecture")
-    if looks_timm(shapes):
-        text += "; its key names are also those of timm's ResNets, but no timm ResNet of its depth fits it"
+    text = str(recognised_error or f"{given.source} fits no supported architecture")
+    if looks_timm(shapes) and timm_signs(shapes):
+        text += "; its key names are those of a timm ResNet, but no timm ResNet of its depth fits it"
     raise WeightsError(text)
 
 
-def identify(sd: Mapping[str, torch.Tensor], *, source: str, config: Mapping[str, Any] | None = None) -> Found:
+def identify(
+    sd: Mapping[str, torch.Tensor], *, source: str, config: Mapping[str, Any] | None = None,
+    maxpool: bool | None = None,
+) -> Found:
     """Which network ``sd`` is, from its keys and shapes (and ``config``), whole or below a training prefix.
 
     Args:
         sd: a state dict from :func:`~.reader.read_checkpoint`.
         source: what messages call the checkpoint.
         config: a ``config.json`` given with the weights (timm's or transformers'); others are ignored.
+        maxpool: for torchvision's blocks, whether a max-pool follows the stem (``None``: as the stem says).
 
     Returns:
         The :class:`Found`.
@@ -179,15 +197,15 @@ def identify(sd: Mapping[str, torch.Tensor], *, source: str, config: Mapping[str
         WeightsError: one sentence: the source the keys point to and why they do not fit it, or the recogniser's
             closest candidate; a checkpoint whose network sits below a prefix (Lightning) says so.
     """
-    sd = dict(sd)
+    sd, given = dict(sd), Given(config, source, maxpool)
     try:
-        return _first(sd, config, source)
+        return _first(sd, given)
     except WeightsError as exc:
         whole = exc
     for prefix in model_prefixes(sd):
         inside, left = under(sd, prefix)
         try:
-            found = _first(inside, config, source)
+            found = _first(inside, given)
         except WeightsError as exc:
             raise WeightsError(f"{source} looks like a Lightning checkpoint whose model sits under '{prefix}', but "
                                f"that model fits nothing either: {_clause(exc, source)}") from None
@@ -215,6 +233,7 @@ def open_library(
     config: Mapping[str, Any] | None = None,
     preprocessor: Mapping[str, Any] | None = None,
     class_names: Sequence[str] | None = None,
+    default_classes: Callable[[int], list[str]] | None = None,
     sha256: str = "",
 ) -> tuple[nn.Module, ModelCard]:
     """A timm or transformers network for ``found``, built by its library with the weights in, and its card.
@@ -230,6 +249,7 @@ def open_library(
         source: what messages call the checkpoint.
         config, preprocessor: the ``config.json`` and ``preprocessor_config.json`` given with the weights.
         class_names: names given by the person, one per class, instead of the library's.
+        default_classes: names for a head the library has none for (``n`` -> names), before ImageNet's or numbers.
         sha256: the weights file's, for the card.
 
     Raises:
@@ -265,6 +285,8 @@ def open_library(
         raise ValueError(f"{found.kind!r} networks are built by the recogniser's fitting, not here")
     n = found.arch.num_classes if found.kind == "timm" else found.arch.num_labels
     in_chans = card_config.get("in_chans", card_config.get("num_channels", 3))
+    if class_names is None and labels is None and default_classes is not None:
+        class_names = default_classes(n)
     classes = _classes(class_names, labels, n)
     if labels is None and class_names is None:
         assumptions.append("ImageNet-1k's class names (1000 classes, no names were given)" if n == 1000 else

@@ -11,17 +11,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from ..errors import WeightsError
 from .cards import CIFAR10, IMAGENET, MNIST, ModelCard, Preset, preset_class_names, upload_card
+from .families import identify, open_library
 from .files import file_sha256
 from .fitting import build_recognised, fit_recognised
 from .reader import read_checkpoint
-from .recognise import Architecture, recognise
+from .recognise import Architecture, parse_override, recognise
 from .torchvision_resnets import normalise_arch
 
 __all__ = ["AUTO", "card_architecture", "load_model", "open_checkpoint", "preset_from_checkpoint", "stem_warning"]
@@ -115,6 +117,8 @@ def open_checkpoint(
     std: Sequence[float] | None = None,
     drawing: bool = False,
     source: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    preprocessor: Mapping[str, Any] | None = None,
 ) -> tuple[nn.Module, ModelCard]:
     """A checkpoint from an untrusted source as ``(model, card)``: read, recognised, built and fitted.
 
@@ -135,6 +139,13 @@ def open_checkpoint(
             preset's names when the head has as many classes, else ``class 0`` … ``class n-1``.
         drawing: with ``preset=None``, prepare inputs as MNIST-style drawings.
         source: what the messages call the file; ``"checkpoint <file name>"`` by default.
+        config, preprocessor: a timm or transformers ``config.json`` and a ``preprocessor_config.json`` given
+            with the weights, parsed (:func:`~.opening.configs_beside` finds them beside a file).
+
+    Without ``arch``, :func:`~.families.identify` says which source the file is: a network timm or transformers
+    defines is built by that library, with its preprocessing and labels (:func:`~.families.open_library`; the
+    preset arguments are then not used); a Lightning checkpoint's model is taken from below its prefix and the
+    CIFAR repo's keys are renamed before the recogniser's way below.
 
     Raises:
         ValueError: an unknown ``arch``.
@@ -144,7 +155,18 @@ def open_checkpoint(
     path = Path(path)
     source = source or f"checkpoint {path.name}"
     sd = read_checkpoint(path, source=source)
-    architecture = recognise(sd, override=arch, maxpool=maxpool, source=source)
+    family, said = parse_override(arch)
+    notes = ""
+    if family is None:
+        found = identify(sd, source=source, config=config, maxpool=said if maxpool is None else maxpool)
+        if found.kind != "recognised":
+            sha256 = file_sha256(path)
+            return open_library(found, name=f"{path.name} ({sha256[:8]})", source=source, config=config,
+                                preprocessor=preprocessor, class_names=class_names or None,
+                                default_classes=default_classes, sha256=sha256)
+        sd, architecture, notes = found.sd, found.arch, "".join(f"; {n}" for n in found.notes)
+    else:
+        architecture = recognise(sd, override=arch, maxpool=maxpool, source=source)
     model = build_recognised(architecture)
     fit_recognised(model, sd, architecture, source)
     del sd
@@ -174,7 +196,7 @@ def open_checkpoint(
         card.config = {"in_channels": architecture.in_channels, "stem_kernel": architecture.stem_kernel,
                        "maxpool": architecture.maxpool}
     card.weights_sha256 = sha256
-    card.training = {"source": source, "architecture": architecture.description, "stem": architecture.stem,
+    card.training = {"source": source, "architecture": architecture.description + notes, "stem": architecture.stem,
                      "preprocessing": preprocessing}
     if architecture.assumptions:
         card.training["assumptions"] = list(architecture.assumptions)

@@ -1,9 +1,9 @@
 """Any ResNet checkpoint file, with the config files beside it, into ``(model, card)``.
 
-:func:`open_weights` reads the file with the one bounded reader, asks :func:`~.families.identify` which network it
-is, and builds it: a timm or transformers network by its library (:func:`~.families.open_library`), any other
-through the recogniser's fitting and :func:`~.load.open_checkpoint`'s card. A timm or transformers
-``config.json`` and a ``preprocessor_config.json`` are taken from beside the file unless given.
+:func:`open_weights` is :func:`~.load.open_checkpoint` (read by the one bounded reader, identified by
+:func:`~.families.identify`, built by its library or the recogniser's fitting) with a timm or transformers
+``config.json`` and a ``preprocessor_config.json`` taken from beside the file unless given: what ``--weights`` on
+the command line and a Hub download need; an upload gives the files it came with.
 """
 
 from __future__ import annotations
@@ -16,12 +16,9 @@ from typing import Any
 from torch import nn
 
 from ..errors import WeightsError
-from .cards import ModelCard, preset_class_names, upload_card
-from .families import identify, is_timm_config, is_transformers_config, open_library
-from .files import file_sha256
-from .fitting import build_recognised, fit_recognised
-from .load import open_checkpoint, preset_from_checkpoint
-from .reader import read_checkpoint
+from .cards import ModelCard
+from .families import is_timm_config, is_transformers_config
+from .load import open_checkpoint
 
 __all__ = ["MAX_JSON_BYTES", "configs_beside", "open_weights", "read_json"]
 
@@ -69,7 +66,6 @@ def open_weights(
     preprocessor: Mapping[str, Any] | None = None,
     class_names: Sequence[str] | None = None,
     source: str | None = None,
-    name: str | None = None,
     beside: bool = True,
 ) -> tuple[nn.Module, ModelCard]:
     """A checkpoint of any supported source (timm, transformers, Lightning, the CIFAR repo, torchvision, this
@@ -81,39 +77,12 @@ def open_weights(
         preprocessor: a transformers ``preprocessor_config.json``, parsed; by default the one beside ``path``.
         class_names: one per class, instead of the ones the config or library gives.
         source: what messages call the file (``"checkpoint <file name>"``).
-        name: the card's name (the file's name by default).
         beside: look for the config files beside ``path`` when they are not given.
 
     Raises:
         WeightsError: one sentence: the file is refused, or fits nothing (with what its keys point to).
     """
     path = Path(path)
-    source = source or f"checkpoint {path.name}"
     if beside and config is None and preprocessor is None:
         config, preprocessor = configs_beside(path)
-    sd = read_checkpoint(path, source=source)
-    found = identify(sd, source=source, config=config)
-    del sd
-    sha256 = file_sha256(path)
-    name = name or f"{path.name} ({sha256[:8]})"
-    if found.kind != "recognised":
-        return open_library(found, name=name, source=source, config=config, preprocessor=preprocessor,
-                            class_names=class_names, sha256=sha256)
-    if not found.notes:  # the file as it is: the loader's own way, its card and sentences
-        return open_checkpoint(path, source=source, class_names=class_names)
-    arch = found.arch
-    model = fit_recognised(build_recognised(arch), found.sd, arch, source)
-    preset, chosen = preset_from_checkpoint(arch)
-    key = preset.key if preset is not None else None
-    classes = list(class_names) if class_names else preset_class_names(key, arch.num_classes)
-    if len(classes) != arch.num_classes:
-        raise WeightsError(f"{len(classes)} class names were given, but the checkpoint's classifier has "
-                           f"{arch.num_classes} classes")
-    size = None if preset is not None else (224 if arch.stem_reduction >= 4 else 32)
-    card = upload_card(name, arch.kind, arch.config, arch.in_channels, classes, preset=key, input_size=size,
-                       mean=None if preset else [0.5], std=None if preset else [0.25])
-    if arch.kind != "resnet":
-        card.config = {"in_channels": arch.in_channels, "stem_kernel": arch.stem_kernel, "maxpool": arch.maxpool}
-    card.weights_sha256 = sha256
-    card.training = {"source": source, "architecture": found.description, "preprocessing": chosen}
-    return model.eval(), card
+    return open_checkpoint(path, source=source, class_names=class_names, config=config, preprocessor=preprocessor)

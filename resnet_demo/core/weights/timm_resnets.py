@@ -29,7 +29,9 @@ from torch.overrides import TorchFunctionMode
 from ..errors import WeightsError
 from .exact import compare, expected_shapes, load_exact
 
-__all__ = ["TimmArch", "build_timm", "looks_timm", "recognise_timm", "timm_labels", "timm_preprocessing"]
+__all__ = [
+    "TimmArch", "build_timm", "looks_timm", "recognise_timm", "timm_labels", "timm_preprocessing", "timm_signs",
+]
 
 _LAYER = re.compile(r"^layer(\d{1,4})\.(\d{1,4})\.")  # timm ResNet: layer<stage>.<index>.
 _V2 = re.compile(r"^stages\.(\d{1,4})\.blocks\.(\d{1,4})\.")  # timm ResNetV2: stages.<i>.blocks.<j>.
@@ -74,6 +76,13 @@ class _Features:
 def looks_timm(shapes: Mapping[str, tuple[int, ...]]) -> bool:
     """Whether the key names are those of a timm ResNet or ResNetV2 (also torchvision's: timm uses its names)."""
     return _features(shapes) is not None
+
+
+def timm_signs(shapes: Mapping[str, tuple[int, ...]]) -> bool:
+    """Whether the keys have what only timm's ResNets have: its deep stem's BN at ``conv1.1``, SE or ECA modules, an
+    avg-pool shortcut (its conv at ``downsample.1``), or ResNetV2's ``stages.<i>.blocks.<j>``."""
+    return any(k == "conv1.1.running_mean" or ".se." in k or k.endswith(".downsample.2.running_mean")
+               or _V2.match(k) for k in shapes)
 
 
 def _features(shapes: Mapping[str, tuple[int, ...]]) -> _Features | None:
