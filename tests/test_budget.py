@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import TINY, TINY_PROJ, randomise_bn
 
-from resnet_demo.core.capture import block_shapes
+from resnet_demo.core.capture import activation_sizes, block_shapes
 from resnet_demo.core.explorer import Explorer
 from resnet_demo.core.model import build_model
 from resnet_demo.core.studies import bands, budget, errorscan, exemplars, lesions
@@ -31,9 +31,10 @@ def images(n=24, seed=0):
 def test_the_estimate_is_the_block_shapes_times_the_bytes():
     ex = tiny(TINY_PROJ)
     x = ex.batch_input(images(1))
-    shapes = block_shapes(ex.model, x)
+    shapes, largest = activation_sizes(ex.model, x)
+    assert shapes == block_shapes(ex.model, x)
     sizes = {name: (int(np.prod(a)), int(np.prod(b))) for name, (a, b) in shapes.items()}
-    largest = max(max(pair) for pair in sizes.values())
+    assert largest == 8 * 32 * 32 == max(max(pair) for pair in sizes.values())  # the stem's and res1's width
     assert footprint(ex.model, x) == Footprint(4 * budget.WORKING_SET * largest)
     kept = sum(x_ + y for x_, y in sizes.values()) + 2 * sum(y for _, y in sizes.values())  # x, y, and f, s
     assert footprint(ex.model, x, kept=("x", "f", "s", "y")).per_image == 4 * (budget.WORKING_SET * largest + kept)
@@ -41,6 +42,16 @@ def test_the_estimate_is_the_block_shapes_times_the_bytes():
     assert grad == Footprint(4 * (budget.WORKING_SET * largest + budget.SAVED_FOR_GRAD * sum(map(sum, sizes.values()))),
                              123)
     assert footprint(ex.model.double(), x.double()).per_image == 8 * budget.WORKING_SET * largest  # bytes per element
+
+
+def test_the_largest_activation_may_be_outside_every_block():
+    # torchvision's ResNet-18: the stem's 7x7 convolution (stride 2) outputs 64 channels at half the input's side,
+    # four times the size of any block's output (after the max-pool)
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    shapes, largest = activation_sizes(model, torch.randn(1, 3, 64, 64))
+    assert largest == 64 * 32 * 32 == 4 * max(int(np.prod(y)) for _, y in shapes.values())
+    assert all(len(m._forward_hooks) == 0 for m in model.modules())
 
 
 def test_plan_takes_the_largest_batch_that_fits_or_refuses_with_a_sentence():

@@ -48,7 +48,10 @@ from torch import nn
 from .blocks import BlockTypes, TorchvisionBlocks
 from .model import ResNet
 
-__all__ = ["PARTS", "BlockRecord", "BlockSpec", "Capture", "block_shapes", "capture", "capture_forward", "find_blocks"]
+__all__ = [
+    "PARTS", "BlockRecord", "BlockSpec", "Capture", "activation_sizes", "block_shapes", "capture", "capture_forward",
+    "find_blocks",
+]
 
 PARTS = ("x", "f", "s", "y")  # a block's input, branch F(x), shortcut s(x) and output
 
@@ -312,9 +315,32 @@ class _Hooks:
 def block_shapes(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
     """Block name -> (shape of its input, shape of its output), per example (without the batch dimension),
     for input ``x``; one forward pass that keeps no activation (F(x) and s(x) have the output's shape)."""
-    with torch.inference_mode(), capture(model, keep=("x", "y"), reduce=lambda t: torch.tensor(t.shape[1:])) as cap:
-        model(x)
-    return {r.name: (tuple(r.x.tolist()), tuple(r.y.tolist())) for r in cap.blocks}
+    return activation_sizes(model, x)[0]
+
+
+def activation_sizes(
+    model: nn.Module, x: torch.Tensor
+) -> tuple[dict[str, tuple[tuple[int, ...], tuple[int, ...]]], int]:
+    """:func:`block_shapes`, and the number of elements per example of the largest tensor any module outputs
+    (a stem's convolution can be larger than every block), in one forward pass that keeps no activation."""
+    owner = threading.get_ident()
+    largest = [x[0].numel() if x.shape[0] else 0]
+
+    def on_output(_module, _inputs, output):
+        if threading.get_ident() == owner and isinstance(output, torch.Tensor) and output.ndim and output.shape[0]:
+            largest[0] = max(largest[0], output[0].numel())
+
+    handles = []
+    try:
+        handles = [m.register_forward_hook(on_output) for m in model.modules() if not next(m.children(), None)]
+        with torch.inference_mode(), capture(model, keep=("x", "y"),
+                                             reduce=lambda t: torch.tensor(t.shape[1:])) as cap:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    shapes = {r.name: (tuple(r.x.tolist()), tuple(r.y.tolist())) for r in cap.blocks}
+    return shapes, largest[0]
 
 
 def capture_forward(

@@ -4,9 +4,9 @@ A study runs its images in batches; what it holds at the peak of a batch is esti
 the model's blocks (one forward pass of one image, :func:`~resnet_demo.core.capture.block_shapes`) times
 the batch size times the bytes per element:
 
-- the forward pass's working set: :data:`WORKING_SET` times the largest block input or output (or model
-  input) of one image (a bottleneck holds its input, its branch's activations and its output at once; the stem's
-  output is the size of the first block's input);
+- the forward pass's working set: :data:`WORKING_SET` times the largest tensor any module outputs for
+  one image (a convolution's output and its batch normalisation's, beside the block input the shortcut
+  keeps; in torchvision's ResNet-18 that is the stem's convolution, four times any block's output);
 - what the study keeps of every block for the whole batch (``kept``: block inputs, outputs, branches,
   shortcuts; each :data:`~resnet_demo.core.capture.PARTS` part it keeps unreduced);
 - for a study that takes gradients, the activations autograd saves: :data:`SAVED_FOR_GRAD` times every
@@ -32,13 +32,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..capture import block_shapes
+from ..capture import activation_sizes
 
 __all__ = ["BUDGET", "SAVED_FOR_GRAD", "WORKING_SET", "Footprint", "StudyTooLarge", "budgeted", "footprint", "held",
            "plan"]
 
 BUDGET = int(float(os.environ.get("RESNET_DEMO_STUDY_MIB", 4096)) * 2**20)  # bytes all studies may hold at once
-WORKING_SET = 4  # largest block tensors alive at once in a forward pass (x, branch activations, F(x), y)
+WORKING_SET = 3  # largest tensors alive at once in a forward pass (a conv's output, its BN's, the block input)
 SAVED_FOR_GRAD = 4  # tensors autograd saves per block, in units of the block's input plus output
 
 
@@ -78,10 +78,9 @@ def footprint(
 ) -> Footprint:
     """The estimated memory of passes of ``model`` over inputs like ``sample`` (one prepared input, (1, C, H, W),
     on the model's device), keeping ``kept`` parts of every block unreduced, with gradients when ``grad``."""
-    shapes = block_shapes(model, sample[:1])
+    shapes, largest = activation_sizes(model, sample[:1])
     per_block = [(torch.Size(x).numel(), torch.Size(y).numel()) for x, y in shapes.values()]
     element = next(iter(model.parameters()), sample).element_size()
-    largest = max([sample[0].numel()] + [max(pair) for pair in per_block])  # the input is an activation too
     elements = WORKING_SET * largest + sum(pair[_SIZES[p]] for p in kept for pair in per_block)
     if grad:
         elements += SAVED_FOR_GRAD * sum(x + y for x, y in per_block)
