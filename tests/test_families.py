@@ -118,6 +118,10 @@ def test_a_transformers_folder_opens_with_its_config_labels_and_preprocessing(tm
     assert card.classes == ["kind 0", "kind 1", "kind 2"]
     assert (card.input_size, card.resize, card.mean, card.std) == (224, 256, [0.4, 0.5, 0.6], [0.2, 0.2, 0.3])
     assert [b.name for b in find_blocks(model)][0] == "resnet.encoder.stages.0.layers.0"
+    assert model.num_features == 64  # the head's width, as timm's models say it
+    with torch.inference_mode():
+        last = source.resnet.encoder(source.resnet.embedder(IMAGE)).last_hidden_state
+        assert torch.allclose(model.forward_head(last), source(IMAGE).logits, atol=1e-5, rtol=0)
     assert "config from config.json" in card.training["architecture"]
 
 

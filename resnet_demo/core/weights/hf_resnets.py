@@ -147,8 +147,13 @@ def _classifier_class() -> type:
     from transformers import ResNetForImageClassification
 
     class ResNetClassifier(ResNetForImageClassification):
-        """transformers' model, answering logits: ``forward`` returns ``.logits`` and ``forward_head`` pools and
-        classifies any last-stage feature map (what the per-block readout needs)."""
+        """transformers' model, answering logits: ``forward`` returns ``.logits``, ``forward_head`` pools and
+        classifies any last-stage feature map (what the per-block readout needs) and ``num_features`` is the width
+        it takes, as timm's models have them."""
+
+        @property
+        def num_features(self) -> int:
+            return int(self.config.hidden_sizes[-1])
 
         def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
             return super().forward(pixel_values).logits
