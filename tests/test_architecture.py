@@ -18,8 +18,8 @@ CONTRACT_NAMES = [
     "Core in three parts: studies > explorer > one image > weights",
 ]
 # The modules the core's layers name: a small package made for a test needs them to exist.
-CORE_LAYERS = ("studies/__init__", "weights/__init__", "explorer", "insight", "preprocess", "probes", "runtime",
-               "metrics", "capture", "model", "errors")
+CORE_LAYERS = ("studies/__init__", "weights/__init__", "explorer", "insight", "inside", "preprocess", "probes", "runtime",
+               "metrics", "capture", "blocks", "model", "errors")
 
 
 def lint_imports(cwd: Path, config: Path) -> subprocess.CompletedProcess:
