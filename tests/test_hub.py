@@ -134,7 +134,8 @@ def test_a_file_larger_than_the_hub_said_is_stopped_mid_download(hub_env, monkey
 def test_sizes_and_parameter_counts_over_the_bounds_are_refused_before_any_download(hub_env, monkeypatch):
     files = {"model.safetensors": b"x" * 100}
     repos = {"big/file": Repo(files, claimed={"model.safetensors": 600 * 2**20}),
-             "big/params": Repo(files, parameters=300_000_000)}
+             "big/params": Repo(files, parameters=300_000_000),
+             "big/headers": Repo(files, head_size={"model.safetensors": 600 * 2**20})}
     with serve(monkeypatch, repos) as hub:
         with pytest.raises(HubError, match=r"big/file's model.safetensors is 600 MiB according to the Hub, over the "
                                            r"limit of 512 MiB for a checkpoint; it was not downloaded"):
@@ -142,7 +143,11 @@ def test_sizes_and_parameter_counts_over_the_bounds_are_refused_before_any_downl
         with pytest.raises(HubError, match=r"big/params has 300,000,000 parameters according to the Hub, over the "
                                            r"limit of 200,000,000; it was not downloaded"):
             open_from_hub("big/params")
-    assert not any("/resolve/" in p for _, p in hub.requests)
+        assert not any("/resolve/" in p for _, p in hub.requests)
+        with pytest.raises(HubError, match=r"big/headers's model.safetensors is 100 bytes according to the Hub's "
+                                           r"listing but 600 MiB according to its download headers"):
+            open_from_hub("big/headers")
+    assert not any(m == "GET" and "/resolve/" in p for m, p in hub.requests)
 
 
 def test_unknown_repositories_missing_weights_and_bad_ids_get_a_sentence(hub_env, monkeypatch):

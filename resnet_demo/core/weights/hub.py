@@ -125,6 +125,20 @@ def _bounded_progress(limit: int) -> type:
     return Bounded
 
 
+def _same_size_in_headers(repo: str, name: str, size: int, revision: str, endpoint: str | None) -> None:
+    """The size the file's own headers give must be the metadata's: a Xet-backed download writes as many bytes as
+    the headers say, so a larger number there would bypass the bound checked above."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    try:
+        said = get_hf_file_metadata(hf_hub_url(repo, name, revision=revision, endpoint=endpoint), token=False).size
+    except Exception as exc:  # noqa: BLE001 - HTTP errors, httpx's transport errors, timeouts
+        raise HubError(f"{repo}'s {name} could not be reached ({type(exc).__name__})") from None
+    if said != size:
+        raise HubError(f"{repo}'s {name} is {_size(size)} according to the Hub's listing but "
+                       f"{_size(said or 0)} according to its download headers; it was not downloaded")
+
+
 def open_from_hub(
     model_id: str,
     *,
@@ -181,6 +195,7 @@ def open_from_hub(
             raise HubError(f"{repo} has {params:,} parameters according to the Hub, over the limit of "
                            f"{max_params:,}; it was not downloaded")
         common = {"revision": info.sha, "cache_dir": _cache_dir(), "endpoint": endpoint, "token": False}
+        _same_size_in_headers(repo, name, size, info.sha, endpoint)
 
         def fetch(filename: str, limit: int) -> str:
             try:
