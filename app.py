@@ -54,7 +54,7 @@ from resnet_demo.view.registry import (  # noqa: E402
     prepare_process,
     start_serving,
 )
-from resnet_demo.view.render import VIEWS, png_data_url  # noqa: E402
+from resnet_demo.view.render import PART_LABELS, png_data_url  # noqa: E402
 from resnet_demo.view.results import AnalysisView, Settings, UploadRequest  # noqa: E402
 from resnet_demo.view.timeline_view import Timelines  # noqa: E402
 from resnet_demo.view.uploads import ARCH_CHOICES, PRESET_CHOICES, UserModels  # noqa: E402
@@ -76,7 +76,7 @@ MAX_CHECKPOINT = "512mb"  # an uploaded checkpoint: well above ResNet-152's ~230
 THEME = gr.themes.Default(  # system fonts: the default theme would fetch Google Fonts
     font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
 )
-VIEW_CHOICES = [(f"{label} ({key})", key) for key, label in VIEWS.items()]
+PART_CHOICES = [(f"{label} ({key})", key) for key, label in PART_LABELS.items()]
 # Gradio keeps every session's page state (~150 KB here: a copy of the page's component configs)
 # until this many newer sessions have come; its default, 10,000, would let a public demo grow by
 # ~1.5 GB. A session evicted while its tab is still open loses only the tools' memory of its image.
@@ -260,9 +260,9 @@ class ResultsPanel:
     model_input: gr.Image
     summary: gr.Markdown
 
-    def show(self, view: AnalysisView) -> dict:
-        return {self.predictions: view.page.predictions, self.model_input: view.page.model_input,
-                self.summary: view.page.summary}
+    def show(self, result: AnalysisView) -> dict:
+        return {self.predictions: result.page.predictions, self.model_input: result.page.model_input,
+                self.summary: result.page.summary}
 
 
 def results_panel() -> ResultsPanel:
@@ -278,20 +278,20 @@ def results_panel() -> ResultsPanel:
 @dataclass
 class FeatureMapsTab:
     tab: gr.Tab
-    view: gr.Radio
+    part: gr.Radio
     grids: gr.Image
     detail_block: gr.Dropdown
     detail: gr.Image
     channels: ChannelPanel
 
-    def show(self, view: AnalysisView) -> dict:
-        return {self.grids: view.page.grids.image, self.detail: view.page.detail,
-                self.detail_block: chooser(view.choices_changed, view.blocks, view.detail_block)}
+    def show(self, result: AnalysisView) -> dict:
+        return {self.grids: result.page.grids.image, self.detail: result.page.detail,
+                self.detail_block: chooser(result.choices_changed, result.blocks, result.detail_block)}
 
 
 def feature_maps_tab() -> FeatureMapsTab:
     with gr.Tab("Feature maps") as tab:
-        view = gr.Radio(VIEW_CHOICES, value="f", label="Show")
+        part = gr.Radio(PART_CHOICES, value="f", label="Show")
         grids = InlineImage(label="Blocks (most active channels): click one to enlarge it", height=200,
                             interactive=False, format="png", elem_id="block-grids")
         gr.Markdown(HOW_TO_READ["maps"])
@@ -299,7 +299,7 @@ def feature_maps_tab() -> FeatureMapsTab:
         detail = InlineImage(label="All channels of the chosen block: click one to see what it responds to",
                              interactive=False, height=480, format="png", elem_classes=["pixelated"], elem_id="detail")
         channels = channel_panel()
-    return FeatureMapsTab(tab, view, grids, detail_block, detail, channels)
+    return FeatureMapsTab(tab, part, grids, detail_block, detail, channels)
 
 
 @dataclass
@@ -340,27 +340,27 @@ def channel_panel() -> ChannelPanel:
 
 def wire_channels(pages: Pages, c: Controls, maps: FeatureMapsTab) -> None:
     p = maps.channels
-    settings = [c.state, c.model_key, c.k, maps.view, maps.detail_block]
+    settings = [c.state, c.model_key, c.k, maps.part, maps.detail_block]
 
     @to_gr_error
     @gpu
-    def clicked(state, model_key, k, view, block, evt: gr.SelectData, request: gr.Request,
+    def clicked(state, model_key, k, part, block, evt: gr.SelectData, request: gr.Request,
                 progress=gr.Progress()):  # noqa: B008
-        v = pages.channel_click(state, settings_of(request, model_key, k, view, block), *evt.index,
+        v = pages.channel_click(state, settings_of(request, model_key, k, part, block), *evt.index,
                                 progress=lambda share: progress(share, desc="Scanning the test images"))
         return gr.skip() if v is None else p.shown(v)
 
     @to_gr_error
     @gpu
-    def show(state, model_key, k, view, block, channel, request: gr.Request, progress=gr.Progress()):  # noqa: B008
-        v = pages.channel(state, settings_of(request, model_key, k, view, block), int(channel or 0),
+    def show(state, model_key, k, part, block, channel, request: gr.Request, progress=gr.Progress()):  # noqa: B008
+        v = pages.channel(state, settings_of(request, model_key, k, part, block), int(channel or 0),
                           progress=lambda share: progress(share, desc="Scanning the test images"))
         return p.shown(v)
 
     @to_gr_error
     @gpu
-    def visualise(state, model_key, k, view, block, channel, request: gr.Request):
-        return pages.visualise(state, settings_of(request, model_key, k, view, block), int(channel or 0))
+    def visualise(state, model_key, k, part, block, channel, request: gr.Request):
+        return pages.visualise(state, settings_of(request, model_key, k, part, block), int(channel or 0))
 
     maps.detail.select(clicked, settings, p.outputs(), api_visibility="private")
     p.show.click(show, [*settings, p.channel], p.outputs(), api_name="channel")
@@ -376,10 +376,10 @@ class ResidualTab:
     table: gr.Dataframe
     is_open: gr.State
 
-    def show(self, view: AnalysisView) -> dict:
-        if view.page.chart is None:  # the tab is closed: emptied (no work, see `chooser`); opening it draws both
+    def show(self, result: AnalysisView) -> dict:
+        if result.page.chart is None:  # the tab is closed: emptied (no work, see `chooser`); opening it draws both
             return {self.chart: None, self.table: None}
-        return {self.chart: view.page.chart, self.table: view.page.table}
+        return {self.chart: result.page.chart, self.table: result.page.table}
 
 
 def residual_tab(pages: Pages, c: Controls, is_open: gr.State) -> ResidualTab:
@@ -415,9 +415,9 @@ def chooser(changed: bool, choices: list, value):
     return gr.update(choices=choices, value=value) if changed else value
 
 
-def settings_of(request: gr.Request | None, model_key, k, view="f", detail_block=None, lesion_blocks=None) -> Settings:
+def settings_of(request: gr.Request | None, model_key, k, part="f", detail_block=None, lesion_blocks=None) -> Settings:
     session = (request.session_hash if request is not None else None) or ""
-    return Settings(model_key, int(k), view, detail_block, tuple(lesion_blocks or ()), session)
+    return Settings(model_key, int(k), part, detail_block, tuple(lesion_blocks or ()), session)
 
 
 @dataclass
@@ -425,8 +425,8 @@ class LesionsTab:
     tab: gr.Tab
     blocks: gr.CheckboxGroup
 
-    def show(self, view: AnalysisView) -> dict:
-        return {self.blocks: chooser(view.choices_changed, view.blocks, view.lesion_blocks)}
+    def show(self, result: AnalysisView) -> dict:
+        return {self.blocks: chooser(result.choices_changed, result.blocks, result.lesion_blocks)}
 
 
 def lesions_tab(pages: Pages, c: Controls) -> LesionsTab:
@@ -523,7 +523,7 @@ class CompareTab:
     model_b: gr.Dropdown
 
 
-def compare_tab(pages: Pages, c: Controls, model_choices: list, view: gr.Radio) -> CompareTab:
+def compare_tab(pages: Pages, c: Controls, model_choices: list, part: gr.Radio) -> CompareTab:
     with gr.Tab("Compare") as tab:
         gr.Markdown(HOW_TO_READ["compare"])
         with gr.Row():
@@ -560,7 +560,7 @@ def compare_tab(pages: Pages, c: Controls, model_choices: list, view: gr.Radio) 
                              progress=lambda share: progress(share, desc="CKA over the test images"))
         return {cka_map: v.image, cka_text: v.text}
 
-    button.click(compare, [c.state, c.model_key, c.k, model_b, view],
+    button.click(compare, [c.state, c.model_key, c.k, model_b, part],
                  [c.state, text, preds_a, preds_b, chart, detail_a, detail_b, sweeps, readouts], api_name="compare")
     cka_button.click(similarity, [c.state, c.model_key, c.k, model_b], [cka_map, cka_text], api_name="similarity")
     return CompareTab(tab, model_b)
@@ -872,7 +872,7 @@ def make_demo(registry: Registry, default_model: str = AUTO, uploads: UserModels
             lesions = lesions_tab(pages, controls)
             readout_tab(pages, controls)
             gradcam_tab(pages, controls)
-            compare = compare_tab(pages, controls, model_choices + pages.timelines.snapshot_choices(), maps.view)
+            compare = compare_tab(pages, controls, model_choices + pages.timelines.snapshot_choices(), maps.part)
             timeline_tab(pages, controls)
             dataset = dataset_tab()
             export_tab(pages, controls, lesions.blocks)
@@ -914,33 +914,33 @@ def wire_analysis(pages: Pages, registry: Registry, inputs: InputsPanel, c: Cont
     outputs = [results.predictions, results.model_input, maps.grids, residual.chart, residual.table,
                results.summary, maps.detail, maps.detail_block, lesions.blocks, c.state]
     # The session's state and whether the residual tab is open come first; gr.State is not part of the API.
-    settings = [c.state, residual.is_open, c.model_key, c.k, maps.view, maps.detail_block, lesions.blocks]
+    settings = [c.state, residual.is_open, c.model_key, c.k, maps.part, maps.detail_block, lesions.blocks]
     run = gpu(pages.analyze)
 
     @to_gr_error
-    def analyze(source, kind, previous, chart, model_key, k, view, detail, lesioned, request):
-        s = settings_of(request, model_key, k, view, detail, lesioned)
+    def analyze(source, kind, previous, chart, model_key, k, part, detail, lesioned, request):
+        s = settings_of(request, model_key, k, part, detail, lesioned)
         v = run(source, kind, s, previous, chart=bool(chart))
         return {c.state: v.state, **results.show(v), **maps.show(v), **residual.show(v), **lesions.show(v)}
 
     # One function per source, each naming its parameters: Gradio passes gr.Request by annotation.
-    def photo(img, previous, chart, model_key, k, view, detail, lesioned, request: gr.Request):
+    def photo(img, previous, chart, model_key, k, part, detail, lesioned, request: gr.Request):
         if img is None:
             return {}
-        return analyze(img, "photo", previous, chart, model_key, k, view, detail, lesioned, request)
+        return analyze(img, "photo", previous, chart, model_key, k, part, detail, lesioned, request)
 
-    def drawing(value, previous, chart, model_key, k, view, detail, lesioned, request: gr.Request):
-        return analyze(value, "drawing", previous, chart, model_key, k, view, detail, lesioned, request)
+    def drawing(value, previous, chart, model_key, k, part, detail, lesioned, request: gr.Request):
+        return analyze(value, "drawing", previous, chart, model_key, k, part, detail, lesioned, request)
 
-    def example(evt: gr.SelectData, previous, chart, model_key, k, view, detail, lesioned, request: gr.Request):
+    def example(evt: gr.SelectData, previous, chart, model_key, k, part, detail, lesioned, request: gr.Request):
         path = EXAMPLES[evt.index]
-        return analyze(str(path), example_kind(registry, path), previous, chart, model_key, k, view, detail,
+        return analyze(str(path), example_kind(registry, path), previous, chart, model_key, k, part, detail,
                        lesioned, request)
 
-    def reanalyze(state, chart, model_key, k, view, detail, lesioned, request: gr.Request):
+    def reanalyze(state, chart, model_key, k, part, detail, lesioned, request: gr.Request):
         if state is None:
             return {}
-        return analyze(state.source, state.kind, state, chart, model_key, k, view, detail, lesioned, request)
+        return analyze(state.source, state.kind, state, chart, model_key, k, part, detail, lesioned, request)
 
     def block_clicked(state, evt: gr.SelectData):  # a click on a block's grid in the strip enlarges that block
         return Pages.block_at(state, evt.index[0]) or gr.skip()
@@ -952,7 +952,7 @@ def wire_analysis(pages: Pages, registry: Registry, inputs: InputsPanel, c: Cont
     inputs.webcam.stream(photo, [inputs.webcam, *settings], outputs, api_name="analyze_webcam", stream_every=0.2,
                          time_limit=60, show_progress="hidden")
     inputs.gallery.select(example, settings, outputs, api_name="analyze_example")
-    for control in (c.model_key, c.k, maps.view, maps.detail_block):
+    for control in (c.model_key, c.k, maps.part, maps.detail_block):
         control.input(reanalyze, settings, outputs, api_visibility="private",
                       trigger_mode="always_last", show_progress="hidden")
     maps.grids.select(block_clicked, c.state, maps.detail_block, api_visibility="private").then(

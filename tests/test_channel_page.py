@@ -25,7 +25,7 @@ def pages():
 
 def test_a_click_on_a_tile_shows_that_channels_exemplars(pages):
     state = PageState(str(PHOTO), "photo", "cifar10", 5)
-    settings = Settings("cifar10", 5, view="f", detail_block="res4")
+    settings = Settings("cifar10", 5, part="f", detail_block="res4")
     explorer = pages.registry.get("cifar10")
     analysis = explorer.analyze(str(PHOTO))
     fmap = block_tensor(analysis, "res4", "f")
@@ -34,7 +34,7 @@ def test_a_click_on_a_tile_shows_that_channels_exemplars(pages):
     pitch = fmap.shape[-1] * rep + SCREEN.pad
     # The first tile is the most active channel; the second tile of the second row is channel ranked[cols + 1].
     v = pages.channel_click(state, settings, SCREEN.pad + 1, SCREEN.pad + 1)
-    assert v.channel == int(ranked[0]) and v.block == "res4" and v.view == "f"
+    assert v.channel == int(ranked[0]) and v.block == "res4" and v.part == "f"
     cols = int(len(ranked) ** 0.5 + 0.999999)
     v = pages.channel_click(state, settings, SCREEN.pad + pitch + 2, SCREEN.pad + pitch + 2)
     assert v.channel == int(ranked[cols + 1])

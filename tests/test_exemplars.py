@@ -249,7 +249,7 @@ def test_bad_requests_are_refused_with_the_reason(tiny_model):
         result.channel("res3", "f", 16)
     with pytest.raises(InputError, match="unknown block 'res9'"):
         result.channel("res9", "f", 0)
-    with pytest.raises(InputError, match="unknown view 's'"):
+    with pytest.raises(InputError, match="unknown part 's'"):
         result.channel("res1", "s", 0)
     with pytest.raises(InputError, match="needs at least 50 images; the set has 40"):
         scan_exemplars(explorer, _random_set(), k=50)

@@ -15,7 +15,7 @@ from resnet_demo.core.model import build_model
 from resnet_demo.core.studies.exemplars import load_exemplars
 from resnet_demo.core.studies.featurevis import (
     block_activation,
-    block_views,
+    block_parts,
     cached_visualise,
     colour_sqrt,
     visualise,
@@ -104,7 +104,7 @@ def test_hooks_are_removed_when_the_request_fails(tiny_model):
         visualise(tiny_model, _card(), "res3", "y", 16, steps=5)
     with pytest.raises(InputError, match=r"unknown block 'res7'; this model's blocks are \['res1', 'res2', 'res3'\]"):
         visualise(tiny_model, _card(), "res7", "y", 0, steps=5)
-    with pytest.raises(InputError, match=r"unknown view\(s\) \['s'\]"):
+    with pytest.raises(InputError, match=r"unknown part\(s\) \['s'\]"):
         visualise(tiny_model, _card(), "res1", "s", 0, steps=5)
     with pytest.raises(InputError, match="at least 1 step, got 0"):
         visualise(tiny_model, _card(), "res1", "f", 0, steps=0)
@@ -194,11 +194,11 @@ def test_colour_sqrt_squares_back_to_the_covariance():
         colour_sqrt(images[:, :1])
 
 
-def test_block_views_gives_the_captured_tensors_with_gradients(tiny_model):
+def test_block_parts_gives_the_captured_tensors_with_gradients(tiny_model):
     x = torch.randn(2, 3, 32, 32, requires_grad=True)
     with torch.inference_mode():
         _, records = capture_forward(tiny_model, x.detach())
-    with block_views(tiny_model, "res2") as run:
+    with block_parts(tiny_model, "res2") as run:
         out = run(x)
     with block_activation(tiny_model, "res3", "f") as run:
         f3 = run(x)

@@ -182,7 +182,7 @@ def bench_resnet50(args) -> dict:
 
 
 def bench_featurevis(explorer: Explorer, channels: int) -> dict:
-    """Seconds to optimise one channel's image (the page's *Optimise*), per block and view, for the first
+    """Seconds to optimise one channel's image (the page's *Optimise*), per block and part, for the first
     ``channels`` channels of res1, the middle block and the last (uncached: a new seed each time)."""
     from ..core.studies.featurevis import visualise
 
@@ -190,10 +190,10 @@ def bench_featurevis(explorer: Explorer, channels: int) -> dict:
     picks = [names[0], names[len(names) // 2], names[-1]]
     out = {}
     for block in picks:
-        for view in ("f", "y"):
-            times = [visualise(explorer.model, explorer.card, block, view, c, seed=100 + c).seconds
+        for part in ("f", "y"):
+            times = [visualise(explorer.model, explorer.card, block, part, c, seed=100 + c).seconds
                      for c in range(channels)]
-            out[f"{block} {view}"] = {"mean_s": statistics.mean(times), "max_s": max(times), "channels": channels}
+            out[f"{block} {part}"] = {"mean_s": statistics.mean(times), "max_s": max(times), "channels": channels}
     return out
 
 

@@ -576,7 +576,7 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 def _settings(k: int) -> tuple:
-    return ("auto", k, "f", "", [])  # as a fresh page: auto model, top-k, F(x) view, last block enlarged
+    return ("auto", k, "f", "", [])  # as a fresh page: auto model, top-k, the maps of F(x), last block enlarged
 
 
 def run_load(
@@ -748,8 +748,8 @@ def open_sessions(url: str, client: str, n: int, settings: tuple, download_dir: 
     held: dict[int, str] = {}  # per session: the enlarged block's chooser (each session has one thread)
 
     def call(session, path: Path) -> tuple:
-        model, k, view, detail, lesioned = settings
-        result = predict(session, path, (model, k, view, held.get(id(session), detail), lesioned))
+        model, k, part, detail, lesioned = settings
+        result = predict(session, path, (model, k, part, held.get(id(session), detail), lesioned))
         chosen = result[DETAIL_OUTPUT]
         held[id(session)] = chosen.get("value", "") if isinstance(chosen, dict) else chosen
         return result

@@ -18,7 +18,7 @@ from ..core.metrics import METRIC_NAMES
 from ..core.studies.bands import describe
 from ..core.studies.strangeness import strangeness
 from .render import (
-    VIEWS,
+    PART_LABELS,
     Strip,
     feature_grid,
     feature_strip,
@@ -85,30 +85,30 @@ def metrics_table(analysis: Analysis, digits: int = 4) -> list[list]:
     return [[m.name, m.stage, *(round(getattr(m, k), digits) for k in METRIC_NAMES)] for m in analysis.metrics]
 
 
-def block_tensor(analysis: Analysis, block: str, view: str):
-    if view not in VIEWS:
-        raise ValueError(f"view must be one of {list(VIEWS)}, got {view!r}")
+def block_tensor(analysis: Analysis, block: str, part: str):
+    if part not in PART_LABELS:
+        raise ValueError(f"part must be one of {list(PART_LABELS)}, got {part!r}")
     for rec in analysis.blocks:
         if rec.name == block:
-            return getattr(rec, view)[0]
+            return getattr(rec, part)[0]
     raise KeyError(f"unknown block {block!r}; this model's blocks are {[r.name for r in analysis.blocks]}")
 
 
 def block_detail(
-    analysis: Analysis, block: str, view: str = "f", max_channels: int = 256, sizes: Sizes = SCREEN
+    analysis: Analysis, block: str, part: str = "f", max_channels: int = 256, sizes: Sizes = SCREEN
 ) -> Image.Image:
     """All channels of one block (up to ``max_channels``), each scaled to its own range, most active first."""
-    fmap = block_tensor(analysis, block, view)
+    fmap = block_tensor(analysis, block, part)
     n = min(fmap.shape[0], max_channels)
-    return feature_grid(fmap, signed=view == "f", max_channels=n, cell=sizes.detail_cell, pad=sizes.pad,
+    return feature_grid(fmap, signed=part == "f", max_channels=n, cell=sizes.detail_cell, pad=sizes.pad,
                         per_channel_scale=True)
 
 
-def detail_channel(analysis: Analysis, block: str, view: str, x: float, y: float, max_channels: int = 256,
+def detail_channel(analysis: Analysis, block: str, part: str, x: float, y: float, max_channels: int = 256,
                    sizes: Sizes = SCREEN) -> int | None:
     """The channel whose tile is under pixel (x, y) of :func:`block_detail`'s picture (tiles are in order of
     activity on this image, so the same pixel is another channel on another image)."""
-    fmap = block_tensor(analysis, block, view)
+    fmap = block_tensor(analysis, block, part)
     n = min(fmap.shape[0], max_channels)
     tile = tile_at(n, fmap.shape[1], fmap.shape[2], sizes.detail_cell, sizes.pad, x, y)
     return None if tile is None else int(rank_channels(fmap)[tile])
@@ -142,7 +142,7 @@ def summarise(analysis: Analysis) -> str:
 def build_page(
     analysis: Analysis,
     *,
-    view: str = "f",
+    part: str = "f",
     detail_block: str | None = None,
     max_channels: int = 16,
     chart: bool = True,
@@ -154,10 +154,10 @@ def build_page(
     """
     captions = [f"{m.name} · {m.ratio:.2f}" for m in analysis.metrics]  # metrics follow the records, in order
     # F(x)'s channels are ranked by mean |F|, which the metrics hold already (channel_f); x and y are ranked here.
-    ranked = [np.argsort(-m.channel_f, kind="stable")[:max_channels] if view == "f" else None for m in analysis.metrics]
-    codes = [grid_codes(getattr(rec, view)[0], signed=view == "f", channels=order, max_channels=max_channels,
+    ranked = [np.argsort(-m.channel_f, kind="stable")[:max_channels] if part == "f" else None for m in analysis.metrics]
+    codes = [grid_codes(getattr(rec, part)[0], signed=part == "f", channels=order, max_channels=max_channels,
                         cell=sizes.grid_cell, pad=sizes.pad) for rec, order in zip(analysis.blocks, ranked)]
-    cmap = "RdBu_r" if view == "f" else "magma"
+    cmap = "RdBu_r" if part == "f" else "magma"
     if sizes == SCREEN:
         grids = feature_strip(codes, captions, cmap)
     else:
@@ -170,7 +170,7 @@ def build_page(
         chart=residual_chart(analysis.metrics, bands=analysis.card.reference_bands or None) if chart else None,
         table=metrics_table(analysis),
         summary=summarise(analysis),
-        detail=block_detail(analysis, detail_block, view, sizes=sizes) if detail_block else None,
+        detail=block_detail(analysis, detail_block, part, sizes=sizes) if detail_block else None,
     )
 
 

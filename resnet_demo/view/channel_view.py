@@ -22,9 +22,9 @@ from ..core.studies.evalsets import EvalSet
 from ..core.studies.exemplars import ChannelExemplars, Exemplar
 from ..core.studies.featurevis import FeatureVis
 from ..core.weights.cards import ModelCard
-from .render import VIEWS, colour_lut, draw_text, input_image, overlay, text_mask
+from .render import PART_LABELS, colour_lut, draw_text, input_image, overlay, text_mask
 
-__all__ = ["channel_map", "exemplar_grid", "featurevis_panel", "view_name"]
+__all__ = ["channel_map", "exemplar_grid", "featurevis_panel", "part_name"]
 
 INK, MUTED, BACKGROUND = "#222222", "#666666", "white"
 FONT_PX = 12
@@ -32,14 +32,14 @@ TITLE_H = 24  # pixels of a picture's title line
 CAPTION_H = 30  # two lines of caption under a tile
 GAP = 6
 
-_SHORT = {"x": "x", "f": "F(x)", "y": "y"}
+_SHORT = dict(zip(PART_LABELS, ("x", "F(x)", "y"), strict=True))  # as titles and captions write each part
 
 
-def view_name(view: str) -> str:
-    """``x``, ``F(x)`` or ``y``: how a view is written in titles and captions."""
-    if view not in VIEWS:
-        raise ValueError(f"view must be one of {list(VIEWS)}, got {view!r}")
-    return _SHORT[view]
+def part_name(part: str) -> str:
+    """``x``, ``F(x)`` or ``y``: how a part is written in titles and captions."""
+    if part not in PART_LABELS:
+        raise ValueError(f"part must be one of {list(PART_LABELS)}, got {part!r}")
+    return _SHORT[part]
 
 
 def _rgb(arr: np.ndarray) -> Image.Image:
@@ -110,27 +110,27 @@ def exemplar_grid(ex: ChannelExemplars, evalset: EvalSet, *, cell: int = 64) -> 
         parts.append(("lowest", *_exemplar_tiles(ex, evalset, True, cell)))
     slot = max(_slot(tiles, captions) for _, tiles, captions in parts)
     rows = [_captioned_row(tiles, captions, label, 64, slot) for label, tiles, captions in parts]
-    title = (f"{ex.block} {view_name(ex.view)}, channel {ex.channel}: its mean activation on {len(ex.top)} images "
+    title = (f"{ex.block} {part_name(ex.part)}, channel {ex.channel}: its mean activation on {len(ex.top)} images "
              f"of {ex.evalset} (mean over the set {ex.mean:.2f})")
     return _stack(title, rows)
 
 
 def featurevis_panel(items: Sequence[FeatureVis], *, size: int = 128, title: str | None = None) -> Image.Image:
     """Optimised images side by side, enlarged with nearest neighbour to about ``size`` pixels, each captioned
-    with its view and the channel's mean activation reached (and that of the starting noise).
+    with its part and the channel's mean activation reached (and that of the starting noise).
 
     For F(x) and y of one channel: ``featurevis_panel([vis_f, vis_y])``.
     """
     if not items:
         raise ValueError("no feature visualisation to show")
     tiles = [_enlarged(_rgb(v.image), size) for v in items]
-    captions = [(f"{v.block} {view_name(v.view)} ch {v.channel}: {v.activation:.2f}",
+    captions = [(f"{v.block} {part_name(v.part)} ch {v.channel}: {v.activation:.2f}",
                  f"from noise {v.start_activation:.2f}") for v in items]
     if title is None:
         first = items[0]
         if all((v.block, v.channel) == (first.block, first.channel) for v in items):
-            views = " and ".join(view_name(v.view) for v in items)
-            title = f"{first.block}, channel {first.channel}: images optimised to excite {views}"
+            parts = " and ".join(part_name(v.part) for v in items)
+            title = f"{first.block}, channel {first.channel}: images optimised to excite {parts}"
         else:
             title = "Images optimised to excite a channel"
     return _stack(title, [_captioned_row(tiles, captions, "", 4)])
@@ -144,29 +144,29 @@ def _map_colours(fmap: np.ndarray, signed: bool) -> tuple[np.ndarray, str]:
     return np.maximum(fmap, 0) / scale, "magma"
 
 
-def channel_map(analysis: Analysis, block: str, view: str, channel: int, card: ModelCard, *,
+def channel_map(analysis: Analysis, block: str, part: str, channel: int, card: ModelCard, *,
                 size: int = 160) -> Image.Image:
     """The chosen channel's map for the analysed image: over the image the model saw (left) and enlarged on
     its own (right), with its mean and its peak.
 
     Raises:
-        ValueError: an unknown block or view, or a channel out of range.
+        ValueError: an unknown block or part, or a channel out of range.
     """
     record = next((r for r in analysis.blocks if r.name == block), None)
     if record is None:
         raise ValueError(f"unknown block {block!r}; the analysis has {[r.name for r in analysis.blocks]}")
-    view_name(view)
-    t: torch.Tensor = getattr(record, view)[0]
+    part_name(part)
+    t: torch.Tensor = getattr(record, part)[0]
     if not 0 <= channel < t.shape[0]:
-        raise ValueError(f"{view} of block {block} has {t.shape[0]} channels (0 to {t.shape[0] - 1}); got {channel}")
+        raise ValueError(f"{part} of block {block} has {t.shape[0]} channels (0 to {t.shape[0] - 1}); got {channel}")
     fmap = t[channel].detach().float().cpu().numpy()  # (H, W)
-    values, cmap = _map_colours(fmap, view == "f")
+    values, cmap = _map_colours(fmap, part == "f")
     base = input_image(analysis.input, card, size)
     left = overlay(values, base, alpha=0.6, cmap=cmap)
     levels = (np.clip(values, 0, 1) * 255 + 0.5).astype(np.uint8)
     right = Image.fromarray(colour_lut(cmap)[levels]).resize(left.size, Image.NEAREST)
     r, c = np.unravel_index(int(np.argmax(fmap)), fmap.shape)
-    captions = [("your image", f"{block} {view_name(view)} ch {channel} over it"),
+    captions = [("your image", f"{block} {part_name(part)} ch {channel} over it"),
                 (f"mean {fmap.mean():.2f}, max {fmap.max():.2f}", f"peak at row {r}, column {c} of {fmap.shape[0]}")]
     row = _captioned_row([left, right], captions, "", 4)
-    return _stack(f"{block} {view_name(view)}, channel {channel} on this image", [row])
+    return _stack(f"{block} {part_name(part)}, channel {channel} on this image", [row])

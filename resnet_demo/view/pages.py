@@ -139,7 +139,7 @@ class Pages:
             text += f" Made room by removing {', '.join(evicted)} (least recently used)."
         return UploadView(key, label, text, self.model_choices(session))
 
-    def compare(self, state: PageState | None, settings: Settings, model_b: str, view: str = "f") -> CompareView:
+    def compare(self, state: PageState | None, settings: Settings, model_b: str, part: str = "f") -> CompareView:
         """The session's image through model A (the page's selection) and model B, each with its own preprocessing."""
         state, a, analysis_a = self._current(state, settings)
         _, b = self.explorer(model_b, state.kind, settings.session)
@@ -147,7 +147,7 @@ class Pages:
         name_a, name_b = a.card.name, b.card.name
         chart = comparison_chart(analysis_a.metrics, analysis_b.metrics, name_a, name_b,
                                  bands_a=a.card.reference_bands or None)
-        details = [block_detail(x, x.metrics[-1].name, view) for x in (analysis_a, analysis_b)]
+        details = [block_detail(x, x.metrics[-1].name, part) for x in (analysis_a, analysis_b)]
         sweeps = [lesion_sweep_chart(e.sweep(x), title=f"{e.card.name}: lesion sweep")
                   for e, x in ((a, analysis_a), (b, analysis_b))]
         try:
@@ -188,23 +188,23 @@ class Pages:
 
     def channel(self, state: PageState | None, settings: Settings, channel: int,
                 progress: Callable[[float], None] | None = None) -> ChannelView:
-        """Channel ``channel`` of the enlarged block (``settings.detail_block``) in the chosen view."""
+        """Channel ``channel`` of the enlarged block (``settings.detail_block``) in the chosen part."""
         state, explorer, analysis = self._current(state, settings)
         block = settings.detail_block or analysis.metrics[-1].name
-        return channel_view(explorer, analysis, block, settings.view, int(channel), progress)
+        return channel_view(explorer, analysis, block, settings.part, int(channel), progress)
 
     def channel_click(self, state: PageState | None, settings: Settings, x: float, y: float,
                       progress: Callable[[float], None] | None = None) -> ChannelView | None:
         """The channel whose tile is under pixel (x, y) of the enlarged block's picture (``None``: no tile)."""
         state, explorer, analysis = self._current(state, settings)
         block = settings.detail_block or analysis.metrics[-1].name
-        channel = detail_channel(analysis, block, settings.view, x, y)
-        return None if channel is None else channel_view(explorer, analysis, block, settings.view, channel, progress)
+        channel = detail_channel(analysis, block, settings.part, x, y)
+        return None if channel is None else channel_view(explorer, analysis, block, settings.part, channel, progress)
 
     def visualise(self, state: PageState | None, settings: Settings, channel: int) -> tuple[Image.Image, str]:
         state, explorer, analysis = self._current(state, settings)
         block = settings.detail_block or analysis.metrics[-1].name
-        return visualisation(explorer, analysis, block, settings.view, int(channel))
+        return visualisation(explorer, analysis, block, settings.part, int(channel))
 
     # --- the data-set tab ------------------------------------------------------------------------------
 
@@ -273,7 +273,7 @@ class Pages:
         names = [m.name for m in analysis.metrics]
         chosen = settings.detail_block if settings.detail_block in names else names[-1]
         choices = (tuple(names), tuple(analysis.card.classes))
-        page = build_page(analysis, view=settings.view, detail_block=chosen, chart=chart)
+        page = build_page(analysis, part=settings.part, detail_block=chosen, chart=chart)
         return AnalysisView(
             state=PageState(source, kind, settings.model_key, int(settings.k), choices,
                             (page.grids.pitch, page.grids.slot)),

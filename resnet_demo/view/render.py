@@ -21,10 +21,11 @@ from PIL import Image
 
 from ..core.insight import LesionResult, Readout
 from ..core.metrics import BlockMetrics
+from ..core.studies.featurevis import SHOWN_PARTS
 from ..core.weights.cards import ModelCard
 
 __all__ = [
-    "VIEWS",
+    "PART_LABELS",
     "chart_font",
     "colour_lut",
     "draw_text",
@@ -47,8 +48,8 @@ __all__ = [
     "similarity_map",
 ]
 
-# Which tensor of a block to show; F(x) is signed, x and y are post-ReLU (non-negative).
-VIEWS = {"x": "block input x", "f": "residual branch F(x)", "y": "block output y"}
+# Which part of a block to show, in words; F(x) is signed, x and y are post-ReLU (non-negative).
+PART_LABELS = dict(zip(SHOWN_PARTS, ("block input x", "residual branch F(x)", "block output y"), strict=True))
 STAGE_COLOURS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3")
 
 

@@ -40,7 +40,7 @@ class Settings:
 
     model_key: str = "auto"
     k: int = 5
-    view: str = "f"
+    part: str = "f"  # which part of a block the maps show: x, F(x) ("f") or y
     detail_block: str | None = None
     lesion_blocks: tuple[str, ...] = ()
     session: str = ""  # the browser session: uploaded models are visible to theirs only

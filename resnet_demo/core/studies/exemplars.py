@@ -1,7 +1,7 @@
 """Data-set exemplars: for every channel of every block's x, F(x) and y, the evaluation images that excite it most.
 
 One scan over a labelled evaluation set (:mod:`.evalsets`, 500 images for the shipped models) with the
-block capture (:mod:`.capture`), in batches. For each block, view and channel, the channel's mean over its
+block capture (:mod:`.capture`), in batches. For each block, part (x, F(x), y) and channel, the channel's mean over its
 map is one number per image; the scan keeps the ``k`` (9) images with the largest, and for F(x), which
 is signed (the branch both adds to and removes from its input), also the ``k`` with the most negative.
 For each kept image it keeps where on the map the channel peaks (argmax; argmin for the negative ones).
@@ -10,7 +10,7 @@ For each kept image it keeps where on the map the channel peaks (argmax; argmin 
 unit ``(i, j)`` looks at input pixels around ``(i, j) * stride + offset``. The crop shown around it is
 the channel-summed *effective receptive field* (Luo, Li, Urtasun and Zemel, "Understanding the effective
 receptive field in deep convolutional neural networks", NIPS 2016) of the map's centre unit, measured
-once per block and view: the gradient of that unit with respect to the input, in absolute value, summed
+once per block and part: the gradient of that unit with respect to the input, in absolute value, summed
 over channels and over :data:`ERF_IMAGES` evaluation images. ``offset`` is the gradient mass's centroid
 less ``centre * stride``; the crop's side is that of the smallest square around the centroid holding
 :data:`ERF_MASS` of the mass, at least a quarter of the input side (so a crop shows some context), at
@@ -46,7 +46,7 @@ from ..weights.cards import WEIGHTS_DIR, ModelCard
 from .budget import budgeted, footprint
 from .distributed import Dist
 from .evalsets import EvalSet, evalset_for, load_evalset
-from .featurevis import VIEWS, block_views
+from .featurevis import SHOWN_PARTS, block_parts
 
 __all__ = [
     "DEFAULT_K",
@@ -67,7 +67,7 @@ DEFAULT_K = 9  # exemplars kept per channel (and negative ones per F(x) channel)
 DEFAULT_BATCH = 50  # images per forward pass of the scan, at most (the server's study budget may ask for fewer)
 ERF_IMAGES = 8  # evaluation images the effective receptive fields are measured on
 ERF_MASS = 0.8  # share of the gradient mass a crop must hold
-SIGNED = ("f",)  # views with negative exemplars too: the branch is signed, x and y are after a ReLU
+SIGNED = ("f",)  # parts with negative exemplars too: the branch is signed, x and y are after a ReLU
 
 
 @dataclass(frozen=True)
@@ -83,10 +83,10 @@ class Exemplar:
 
 @dataclass(frozen=True)
 class ChannelExemplars:
-    """What one channel of one block's view responds to in the evaluation set."""
+    """What one channel of one part of one block responds to in the evaluation set."""
 
     block: str
-    view: str
+    part: str
     channel: int
     evalset: str
     top: tuple[Exemplar, ...]  # most excited first
@@ -109,7 +109,7 @@ class ChannelExemplars:
 
 @dataclass(frozen=True)
 class _Geometry:
-    fmap: tuple[int, int]  # (h, w) of the view's map
+    fmap: tuple[int, int]  # (h, w) of the part's map
     crop: int  # side of the crop in input pixels
     offset: tuple[float, float]  # receptive-field centre of unit (0, 0), input pixels
 
@@ -117,7 +117,7 @@ class _Geometry:
 class Exemplars:
     """Every channel's exemplars for one model over one evaluation set.
 
-    Arrays per view ``v`` (channels of all blocks concatenated in forward order): ``top_index[v]``
+    Arrays per part ``v`` (channels of all blocks concatenated in forward order): ``top_index[v]``
     (channels, k) int, ``top_value[v]`` float32, ``top_pos[v]`` (channels, k, 2) (row, column), and for
     F(x) ``bottom_*`` likewise; ``mean[v]`` (channels,) the mean over the set.
     """
@@ -125,22 +125,22 @@ class Exemplars:
     def __init__(self, *, blocks: list[str], widths: np.ndarray, geometry: np.ndarray, arrays: dict[str, np.ndarray],
                  evalset: str, n_images: int, k: int, input_size: tuple[int, int], weights_sha256: str = "") -> None:
         self.blocks, self.widths, self.arrays = list(blocks), np.asarray(widths, dtype=np.int64), arrays
-        self.geometry = np.asarray(geometry, dtype=np.float64)  # (blocks, views, 5): h, w, crop, offset y, x
+        self.geometry = np.asarray(geometry, dtype=np.float64)  # (blocks, parts, 5): h, w, crop, offset y, x
         self.evalset, self.n_images, self.k = evalset, int(n_images), int(k)
         self.input_size, self.weights_sha256 = (int(input_size[0]), int(input_size[1])), weights_sha256
-        self._first = {v: np.concatenate([[0], np.cumsum(self.widths[:, i])]) for i, v in enumerate(VIEWS)}
+        self._first = {v: np.concatenate([[0], np.cumsum(self.widths[:, i])]) for i, v in enumerate(SHOWN_PARTS)}
 
-    def width(self, block: str, view: str) -> int:
-        """Channels of ``view`` of ``block``."""
-        return int(self.widths[self._block(block), VIEWS.index(self._view(view))])
+    def width(self, block: str, part: str) -> int:
+        """Channels of ``part`` of ``block``."""
+        return int(self.widths[self._block(block), SHOWN_PARTS.index(self._part(part))])
 
-    def channel(self, block: str, view: str, channel: int) -> ChannelExemplars:
+    def channel(self, block: str, part: str, channel: int) -> ChannelExemplars:
         """One channel's exemplars.
 
         Raises:
-            InputError: an unknown block or view, or a channel out of range.
+            InputError: an unknown block or part, or a channel out of range.
         """
-        b, v = self._block(block), self._view(view)
+        b, v = self._block(block), self._part(part)
         width = self.width(block, v)
         if not 0 <= channel < width:
             raise InputError(f"{v} of block {block} has {width} channels (0 to {width - 1}); got {channel}")
@@ -151,18 +151,18 @@ class Exemplars:
         mean = float(self.arrays[f"{v}_mean"][row])
         return ChannelExemplars(block, v, int(channel), self.evalset, top, bottom, mean, self.input_size)
 
-    def _row(self, which: str, view: str, row: int, geo: _Geometry) -> tuple[Exemplar, ...]:
-        idx, val, pos = (self.arrays[f"{view}_{which}_{a}"][row] for a in ("index", "value", "pos"))
+    def _row(self, which: str, part: str, row: int, geo: _Geometry) -> tuple[Exemplar, ...]:
+        idx, val, pos = (self.arrays[f"{part}_{which}_{a}"][row] for a in ("index", "value", "pos"))
         return tuple(Exemplar(int(i), float(x), (int(p[0]), int(p[1])), _box(p, geo, self.input_size))
                      for i, x, p in zip(idx, val, pos))
 
-    def _geometry(self, b: int, view: str) -> _Geometry:
-        h, w, crop, oy, ox = self.geometry[b, VIEWS.index(view)]
+    def _geometry(self, b: int, part: str) -> _Geometry:
+        h, w, crop, oy, ox = self.geometry[b, SHOWN_PARTS.index(part)]
         return _Geometry((int(h), int(w)), int(crop), (float(oy), float(ox)))
 
-    def crop_side(self, block: str, view: str) -> int:
-        """Side of the crops of ``view`` of ``block``, in input pixels."""
-        return self._geometry(self._block(block), self._view(view)).crop
+    def crop_side(self, block: str, part: str) -> int:
+        """Side of the crops of ``part`` of ``block``, in input pixels."""
+        return self._geometry(self._block(block), self._part(part)).crop
 
     def _block(self, block: str) -> int:
         if block not in self.blocks:
@@ -170,10 +170,10 @@ class Exemplars:
         return self.blocks.index(block)
 
     @staticmethod
-    def _view(view: str) -> str:
-        if view not in VIEWS:
-            raise InputError(f"unknown view {view!r}; choose one of {list(VIEWS)}")
-        return view
+    def _part(part: str) -> str:
+        if part not in SHOWN_PARTS:
+            raise InputError(f"unknown part {part!r}; choose one of {list(SHOWN_PARTS)}")
+        return part
 
     # --- the stored file ---------------------------------------------------------------------------
 
@@ -223,10 +223,10 @@ class Exemplars:
             raise ValueError(f"format {int(d['format'])}, this code reads format {FORMAT}")
         blocks = [str(b) for b in d["blocks"]]
         widths, geometry, k, n = d["widths"], d["geometry"], int(d["k"]), int(d["n_images"])
-        if widths.shape != (len(blocks), len(VIEWS)) or geometry.shape != (len(blocks), len(VIEWS), 5):
+        if widths.shape != (len(blocks), len(SHOWN_PARTS)) or geometry.shape != (len(blocks), len(SHOWN_PARTS), 5):
             raise ValueError(f"widths {widths.shape} / geometry {geometry.shape} do not fit {len(blocks)} blocks")
         arrays = {}
-        for v, total in zip(VIEWS, widths.sum(axis=0)):
+        for v, total in zip(SHOWN_PARTS, widths.sum(axis=0)):
             for which in ("top", "bottom") if v in SIGNED else ("top",):
                 index, value, pos = (d[f"{v}_{which}_{a}"] for a in ("index", "value", "pos"))
                 if index.shape != (total, k) or value.shape != (total, k) or pos.shape != (total, k, 2):
@@ -264,8 +264,8 @@ def _crop(image: torch.Tensor, top: int, left: int, height: int, width: int) -> 
 
 
 def _receptive_fields(explorer: Explorer, images: torch.Tensor, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-    """(blocks, views, 5): map h, w, crop side, offset y, x from the effective receptive field of each
-    view's centre unit (see the module's docstring); and (blocks, views) the channel counts. The gradients
+    """(blocks, parts, 5): map h, w, crop side, offset y, x from the effective receptive field of each
+    part's centre unit (see the module's docstring); and (blocks, parts) the channel counts. The gradients
     are taken ``chunk`` images at a time (their masses add up)."""
     x0 = explorer.batch_input(images)
     size = x0.shape[-2:]
@@ -273,20 +273,21 @@ def _receptive_fields(explorer: Explorer, images: torch.Tensor, chunk: int) -> t
     for name in explorer.block_names:
         mass: dict[str, torch.Tensor] = {}
         shape: dict[str, tuple[int, int, int]] = {}
-        with block_views(explorer.model, name) as run:
+        with block_parts(explorer.model, name) as run:
             for start in range(0, len(x0), chunk):
                 x = x0[start : start + chunk].detach().clone().requires_grad_(True)
                 out = run(x)
-                for v in VIEWS:
+                for v in SHOWN_PARTS:
                     t = out[v]
                     h, w = t.shape[-2:]
-                    (grad,) = torch.autograd.grad(t[:, :, h // 2, w // 2].sum(), x, retain_graph=v != VIEWS[-1])
+                    (grad,) = torch.autograd.grad(t[:, :, h // 2, w // 2].sum(), x, retain_graph=v != SHOWN_PARTS[-1])
                     m = grad.abs().sum(dim=(0, 1)).double().cpu()
                     mass[v] = m if v not in mass else mass[v] + m
                     shape[v] = (t.shape[1], h, w)
                 del out
-        rows.append([_erf_geometry(mass[v], shape[v][1:], (shape[v][1] // 2, shape[v][2] // 2), size) for v in VIEWS])
-        widths.append([shape[v][0] for v in VIEWS])
+        rows.append([_erf_geometry(mass[v], shape[v][1:], (shape[v][1] // 2, shape[v][2] // 2), size)
+                     for v in SHOWN_PARTS])
+        widths.append([shape[v][0] for v in SHOWN_PARTS])
     return np.asarray(rows, dtype=np.float64), np.asarray(widths, dtype=np.int64)
 
 
@@ -310,14 +311,14 @@ def _erf_geometry(mass: torch.Tensor, fmap: tuple[int, int], centre: tuple[int, 
 
 
 def _stat_keys() -> list[str]:
-    return [f"{v}_{stat}" for v in VIEWS for stat in ("mean", "argmax", *(("argmin",) if v in SIGNED else ()))]
+    return [f"{v}_{stat}" for v in SHOWN_PARTS for stat in ("mean", "argmax", *(("argmin",) if v in SIGNED else ()))]
 
 
 def _empty(key: str, widths: np.ndarray) -> torch.Tensor:
     """No images yet: (0, channels) of the statistic's dtype (a process whose shard is empty has only this)."""
-    view = key.split("_")[0]
+    part = key.split("_")[0]
     dtype = torch.float32 if key.endswith("_mean") else torch.int64
-    return torch.zeros((0, int(widths[:, VIEWS.index(view)].sum())), dtype=dtype)
+    return torch.zeros((0, int(widths[:, SHOWN_PARTS.index(part)].sum())), dtype=dtype)
 
 
 def _channel_stats(t: torch.Tensor) -> torch.Tensor:
@@ -331,7 +332,7 @@ def _batch_stats(records: list[BlockRecord]) -> dict[str, torch.Tensor]:
     """Per image and channel (all blocks concatenated): the mean over the map, and the flat position of
     the map's maximum (and minimum, for F(x)); each (B, channels). ``records`` hold :func:`_channel_stats`."""
     out: dict[str, list[torch.Tensor]] = {}
-    for v in VIEWS:
+    for v in SHOWN_PARTS:
         stats = [getattr(r, v) for r in records]
         out.setdefault(f"{v}_mean", []).extend(t[:, :, 0].float() for t in stats)
         out.setdefault(f"{v}_argmax", []).extend(t[:, :, 1].long() for t in stats)
@@ -396,7 +397,7 @@ def scan_exemplars(
         for i, s in enumerate(starts):
             batch = evalset.images[mine[s : s + batch_size]]
             with torch.inference_mode():
-                _, records = capture_forward(explorer.model, explorer.batch_input(batch), keep=VIEWS,
+                _, records = capture_forward(explorer.model, explorer.batch_input(batch), keep=SHOWN_PARTS,
                                              reduce=_channel_stats)
                 for key, t in _batch_stats(records).items():
                     stats[key].append(t)
@@ -406,7 +407,7 @@ def scan_exemplars(
     full = {key: dist.gather(torch.cat(parts).to(dist.device), mine.to(dist.device)).cpu()
             for key, parts in stats.items()}
     arrays = {}
-    for j, v in enumerate(VIEWS):
+    for j, v in enumerate(SHOWN_PARTS):
         fmaps = [(int(h), int(w)) for h, w in geometry[:, j, :2]]
         which = [("top", "argmax", True)] + ([("bottom", "argmin", False)] if v in SIGNED else [])
         for name, pos_key, descending in which:

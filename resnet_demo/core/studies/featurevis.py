@@ -1,4 +1,4 @@
-"""Feature visualisation: an input image optimised to excite one channel of a block's x, F(x) or y.
+"""Feature visualisation: an input image optimised to excite one channel of a block's x, F(x) or y (its *part*).
 
 The method of Olah, Mordvintsev and Schubert, "Feature Visualization" (Distill, 2017), as Lucid does it:
 
@@ -48,17 +48,21 @@ from .evalsets import evalset_for, load_evalset
 __all__ = [
     "DEFAULT_STEPS",
     "LUCID_COLOUR_SQRT",
-    "VIEWS",
+    "SHOWN_PARTS",
     "FeatureVis",
     "block_activation",
-    "block_views",
+    "block_parts",
     "cached_visualise",
     "visualise_channel",
     "colour_sqrt",
     "visualise",
 ]
 
-VIEWS = ("x", "f", "y")  # block input, residual branch F(x), block output
+# The parts of a block whose channels the page shows, visualises and finds exemplars for: its input x, its
+# residual branch F(x) and its output y (of capture.PARTS, all but the shortcut s(x), which is x itself or a
+# 1x1 projection of it). The order is that of the stored exemplars files' columns.
+SHOWN_PARTS = ("x", "f", "y")
+VIEWS = SHOWN_PARTS  # the former name, still imported by training/exemplars.py
 DEFAULT_STEPS = 160  # Adam steps; the activation has levelled off by then for the shipped models
 LEARNING_RATE = 0.1  # twice Lucid's 0.05: with 160 steps (not 512) the activation ends ~50% higher, still readable
 INIT_STD = 0.01  # std of the starting spectrum (Lucid's): a nearly uniform grey image with faint noise
@@ -74,14 +78,14 @@ LUCID_COLOUR_SQRT = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27
 
 @dataclass(frozen=True)
 class FeatureVis:
-    """An image optimised to excite ``channel`` of ``view`` (``x``, ``f`` or ``y``) of ``block``.
+    """An image optimised to excite ``channel`` of ``part`` (``x``, ``f`` or ``y``) of ``block``.
 
     ``activation`` is the channel's mean over its map for ``image`` itself (as stored, in uint8, without
     the random transforms); ``start_activation`` the same for the starting noise.
     """
 
     block: str
-    view: str
+    part: str
     channel: int
     seed: int
     steps: int
@@ -115,10 +119,10 @@ _ORDER = {"x": 0, "f": 1, "y": 2}  # the order a block's tensors appear in durin
 
 
 @contextmanager
-def block_views(
-    model: nn.Module, block: str, views: tuple[str, ...] = VIEWS
+def block_parts(
+    model: nn.Module, block: str, parts: tuple[str, ...] = SHOWN_PARTS
 ) -> Iterator[Callable[[torch.Tensor], dict[str, torch.Tensor]]]:
-    """A function input -> {view: tensor (B, C, H, W)} for ``views`` of ``block``, differentiable, valid
+    """A function input -> {part: tensor (B, C, H, W)} for ``parts`` of ``block``, differentiable, valid
     inside this context.
 
     Forward hooks on the block (and on its branch's last module, for F(x)) take the tensors for the
@@ -127,22 +131,23 @@ def block_views(
     (``torch.no_grad`` or not); nothing here touches the parameters.
 
     Raises:
-        InputError: an unknown block or view.
+        InputError: an unknown block or part.
     """
-    unknown = [v for v in views if v not in VIEWS]
-    if unknown or not views:
-        raise InputError(f"unknown view(s) {unknown}; choose from {list(VIEWS)} (block input, branch F(x), output)")
+    unknown = [p for p in parts if p not in SHOWN_PARTS]
+    if unknown or not parts:
+        raise InputError(f"unknown part(s) {unknown}; choose from {list(SHOWN_PARTS)} (block input, branch F(x), "
+                         "output)")
     spec = _spec(model, block)
     owner = threading.get_ident()
-    last = max(views, key=_ORDER.__getitem__)
+    last = max(parts, key=_ORDER.__getitem__)
     found: dict[str, torch.Tensor] = {}
 
-    def take(view: str, t: torch.Tensor) -> None:
-        if threading.get_ident() != owner or view not in views:
+    def take(part: str, t: torch.Tensor) -> None:
+        if threading.get_ident() != owner or part not in parts:
             return
         # torchvision adds the shortcut into F(x) in place: a copy (which keeps the graph) when y is wanted too
-        found[view] = t.clone() if view == "f" and last == "y" else t
-        if view == last:
+        found[part] = t.clone() if part == "f" and last == "y" else t
+        if part == last:
             raise _Reached
 
     handles = [
@@ -169,10 +174,10 @@ def block_views(
 
 
 @contextmanager
-def block_activation(model: nn.Module, block: str, view: str) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
-    """:func:`block_views` for one view: a function input -> that tensor (B, C, H, W)."""
-    with block_views(model, block, (view,)) as run:
-        yield lambda x: run(x)[view]
+def block_activation(model: nn.Module, block: str, part: str) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+    """:func:`block_parts` for one part: a function input -> that tensor (B, C, H, W)."""
+    with block_parts(model, block, (part,)) as run:
+        yield lambda x: run(x)[part]
 
 
 class _RedirectedReLU(torch.autograd.Function):
@@ -308,25 +313,25 @@ def visualise(
     model: nn.Module,
     card: ModelCard,
     block: str,
-    view: str,
+    part: str,
     channel: int,
     *,
     seed: int = 0,
     steps: int = DEFAULT_STEPS,
 ) -> FeatureVis:
-    """Optimise an image to maximise the mean of ``channel`` of ``view`` of ``block``.
+    """Optimise an image to maximise the mean of ``channel`` of ``part`` of ``block``.
 
     Args:
         model: the model in eval mode, on any device; it is not changed (no gradient, hook, mode or flag
             is left on it), and other threads may use it meanwhile.
         card: its card: input size, mean/std, colour mode (``gray`` gives a grey image).
-        block, view, channel: which channel (``view`` is ``x``, ``f`` for F(x), or ``y``).
+        block, part, channel: which channel (``part`` is ``x``, ``f`` for F(x), or ``y``).
         seed: the starting noise and the random transforms; the same seed gives the same image (on one
             machine with the same number of CPU threads: a float sum's order depends on them).
         steps: Adam steps (one forward and one backward pass each, as far as ``block`` only).
 
     Raises:
-        InputError: an unknown block or view, a channel out of range, fewer than 1 step, or a model in
+        InputError: an unknown block or part, a channel out of range, fewer than 1 step, or a model in
             training mode (its BatchNorm would update its statistics from the optimised image).
     """
     if steps < 1:
@@ -349,11 +354,11 @@ def visualise(
     def objective(run: Callable, img: torch.Tensor) -> torch.Tensor:
         return run(normalise(img))[0, channel].mean()
 
-    with block_activation(model, block, view) as run:
+    with block_activation(model, block, part) as run:
         with torch.no_grad():
             width = run(normalise(image())).shape[1]
             if not 0 <= channel < width:
-                raise InputError(f"{view} of block {block} has {width} channels (0 to {width - 1}); got {channel}")
+                raise InputError(f"{part} of block {block} has {width} channels (0 to {width - 1}); got {channel}")
             start_act = float(objective(run, _quantised(image())))
         opt = torch.optim.Adam([image.spectrum], lr=LEARNING_RATE)
         with _redirected_relus(model):
@@ -366,7 +371,7 @@ def visualise(
         with torch.no_grad():
             final = _quantised(image())
             reached = float(objective(run, final))
-    return FeatureVis(block, view, int(channel), int(seed), int(steps), _to_array(final), reached, start_act,
+    return FeatureVis(block, part, int(channel), int(seed), int(steps), _to_array(final), reached, start_act,
                       time.perf_counter() - start)
 
 
@@ -380,21 +385,21 @@ def cached_visualise(
     model: nn.Module,
     card: ModelCard,
     block: str,
-    view: str,
+    part: str,
     channel: int,
     *,
     seed: int = 0,
     steps: int = DEFAULT_STEPS,
 ) -> FeatureVis:
-    """:func:`visualise`, remembered per model object (dropped with it) by (block, view, channel, seed, steps),
+    """:func:`visualise`, remembered per model object (dropped with it) by (block, part, channel, seed, steps),
     the :data:`CACHE_PER_MODEL` most recently used kept."""
-    key = (block, view, int(channel), int(seed), int(steps))
+    key = (block, part, int(channel), int(seed), int(steps))
     with _cache_lock:
         entries = _cache.setdefault(model, OrderedDict())
         if key in entries:
             entries.move_to_end(key)
             return entries[key]
-    result = visualise(model, card, block, view, channel, seed=seed, steps=steps)
+    result = visualise(model, card, block, part, channel, seed=seed, steps=steps)
     with _cache_lock:
         entries = _cache.setdefault(model, OrderedDict())
         entries[key] = result
@@ -403,7 +408,7 @@ def cached_visualise(
     return result
 
 
-def visualise_channel(explorer: Explorer, block: str, view: str, channel: int, *, seed: int = 0,
+def visualise_channel(explorer: Explorer, block: str, part: str, channel: int, *, seed: int = 0,
                       steps: int = DEFAULT_STEPS) -> FeatureVis:
     """:func:`cached_visualise` of an explorer's model: what the page asks for (it never touches the model)."""
-    return cached_visualise(explorer.model, explorer.card, block, view, channel, seed=seed, steps=steps)
+    return cached_visualise(explorer.model, explorer.card, block, part, channel, seed=seed, steps=steps)
