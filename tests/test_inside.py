@@ -23,16 +23,43 @@ def hook_count(model):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
+def _transformers(layer_type: str) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+
+    class Logits(nn.Module):  # the library's model as a caller holds it; blocks keep transformers' names below
+        def __init__(self) -> None:
+            super().__init__()
+            config = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[2, 2],
+                                               layer_type=layer_type, num_labels=6)
+            self.net = randomise_bn(transformers.ResNetForImageClassification(config))
+
+        def forward(self, x):
+            return self.net(x).logits
+
+    return Logits().eval()
+
+
 def _model(which):
     torch.manual_seed(0)
     if which == "tutorial":
         return randomise_bn(build_model()), (1, 3, 32, 32)
     if which == "tiny-proj":
         return randomise_bn(build_model(TINY_PROJ)), (1, 3, 16, 16)
+    if which.startswith("timm "):
+        timm = pytest.importorskip("timm")
+        name, _, rate = which.removeprefix("timm ").partition(" drop_path=")
+        extra = {"drop_path_rate": float(rate)} if rate else {}
+        return randomise_bn(timm.create_model(name, pretrained=False, num_classes=6, **extra)), (1, 3, 64, 64)
+    if which.startswith("transformers "):
+        return _transformers(which.removeprefix("transformers ")), (1, 3, 64, 64)
     return randomise_bn(getattr(tv.models, which)()), (1, 3, 64, 64)
 
 
-@pytest.fixture(scope="module", params=["tutorial", "tiny-proj", "resnet18", "resnet50"])
+READABLE = ["tutorial", "tiny-proj", "resnet18", "resnet50", "timm resnet18", "timm resnet10t",
+            "timm resnet14t drop_path=0.05", "transformers basic", "transformers bottleneck"]
+
+
+@pytest.fixture(scope="module", params=READABLE)
 def captured(request):
     model, shape = _model(request.param)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
@@ -85,6 +112,7 @@ def test_every_step_recombines_to_the_captured_block(captured):
             np.testing.assert_allclose(np.maximum(ins.f + ins.s, 0), rec.y[0, c].numpy(), rtol=0, atol=1e-6)
             np.testing.assert_allclose(ins.y, rec.y[0, c].numpy(), rtol=0, atol=1e-6)
             np.testing.assert_array_equal(ins.pre, ins.f + ins.s)
+            assert all(s.map.base is None for s in ins.steps)  # own arrays: no view keeps an activation alive
             _check_chain(modules[spec.path], ins)
             _check_decomposition(modules[spec.path], spec, ins)
     assert hook_count(model) == 0
@@ -158,6 +186,22 @@ def test_relu_cut_and_the_shortcut_share_match_a_hand_computation(captured):
     np.testing.assert_allclose(ins.f_share, share, atol=1e-6)
 
 
+def test_the_same_inside_inference_mode():
+    # look_inside tells a reused layer output from one written in place (torchvision's ``out += identity``) by
+    # its version counter; inference tensors have none, so there everything is copied: same numbers
+    model, _ = _model("resnet18")
+    spec = find_blocks(model)[2]
+    x = torch.randn(1, 64, 16, 16)
+    plain = look_inside(spec, x, 5)
+    with torch.inference_mode():
+        inferred = look_inside(spec, x, 5)
+    assert plain.relus == inferred.relus
+    for a, b in zip(plain.steps, inferred.steps):
+        np.testing.assert_array_equal(a.map, b.map)
+    pre = plain.pre
+    assert plain.relus[-1].zeroed == pytest.approx(float((pre < 0).mean()))
+
+
 def test_one_position_gives_the_numbers_of_its_sum():
     model, shape = _model("tiny-proj")
     _, records = capture_forward(model, torch.randn(shape))
@@ -196,9 +240,33 @@ def test_an_unknown_block_type_is_refused_by_name():
 
     block = Custom()
     spec = BlockSpec("odd", 1, "odd", block, block.conv, None)
-    with pytest.raises(UnsupportedBlockError, match=r"'odd'.*Custom.*ResidualBlock, BasicBlock, Bottleneck"):
+    with pytest.raises(UnsupportedBlockError, match=r"'odd'.*Custom.*project's ResNet, torchvision ResNet"):
         look_inside(spec, torch.randn(1, 4, 4, 4), 0)
     assert hook_count(block) == 0
+
+
+@pytest.mark.parametrize(("which", "why"), [
+    ("timm seresnet18", r"chain of convolutions, batch norms and ReLUs, and se\.fc1, .* are not"),  # attention inside F
+    ("timm resnetv2_18", "pre-activation block"),
+])
+def test_blocks_it_cannot_read_are_refused_saying_why(which, why):
+    model, shape = _model(which)
+    _, records = capture_forward(model, torch.randn(shape))
+    spec = find_blocks(model)[0]
+    with pytest.raises(UnsupportedBlockError, match=why):
+        look_inside(spec, records[0].x, 0)
+    assert hook_count(model) == 0
+
+
+def test_labels_stay_readable_where_layers_share_a_name():
+    model, shape = _model("transformers bottleneck")
+    _, records = capture_forward(model, torch.randn(shape))
+    i, spec = next((i, s) for i, s in enumerate(find_blocks(model)) if s.shortcut is not None)
+    ins = look_inside(spec, records[i].x, 0)
+    labels = [s.label for s in ins.steps if s.path == "F"]
+    assert len(set(labels)) == len(labels) == 8 and labels[0].endswith("convolution"), labels
+    assert ins.family == "transformers ResNet" and ins.shortcut == "projection"
+    assert [la.label for la in ins.layers if la.path == "shortcut"] == ["convolution", "normalization"]
 
 
 def _tiny_explorer(config=TINY):
@@ -215,6 +283,9 @@ def test_the_explorer_looks_inside_an_analysis_and_refuses_a_lesioned_block():
     np.testing.assert_allclose(ins.f, rec.f[0, 4].numpy(), rtol=0, atol=1e-6)
     np.testing.assert_allclose(ins.y, rec.y[0, 4].numpy(), rtol=0, atol=1e-6)
     assert ins.shortcut == "projection" and ins.block == "res3"
+    rec.x = None  # an analysis that kept no block inputs: the explorer records this block's input again
+    again = explorer.inside(analysis, "res3", 4)
+    np.testing.assert_array_equal(again.y, ins.y)
     with pytest.raises(KeyError, match="res9"):
         explorer.inside(analysis, "res9", 0)
     lesioned = explorer.analyze(torch.randn(1, 3, 32, 32), lesion=["res2"])
@@ -262,3 +333,58 @@ def test_two_threads_at_once_get_their_own_results():
         assert [r.name for r in a.blocks] == [r.name for r in analyses[0].blocks]
         torch.testing.assert_close(a.blocks[1].y, analyses[0].blocks[1].y, rtol=0, atol=0)
     assert hook_count(explorer.model) == 0
+
+
+# --- the picture and the words (view/inside_view.py) ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def projection_inside():
+    model, shape = _model("resnet18")
+    _, records = capture_forward(model, torch.randn(shape, generator=torch.Generator().manual_seed(2)))
+    spec = {s.name: s for s in find_blocks(model)}["layer2.0"]
+    return look_inside(spec, {r.name: r for r in records}["layer2.0"].x, 12)
+
+
+def test_the_figure_shows_every_step_and_maps_a_click_to_a_position(projection_inside):
+    from resnet_demo.view.inside_view import inside_figure, unit_text
+
+    ins = projection_inside
+    fig = inside_figure(ins, cell=88)
+    w, h = fig.image.size
+    assert fig.image.mode == "RGB" and w >= len(ins.steps) * 88 and 400 < h < 900
+    assert set(fig.boxes) == {"bn2", "s(x)", "F(x)+s(x)", "y", "F share"}
+    rows, cols = ins.y.shape
+    for left, top, right, bottom in fig.boxes.values():
+        assert right <= w and bottom <= h
+        assert fig.position_at(left, top) == (0, 0)
+        assert fig.position_at(right - 1, bottom - 1) == (rows - 1, cols - 1)
+        cell_w = (right - left) / cols
+        assert fig.position_at(left + 5.5 * cell_w, top + 2.5 * (bottom - top) / rows) == (2, 5)
+    assert fig.position_at(0, 0) is None
+    assert fig.position_at(*fig.boxes["y"][:2]) == (0, 0)
+    text = unit_text(ins, 3, 4)
+    u = unit(ins, 3, 4)
+    assert f"F = {u.f:.4g}" in text and f"y = {u.y:.4g}" in text and "position (3, 4)" in text
+
+
+def test_the_sentence_gives_the_shortcut_share_as_a_learner_reads_it(projection_inside):
+    from dataclasses import replace
+
+    from resnet_demo.view.inside_view import sentence, step_words, words_markdown
+
+    ins = projection_inside
+    assert sentence(replace(ins, block="res4", channel=12, shortcut_share=0.8)) == (
+        "In res4, channel 12 of y comes 80% from the shortcut: this block leaves it almost as it was.")
+    assert sentence(replace(ins, shortcut_share=0.2)).endswith("comes 80% from the branch F(x): this block rewrites it.")
+    assert "60% from the shortcut: the block adjusts" in sentence(replace(ins, shortcut_share=0.6))
+    assert "is zero everywhere" in sentence(replace(ins, shortcut_share=None))
+    # the real one: the percentage is the hand computation's, rounded
+    f, s, y = ins.f.astype(np.float64), ins.s.astype(np.float64), ins.y
+    hand = np.abs(s)[y > 0].sum() / (np.abs(f)[y > 0].sum() + np.abs(s)[y > 0].sum())
+    p = round(100 * hand)
+    assert (f"comes {p}% from the shortcut" if p >= 50 else f"comes {100 - p}% from the branch") in sentence(ins)
+    words = step_words(ins)
+    assert len(words) == len(ins.steps) and words[0].startswith("x (shown: channel")
+    assert "halves the resolution" in words[1] and "projection shortcut" in words[-3]
+    assert words_markdown(ins).startswith(f"**{sentence(ins)}**")

@@ -274,11 +274,14 @@ class Explorer:
         """
         spec = next((s for s in self.blocks if s.name == block), None)
         record = next((r for r in analysis.blocks if r.name == block), None)
-        if spec is None or record is None or record.x is None:
+        if spec is None or record is None:
             raise KeyError(f"unknown block {block!r} for this analysis; the blocks are {self.block_names}")
         if block in analysis.lesioned:
             raise ValueError(f"block {block} is lesioned in this analysis: look inside it on the intact analysis")
-        return look_inside(spec, record.x[:1].to(self.device), channel)
+        x = record.x
+        if x is None:  # an analysis that kept no block inputs: one pass recording this block's input only
+            x = capture_forward(self.model, analysis.input[:1].to(self.device), blocks=[block])[1][0].x
+        return look_inside(spec, x[:1].to(self.device), channel)
 
     def _graph(self, shape: tuple[int, ...]) -> GraphedCapture | None:
         """The recorded graph for batch-1 inputs of ``shape``, made on first use; ``None`` to run eagerly."""
