@@ -15,7 +15,7 @@
   :func:`torch.autograd.grad`, so no parameter's ``.grad`` is touched.
 
 All functions work for any model :func:`~resnet_demo.core.capture.find_blocks` understands: the project's
-:class:`~resnet_demo.core.model.ResNet` and torchvision's ResNets.
+:class:`~resnet_demo.core.model.ResNet`, torchvision's, timm's (ResNet and ResNetV2) and transformers' ResNets.
 """
 
 from __future__ import annotations
@@ -207,14 +207,19 @@ def lesion_sweep(
 def head_of(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """The model's classifier head as a function of a (B, C, H, W) feature map -> (B, classes) logits.
 
-    The project's ResNet (and timm's) provide ``forward_head``; torchvision's ResNets have
-    ``avgpool`` and ``fc``.
+    The project's ResNet, timm's and the project's transformers wrapper provide ``forward_head``;
+    torchvision's ResNets have ``avgpool`` and ``fc``. A pre-activation ResNet (timm's ResNetV2) ends its
+    features with ``norm`` (BN + ReLU, the activation no block applies to its own sum), which its
+    ``forward_head`` does not include: it is applied first, so the last block's readout is the logits.
 
     Raises:
         ValueError: the model has neither.
     """
     forward_head = getattr(model, "forward_head", None)
     if callable(forward_head):
+        norm = getattr(model, "norm", None)
+        if isinstance(norm, nn.Module) and _is_timm_resnetv2(model):
+            return lambda y: forward_head(norm(y))
         return forward_head
     fc, pool = getattr(model, "fc", None), getattr(model, "avgpool", None)
     if isinstance(fc, nn.Module) and isinstance(pool, nn.Module):
@@ -225,12 +230,23 @@ def head_of(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     )
 
 
+def _is_timm_resnetv2(model: nn.Module) -> bool:
+    """Whether ``model`` is timm's ``ResNetV2`` (by class, without importing timm when it is not loaded)."""
+    return any(c.__name__ == "ResNetV2" and c.__module__.startswith("timm.") for c in type(model).__mro__)
+
+
 def head_width(model: nn.Module) -> int:
-    """Number of channels the classifier head takes (``fc.in_features``)."""
+    """Number of channels the classifier head takes: ``num_features`` where the model says it (timm's models,
+    the project's transformers wrapper), else ``fc.in_features``."""
+    width = getattr(model, "num_features", None)
+    if isinstance(width, int) and not isinstance(width, bool) and width > 0:
+        return width
     fc = getattr(model, "fc", None)
     if isinstance(fc, nn.Linear):
         return fc.in_features
-    raise ValueError(f"{type(model).__name__} has no linear 'fc' head whose input width could be read")
+    raise ValueError(
+        f"{type(model).__name__} has no num_features nor a linear 'fc' head whose input width could be read"
+    )
 
 
 @dataclass
