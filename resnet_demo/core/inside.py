@@ -33,10 +33,11 @@ this view re-runs **only the chosen block** on that x, with thread-scoped hooks 
 - exact: the same module, on the same input and device, computes the same tensors the analysis's pass
   computed (tests check F and y against the captured ones to 1e-6);
 - cheap: one block, not the network. Measured on 2 CPU threads (``torch.set_num_threads(2)``, median of
-  20, interleaved with a bare forward pass of the same model so both saw the same load): 0.2 to 0.35 of
-  a bare forward on the tutorial's Net (res9 to res1), 0.13 to 0.23 on ResNet-50 at 224 (layer4.2 to
-  layer1.0). And nothing at all for visitors who never open the view: the analysis's capture is not
-  touched, so the CUDA-graph replay and the per-request cost stay as they are;
+  20, interleaved with a bare forward pass of the same model so both saw the same load, on a machine
+  shared with other jobs, over three runs): 0.2 to 0.45 of a bare forward on the tutorial's Net (res9 to
+  res1), 0.11 to 0.25 on ResNet-50 at 224 (layer4.2 to layer1.0). And nothing at all for visitors who
+  never open the view: the analysis's capture is not touched, so the CUDA-graph replay and the
+  per-request cost stay as they are;
 - general: the hooks observe the block's own forward, so the step list is whatever the block calls
   (5 layers in the tutorial's block and in torchvision's BasicBlock, 8 in a Bottleneck, the projection
   when there is one), and torchvision's in-place ReLU and ``out += identity`` cannot corrupt a step
