@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,13 +109,16 @@ class Explorer:
         std: Sequence[float] | None = None,
         drawing: bool = False,
         source: str | None = None,
+        config: Mapping[str, Any] | None = None,
+        preprocessor: Mapping[str, Any] | None = None,
         device: str | torch.device | None = None,
     ) -> Explorer:
         """A checkpoint from an untrusted source, its architecture recognised from its keys and shapes.
 
         The page's upload and ``--weights`` on the command line both come here: the arguments are those of
         :func:`~.weights.load.open_checkpoint` (``preset="auto"``: the preprocessing the checkpoint points
-        to), and ``device`` the explorer's.
+        to; ``config`` and ``preprocessor`` a timm or transformers ``config.json`` and ``preprocessor_config.json``
+        given with the weights, parsed), and ``device`` the explorer's.
 
         Raises:
             WeightsError: the file is refused, fits no supported architecture, or the class names,
@@ -124,7 +127,7 @@ class Explorer:
         model, card = open_checkpoint(
             path, arch=arch, maxpool=maxpool, preset=preset, class_names=class_names,
             default_classes=default_classes, input_size=input_size, mean=mean, std=std, drawing=drawing,
-            source=source,
+            source=source, config=config, preprocessor=preprocessor,
         )
         return cls(model, card, device)
 

@@ -22,6 +22,7 @@ from ..core.explorer import Analysis, Explorer
 from ..core.preprocess import load_image
 from ..core.studies.evalsets import evalset_for, load_evalset
 from ..core.studies.similarity import block_similarity
+from ..core.weights.hub import normalise_model_id, open_from_hub
 from .analysis_view import FILES, block_detail, build_page, compare_text, detail_channel, metrics_table, side_by_side
 from .channel_page import ChannelView, channel_view, visualisation
 from .dataset_page import (
@@ -57,7 +58,7 @@ from .results import (
     UploadView,
 )
 from .timeline_view import RUN_PREFIX, Timelines, TimelineView, timeline_view
-from .uploads import UPLOAD_PREFIX, UserModels, load_upload, parse_class_names
+from .uploads import UPLOAD_PREFIX, UserModels, load_upload, parse_class_names, read_config_files
 
 __all__ = ["Pages"]
 
@@ -66,9 +67,10 @@ class Pages:
     """The page's handlers without Gradio: each takes the session's state and settings, returns a typed view."""
 
     def __init__(self, registry: Registry, uploads: UserModels | None = None,
-                 timelines: Timelines | None = None) -> None:
+                 timelines: Timelines | None = None, hub: bool = True) -> None:
         self.registry = registry
         self.uploads = uploads
+        self.hub = hub  # whether visitors may ask for a model from the Hugging Face Hub (with uploads on)
         self.timelines = timelines if timelines is not None else Timelines(shipped=False)
         self.user_sets = UserSets()
         self._results: dict[tuple, Any] = {}  # see _cached
@@ -126,10 +128,34 @@ class Pages:
             raise WeightsError("uploaded models are turned off on this server")
         if not checkpoint:
             raise ValueError("Choose a checkpoint file first (.safetensors, or a .pt/.pth state dict).")
-        names = parse_class_names(request.class_text, request.class_file)
+        try:
+            names = parse_class_names(request.class_text, request.class_file)
+            config, preprocessor = read_config_files(request.config_files)
+        except BaseException:
+            Path(checkpoint).unlink(missing_ok=True)  # as load_upload would have: nothing uploaded stays on disk
+            raise
         explorer = load_upload(checkpoint, arch=request.arch, preset=request.preset, class_names=names,
-                               size=request.size, mean=request.mean, std=request.std)
-        label = f"Yours: {Path(request.file_name or checkpoint).name}"
+                               size=request.size, mean=request.mean, std=request.std, config=config,
+                               preprocessor=preprocessor)
+        return self._offer(session, explorer, f"Yours: {Path(request.file_name or checkpoint).name}")
+
+    def from_hub(self, session: str, model_id: str | None,
+                 progress: Callable[[float, str], None] | None = None) -> UploadView:
+        """A model from the Hugging Face Hub into this session's models, as an upload is (the same bounds, the same
+        least-recently-used eviction). The download may take minutes; ``progress(fraction, words)`` says so."""
+        if self.uploads is None:
+            raise WeightsError("uploaded models are turned off on this server")
+        if not self.hub:
+            raise WeightsError("models from the Hugging Face Hub are turned off on this server")
+        if not model_id or not model_id.strip():
+            raise ValueError("Type a model id from the Hugging Face Hub first, e.g. timm/resnet50.a1_in1k.")
+        model_id = normalise_model_id(model_id)
+        if progress is not None:
+            progress(0.0, f"Downloading {model_id} from the Hugging Face Hub (a large model takes minutes) …")
+        explorer = Explorer(*open_from_hub(model_id))
+        return self._offer(session, explorer, f"Hub: {explorer.card.name}")
+
+    def _offer(self, session: str, explorer: Explorer, label: str) -> UploadView:
         key, evicted = self.uploads.add(session, explorer, label)
         card = explorer.card
         text = (f"Loaded **{label}**: {card.training.get('architecture', card.arch)}; {len(card.classes)} classes, "

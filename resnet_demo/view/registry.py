@@ -14,11 +14,14 @@ from pathlib import Path
 from ..core.explorer import Explorer
 from ..core.runtime import enable_cudnn_autotuning, share_cores
 from ..core.weights.cards import SHIPPED, WEIGHTS_DIR, WeightsError, read_class_names
+from ..core.weights.hub import normalise_model_id, open_from_hub
+from ..core.weights.opening import configs_beside
 from ..core.weights.torchvision_resnets import published_torchvision
 
 __all__ = [
     "AUTO",
     "CUSTOM",
+    "HUB_PREFIX",
     "ModelChoice",
     "Registry",
     "default_registry",
@@ -30,6 +33,7 @@ __all__ = [
 
 AUTO = "auto"  # the selector's "the model trained for this kind of input"
 CUSTOM = "custom"  # the selector's key for a model given on the command line
+HUB_PREFIX = "hub:"  # keys of models from the Hugging Face Hub given on the command line (--hub MODEL_ID)
 
 
 @dataclass
@@ -78,7 +82,9 @@ class Registry:
         - ``weights`` without a card: opened exactly as an uploaded checkpoint is (read within bounds, never
           unpickled unsafely, recognised from its keys and shapes or as ``arch`` says, ``resnet18:no-maxpool``
           included, the preprocessing chosen from it), so the terminal and the page take the same decisions and
-          refuse with the same sentences; ``classes`` is a class-names file (one per line, or JSON).
+          refuse with the same sentences; ``classes`` is a class-names file (one per line, or JSON). A timm or
+          transformers ``config.json`` and a ``preprocessor_config.json`` beside the file are read, as
+          :func:`~resnet_demo.core.weights.opening.open_weights` reads them.
         - no ``weights``: torchvision's published ImageNet weights for ``arch``, fetched only with ``download``.
         """
         if weights:
@@ -88,8 +94,10 @@ class Registry:
             def load() -> Explorer:
                 names = read_class_names(classes) if classes else None
                 if not card_path.is_file():
+                    config, preprocessor = configs_beside(path)
                     return Explorer.from_checkpoint(path, arch=arch or None, class_names=names,
-                                                    source=f"checkpoint {weights}", device=device)
+                                                    source=f"checkpoint {weights}", config=config,
+                                                    preprocessor=preprocessor, device=device)
                 explorer = Explorer.from_weights(path, device)
                 card = explorer.card
                 if arch and _arch_key(arch) != _arch_key(card.arch) and not (arch == "tutorial" and
@@ -114,6 +122,22 @@ class Registry:
 
             label = f"{arch} (torchvision's published weights)"
         self.choices[CUSTOM] = ModelChoice(CUSTOM, label, load)
+
+    def add_hub(self, model_id: str, *, device: str | None = None) -> str:
+        """Offer ``model_id`` from the Hugging Face Hub (``--hub MODEL_ID``), downloaded (or taken from the cache) and
+        opened when the registry loads, as an upload is opened; a failure stays listed with its sentence.
+
+        Returns:
+            its key in the selector, :data:`HUB_PREFIX` and the model id.
+
+        Raises:
+            WeightsError: ``model_id`` is not a model id.
+        """
+        repo = normalise_model_id(model_id)
+        key = HUB_PREFIX + repo
+        self.choices[key] = ModelChoice(key, f"{repo} (Hugging Face Hub)",
+                                        lambda: Explorer(*open_from_hub(repo), device=device))
+        return key
 
     def get(self, key: str) -> Explorer:
         """The explorer for ``key``; raises ``WeightsError`` saying what is missing and where."""

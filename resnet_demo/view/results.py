@@ -94,6 +94,7 @@ class UploadRequest:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     file_name: str | None = None  # as the visitor named it
+    config_files: tuple[str, ...] = ()  # config.json / preprocessor_config.json uploaded with the checkpoint
 
 
 @dataclass

@@ -19,11 +19,13 @@ from pathlib import Path
 
 from ..core.explorer import Explorer
 from ..core.weights.cards import WeightsError, preset_class_names, read_class_names
+from ..core.weights.families import is_timm_config, is_transformers_config
 from ..core.weights.load import AUTO
+from ..core.weights.opening import read_json
 from ..core.weights.torchvision_resnets import SUPPORTED_ARCHS
 
 __all__ = ["ARCH_CHOICES", "DEFAULT_PRESET", "PRESET_CHOICES", "UPLOAD_PREFIX", "Upload", "UserModels", "load_upload",
-           "parse_class_names"]
+           "parse_class_names", "read_config_files"]
 
 UPLOAD_PREFIX = "upload:"  # model keys of uploaded models; never a shipped model's key
 # The input presets offered for an upload: label -> preset key ("custom" takes size, mean and std typed in). The
@@ -77,6 +79,36 @@ def parse_class_names(text: str | None, path: str | None) -> list[str] | None:
     if too_long is not None:
         raise WeightsError(f"a class name is {len(too_long)} characters long; the limit is {MAX_CLASS_NAME}")
     return names
+
+
+def read_config_files(paths: Sequence[str] | str | None) -> tuple[dict | None, dict | None]:
+    """``(config, preprocessor)`` from the JSON files uploaded with a checkpoint: a timm or transformers
+    ``config.json`` and a ``preprocessor_config.json``, told apart by what they hold, not by their names (a browser
+    may rename them). Each file is deleted once read.
+
+    Raises:
+        WeightsError: a file is not a JSON object, is too large, is neither kind, or two of one kind were given.
+    """
+    if not paths:
+        return None, None
+    found: dict[str, dict] = {}
+    for path in [paths] if isinstance(paths, str) else list(paths):
+        name = Path(path).name
+        try:
+            value = read_json(path, f"the uploaded {name}")
+        finally:
+            Path(path).unlink(missing_ok=True)
+        if is_timm_config(value) or is_transformers_config(value):
+            kind = "config"
+        elif any(k in value for k in ("image_processor_type", "feature_extractor_type", "image_mean", "crop_pct")):
+            kind = "preprocessor"
+        else:
+            raise WeightsError(f"the uploaded {name} is neither a timm or transformers config.json nor a "
+                               "preprocessor_config.json")
+        if kind in found:
+            raise WeightsError(f"two {kind} files were uploaded; give one config.json and one preprocessor_config.json")
+        found[kind] = value
+    return found.get("config"), found.get("preprocessor")
 
 
 def default_class_names(preset: str, num_classes: int) -> list[str]:
@@ -175,18 +207,22 @@ def load_upload(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     device: str | None = None,
+    config: dict | None = None,
+    preprocessor: dict | None = None,
 ) -> Explorer:
     """Read an uploaded checkpoint (bounded, never unpickled unsafely), recognise it and wrap it in an Explorer.
 
     The same way as ``--weights`` on the command line (:meth:`~resnet_demo.core.explorer.Explorer.from_checkpoint`):
     the same decisions, the same sentences. The file is deleted once read, whatever happens. ``preset`` is a key
     of :data:`PRESET_CHOICES`; the class names default to the preset's when the head has as many classes.
+    ``config`` and ``preprocessor``: a timm or transformers ``config.json`` and a ``preprocessor_config.json`` uploaded
+    with it (:func:`read_config_files`).
     """
     path = Path(path)
     try:
         return Explorer.from_checkpoint(
             path, arch=arch, preset=None if preset == "custom" else preset, class_names=class_names,
-            input_size=size, mean=mean, std=std, device=device,
+            input_size=size, mean=mean, std=std, device=device, config=config, preprocessor=preprocessor,
         )
     finally:
         path.unlink(missing_ok=True)
