@@ -61,3 +61,32 @@ def test_resnetv2s_head_applies_its_final_norm():
         unnormed = model.stages(model.stem(IMAGE))
         assert torch.allclose(head_of(model)(unnormed), model.forward_head(features), atol=1e-6, rtol=0)
         assert not torch.allclose(model.forward_head(unnormed), model.forward_head(features), atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["timm resnet10t", "timm resnetv2_18", "transformers basic"])
+def test_a_saved_card_of_a_library_model_reloads_with_the_same_logits(tmp_path, name):
+    from resnet_demo.core.weights.files import save_weights
+    from resnet_demo.core.weights.load import load_model
+    from resnet_demo.view.registry import Registry, _arch_key
+
+    source = _transformers() if name.startswith("transformers") else _timm(name.split()[1])
+    model, card = open_weights(_opened_path(source, tmp_path))
+    saved = save_weights(model, card, tmp_path / "saved" / "mine.safetensors", half=False)
+    again, card_again = load_model(tmp_path / "saved" / "mine.safetensors")
+    assert type(again) is type(model) and card_again.arch == saved.arch
+    with torch.inference_mode():
+        assert torch.equal(again(IMAGE), model(IMAGE))
+    # --weights with the card beside it, and --arch naming it as a person would
+    registry = Registry([])
+    spelled = {"timm resnet10t": "timm/resnet10t.a1_in1k", "timm resnetv2_18": "timm/ResNetV2_18",
+               "transformers basic": "transformers"}[name]
+    assert _arch_key(spelled) == _arch_key(card.arch)
+    registry.add_custom(str(tmp_path / "saved" / "mine.safetensors"), spelled, device="cpu")
+    registry.load_all()
+    assert torch.equal(registry.get("custom").logits(IMAGE), again(IMAGE))
+
+
+def _opened_path(source: nn.Module, tmp_path):
+    save_file({k: v.detach().clone().contiguous() for k, v in source.state_dict().items()},
+              tmp_path / "model.safetensors")
+    return tmp_path / "model.safetensors"

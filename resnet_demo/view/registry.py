@@ -200,7 +200,14 @@ class Registry:
 
 
 def _arch_key(arch: str) -> str:
-    return str(arch).strip().lower().replace("-", "")
+    """An architecture as compared with a card's: case and dashes aside; a timm model by its name without the
+    pretrained tag (``timm/resnet50.a1_in1k`` is ``timm/resnet50``); transformers' ResNet however it is written."""
+    key = str(arch).strip().lower().replace("-", "")
+    if key.startswith("timm/"):
+        return key.partition(".")[0]
+    if key in ("transformers", "transformers/resnet", "transformers/resnetforimageclassification"):
+        return "transformers/resnet"
+    return key
 
 
 def default_registry(device: str | None = None, weights_dir: Path | None = None) -> Registry:

@@ -22,8 +22,10 @@ from .cards import CIFAR10, IMAGENET, MNIST, ModelCard, Preset, preset_class_nam
 from .families import identify, open_library
 from .files import file_sha256
 from .fitting import build_recognised, fit_recognised
+from .hf_resnets import HFArch, _from_config, build_hf
 from .reader import read_checkpoint
 from .recognise import Architecture, parse_override, recognise
+from .timm_resnets import TimmArch, build_timm
 from .torchvision_resnets import normalise_arch
 
 __all__ = ["AUTO", "card_architecture", "load_model", "open_checkpoint", "preset_from_checkpoint", "stem_warning"]
@@ -58,15 +60,37 @@ def load_model(path: str | Path, *, card: ModelCard | None = None, verify: bool 
     source = f"weights file {path}"
     sd = read_checkpoint(path, source=source)
     arch = card_architecture(card)
+    if isinstance(arch, TimmArch):
+        return build_timm(arch, sd, source).eval(), card
+    if isinstance(arch, HFArch):
+        return build_hf(arch, sd, source).eval(), card
     model = build_recognised(arch)
     fit_recognised(model, sd, arch, source)
     return model.eval(), card
 
 
-def card_architecture(card: ModelCard) -> Architecture:
-    """The :class:`~.recognise.Architecture` a card names: this project's ResNet with the card's config, or a
-    torchvision ResNet with the stem in the card's ``config`` (``in_channels``, ``stem_kernel``, ``maxpool``;
-    torchvision's own stem when there is none)."""
+def card_architecture(card: ModelCard) -> Architecture | TimmArch | HFArch:
+    """The network a card names: this project's ResNet with the card's config; a torchvision ResNet with the stem
+    in the card's ``config`` (``in_channels``, ``stem_kernel``, ``maxpool``; torchvision's own stem when there is
+    none), as an :class:`~.recognise.Architecture`; or a library's network, as the card of an opened library
+    checkpoint says it (:func:`~.families.open_library`): ``arch="timm/<name>"`` with ``config`` ``library``,
+    ``model``, ``num_classes``, ``in_chans`` (a :class:`~.timm_resnets.TimmArch`), ``arch="transformers/resnet"``
+    with ``ResNetConfig``'s fields and ``num_labels`` (an :class:`~.hf_resnets.HFArch`, its fields checked as a
+    ``config.json``'s are).
+
+    Raises:
+        WeightsError: a transformers card whose config does not describe a ResNet that can be built.
+    """
+    config = card.config or {}
+    if card.arch.startswith("timm/") or config.get("library") == "timm":
+        name = str(config.get("model") or card.arch.removeprefix("timm/"))
+        return TimmArch(name, int(config.get("num_classes", len(card.classes))), int(config.get("in_chans", 3)),
+                        f"timm {name} (as its card says)")
+    if card.arch == "transformers/resnet" or config.get("library") == "transformers":
+        fields = {k: v for k, v in config.items() if k not in ("library", "num_labels", "model_type")}
+        fields = _from_config({"model_type": "resnet", **fields}, f"the card of {card.name}")
+        return HFArch(fields, int(config.get("num_labels", len(card.classes))),
+                      "transformers ResNetForImageClassification (as its card says)")
     if card.arch == "resnet":
         config = card.resnet_config
         return Architecture("resnet", config, config.num_classes, config.in_channels, "")
