@@ -487,3 +487,15 @@ def test_two_uploads_called_model_safetensors_have_distinct_names(tmp_path):
     assert [label for label, _ in store.choices("s")] == [
         "Yours: model.safetensors", f"Yours: model.safetensors ({names[0][-9:-1]})",
         f"Yours: model.safetensors ({names[0][-9:-1]}) (2)"]
+
+
+def test_non_finite_counts_nan_and_infinity_and_not_an_overflowing_sum():
+    from resnet_demo.core.weights.exact import non_finite
+
+    big = torch.full((4,), 3e38)  # every value finite, their float32 sum is not
+    assert non_finite(big) == 0
+    t = torch.zeros(10, dtype=torch.float16)
+    t[2], t[7] = float("nan"), float("-inf")
+    assert non_finite(t) == 2
+    assert non_finite(torch.zeros(3, dtype=torch.long)) == 0
+    assert non_finite(torch.tensor([1.0, float("inf")], dtype=torch.bfloat16)) == 1

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import WeightsError
 from ..model import TUTORIAL_CONFIG, ResNetConfig, build_model
+from .exact import non_finite
 from .reader import strip_prefixes
 from .recognise import Architecture, compare_shapes, expected_shapes, tutorial_key_map
 from .torchvision_resnets import build_torchvision
@@ -89,7 +90,7 @@ def load_weights_into(model: nn.Module, sd: Mapping[str, torch.Tensor], source: 
     converted = {}
     for key, ref in expected.items():
         value = sd[key].to(ref.dtype)
-        if ref.is_floating_point() and not torch.isfinite(value).all():
+        if ref.is_floating_point() and non_finite(value):
             raise WeightsError(f"{source}: key '{to_file_name(key)}' holds NaN or infinite values")
         converted[key] = value
     model.load_state_dict(converted, strict=True)
@@ -144,16 +145,12 @@ def fit_recognised(model: nn.Module, sd: Mapping[str, torch.Tensor], arch: Archi
     if problem is not None:
         raise WeightsError(f"{source} does not fit {short}: {problem}")
     for key, value in sd.items():
-        if value.is_floating_point():
-            # float8 types lack isfinite; their values fit in float32 exactly.
-            exotic = value.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-            finite = torch.isfinite(value.float() if exotic else value)
-            if not finite.all():
-                bad = value.numel() - int(finite.sum())
-                raise WeightsError(
-                    f"{source} was refused because key '{key}' holds {_plural(bad, 'NaN or infinite value')} "
-                    f"(of {value.numel():,}): a model with non-finite weights cannot give a meaningful prediction"
-                )
+        bad = non_finite(value)
+        if bad:
+            raise WeightsError(
+                f"{source} was refused because key '{key}' holds {_plural(bad, 'NaN or infinite value')} "
+                f"(of {value.numel():,}): a model with non-finite weights cannot give a meaningful prediction"
+            )
     for key, shape in expected.items():
         if key.endswith("num_batches_tracked") and key not in sd:
             sd[key] = torch.zeros(shape, dtype=torch.long)
