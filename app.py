@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import os
 import sys
 import tempfile
@@ -55,7 +56,7 @@ from resnet_demo.view.registry import (  # noqa: E402
     start_serving,
 )
 from resnet_demo.view.render import PART_LABELS, png_data_url  # noqa: E402
-from resnet_demo.view.results import AnalysisView, Settings, UploadRequest  # noqa: E402
+from resnet_demo.view.results import AnalysisView, InsideView, Settings, UploadRequest  # noqa: E402
 from resnet_demo.view.timeline_view import Timelines  # noqa: E402
 from resnet_demo.view.uploads import ARCH_CHOICES, PRESET_CHOICES, UserModels  # noqa: E402
 
@@ -156,6 +157,13 @@ HOW_TO_READ = {
     "study": "**Which blocks each class needs** (Veit et al.'s lesion study, by class): each block's branch removed in "
     "turn over the test images. A red cell: that class loses accuracy without that block. The chart scales one "
     "branch at a time by α from 0 (removed) through 1 (intact) to 2 (doubled): how much of a block's size matters.",
+    "inside": "**Inside the block**: what one block does to one of its output channels, step by step, on your image. "
+    "Pick a block and a channel (or click a tile of the enlarged block above). Top: the block's real layers, the "
+    "residual branch F(x) above, the shortcut s(x) below, joined at the sum. Middle: the map after every step; "
+    "**F(x)**, **s(x)**, **F(x)+s(x)** and **y** share one colour scale (red positive, blue negative), since they add "
+    "up. Bottom left: the input channels that feed this channel most; right: where y comes from, orange where the "
+    "branch dominates, purple where the shortcut does. Click any of those maps for that position's numbers. "
+    "Opening it re-runs this one block (not the network).",
     "export": "Download the current analysis: a JSON with predictions, every per-block metric, the lesion of the "
     "blocks chosen in *Lesions*, the sweep, the readout and a reference to the model card, plus the images as PNG.",
 }
@@ -283,6 +291,7 @@ class FeatureMapsTab:
     detail_block: gr.Dropdown
     detail: gr.Image
     channels: ChannelPanel
+    inside: InsidePanel
 
     def show(self, result: AnalysisView) -> dict:
         return {self.grids: result.page.grids.image, self.detail: result.page.detail,
@@ -299,7 +308,8 @@ def feature_maps_tab() -> FeatureMapsTab:
         detail = InlineImage(label="All channels of the chosen block: click one to see what it responds to",
                              interactive=False, height=480, format="png", elem_classes=["pixelated"], elem_id="detail")
         channels = channel_panel()
-    return FeatureMapsTab(tab, part, grids, detail_block, detail, channels)
+        inside = inside_panel()
+    return FeatureMapsTab(tab, part, grids, detail_block, detail, channels, inside)
 
 
 @dataclass
@@ -365,6 +375,98 @@ def wire_channels(pages: Pages, c: Controls, maps: FeatureMapsTab) -> None:
     maps.detail.select(clicked, settings, p.outputs(), api_visibility="private")
     p.show.click(show, [*settings, p.channel], p.outputs(), api_name="channel")
     p.visualise.click(visualise, [*settings, p.channel], [p.picture, p.picture_text], api_name="visualise")
+
+
+@dataclass
+class InsidePanel:
+    """Inside one block: drawn only while its accordion is open (``is_open``); opening it re-runs one block."""
+
+    accordion: gr.Accordion
+    block: gr.Dropdown
+    channel: gr.Number
+    show: gr.Button
+    figure: gr.Image
+    words: gr.Markdown
+    unit: gr.Markdown
+    # Never sent to the page: what the API endpoint "inside" returns, inside.json's text (every map included). Text,
+    # not gr.JSON: gradio_client takes any dict with a string "path" (a layer's, here) for a file to download.
+    data: gr.Textbox
+    api: gr.Button  # never shown: its click is that endpoint
+    is_open: gr.State
+
+    def outputs(self) -> list:
+        return [self.figure, self.words, self.unit, self.block, self.channel]
+
+    def shown(self, v: InsideView) -> dict:
+        return {self.figure: v.image, self.words: v.words, self.unit: v.unit,
+                self.block: gr.update(choices=v.blocks, value=v.block), self.channel: v.channel}
+
+
+def inside_panel() -> InsidePanel:
+    with gr.Accordion("Inside the block: every step of F(x), the shortcut and the sum", open=False,
+                      elem_id="inside") as accordion:
+        gr.Markdown(HOW_TO_READ["inside"])
+        with gr.Row():
+            block = gr.Dropdown([], label="Block", allow_custom_value=True, elem_id="inside-block")
+            channel = gr.Number(0, precision=0, minimum=0, label="Output channel", elem_id="inside-channel")
+            show = gr.Button("Look inside", variant="primary", elem_id="inside-show")
+        words = gr.Markdown(elem_id="inside-words")
+        figure = gr.Image(label="Inside the block: click a map for one position's numbers", interactive=False,
+                          format="png", elem_id="inside-figure", show_label=False)
+        unit = gr.Markdown(elem_id="inside-unit")
+        data = gr.Textbox(visible=False)
+        api = gr.Button(visible=False)
+    return InsidePanel(accordion, block, channel, show, figure, words, unit, data, api, gr.State(False))
+
+
+def wire_inside(pages: Pages, c: Controls, maps: FeatureMapsTab) -> None:
+    """Nothing runs until the accordion is opened: a tile click on the enlarged block only copies its channel there
+    (in the browser); while it is open, a tile click draws that channel."""
+    p = maps.inside
+    outputs = [*p.outputs(), c.state]
+    run, run_click, run_unit = gpu(pages.inside), gpu(pages.inside_click), gpu(pages.inside_unit)
+
+    @to_gr_error
+    def show(state, model_key, k, detail, block, channel, request: gr.Request):
+        v = run(state, settings_of(request, model_key, k, detail_block=detail), block or None, channel)
+        return {c.state: v.state, **p.shown(v)}
+
+    @to_gr_error
+    def numbers(state, model_key, k, detail, block, channel, request: gr.Request):
+        v = run(state, settings_of(request, model_key, k, detail_block=detail), block or None, channel)
+        return {c.state: v.state, p.data: json.dumps(v.data, allow_nan=False)}
+
+    def opened(state, model_key, k, detail, block, channel, request: gr.Request):
+        if state is None:
+            return gr.skip()
+        return show(state, model_key, k, detail, block, channel, request)
+
+    @to_gr_error
+    def tile(state, model_key, k, part, detail, is_open, evt: gr.SelectData, request: gr.Request):
+        if not is_open:
+            return gr.skip()
+        v = run_click(state, settings_of(request, model_key, k, part, detail), *evt.index)
+        return gr.skip() if v is None else {c.state: v.state, **p.shown(v)}
+
+    @to_gr_error
+    def position(state, model_key, k, detail, block, channel, evt: gr.SelectData, request: gr.Request):
+        state, text = run_unit(state, settings_of(request, model_key, k, detail_block=detail), block or None,
+                               channel, *evt.index)
+        return gr.skip() if text is None else {c.state: state, p.unit: text}
+
+    inputs = [c.state, c.model_key, c.k, maps.detail_block, p.block, p.channel]
+    p.accordion.expand(lambda: True, None, p.is_open, api_visibility="private", show_progress="hidden").then(
+        opened, inputs, outputs, api_visibility="private")
+    p.accordion.collapse(lambda: False, None, p.is_open, api_visibility="private", show_progress="hidden")
+    p.show.click(show, inputs, outputs, api_visibility="private")
+    # The API: the numbers of (block, channel) for the session's image (the page's own events never send them).
+    p.api.click(numbers, inputs, [p.data, c.state], api_name="inside")
+    maps.detail.select(tile, [c.state, c.model_key, c.k, maps.part, maps.detail_block, p.is_open], outputs,
+                       api_visibility="private")
+    # The channel view's number (a tile click sets it) and the enlarged block, copied in the browser: no request.
+    maps.channels.channel.change(None, [maps.channels.channel, maps.detail_block], [p.block, p.channel],
+                                 js="(channel, block) => [block, channel]")
+    p.figure.select(position, inputs, [p.unit, c.state], api_visibility="private")
 
 
 @dataclass
@@ -881,6 +983,7 @@ def make_demo(registry: Registry, default_model: str = AUTO, uploads: UserModels
         analysis = wire_analysis(pages, registry, inputs, controls, results, maps, residual, lesions)
         wire_dataset(pages, controls, dataset, inputs.photo)
         wire_channels(pages, controls, maps)
+        wire_inside(pages, controls, maps)
         if panel is not None:
             wire_uploads(pages, panel, controls, analysis, compare.model_b)
         demo.unload(end_session_for(pages))

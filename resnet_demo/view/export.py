@@ -11,7 +11,10 @@
   ``active``, ``channel_f`` as a list) and, when the card has reference bands, each metric's percentile
   rank among the reference images;
 - ``lesion``, ``lesion_sweep``, ``readout``: the results of :mod:`resnet_demo.core.insight`, when given;
-- ``images``: the PNG file names in the archive.
+- ``images``: the PNG file names in the archive;
+- ``inside``: ``"inside.json"`` when the archive holds the page's "Inside the block" view: that file is
+  :meth:`~resnet_demo.core.inside.Inside.to_dict` with every step's map (``maps=True``), for the block and
+  channel last opened on this image, and the view's picture is among the PNGs.
 
 Numbers are written with Python's shortest round-trip repr, so reading them back gives the library's
 values exactly. JSON has no infinity or NaN: such a value is written as the *string* ``"Infinity"``,
@@ -175,6 +178,7 @@ def export_zip(
     lesion=None,
     sweep=None,
     readout=None,
+    inside=None,
     path: str | Path | None = None,
 ) -> bytes | Path:
     """Pack an analysis into a ZIP: ``analysis.json`` plus one PNG per entry of ``images``.
@@ -186,6 +190,7 @@ def export_zip(
         lesion: a :class:`~resnet_demo.core.insight.LesionResult`.
         sweep: the list from :func:`~resnet_demo.core.insight.lesion_sweep`.
         readout: a :class:`~resnet_demo.core.insight.Readout`.
+        inside: an :class:`~resnet_demo.core.inside.Inside`, written as ``inside.json`` with its maps.
         path: where to write the ZIP; without it the ZIP's bytes are returned.
 
     Returns:
@@ -194,11 +199,17 @@ def export_zip(
     images = dict(images or {})
     names = _png_names(images)
     doc = analysis_dict(analysis, lesion=lesion, sweep=sweep, readout=readout, images=names)
+    if inside is not None:
+        doc["inside"] = "inside.json"
     text = json.dumps(doc, indent=2, allow_nan=False)
     stamp = time.localtime()[:6]
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr(zipfile.ZipInfo("analysis.json", stamp), text, compress_type=zipfile.ZIP_DEFLATED)
+        if inside is not None:
+            zf.writestr(zipfile.ZipInfo("inside.json", stamp),
+                        json.dumps(jsonable(inside.to_dict(maps=True)), indent=1, allow_nan=False),
+                        compress_type=zipfile.ZIP_DEFLATED)
         for name, image in zip(names, images.values()):
             png = io.BytesIO()
             _to_pil(image).save(png, format="PNG")

@@ -38,7 +38,8 @@ from .dataset_page import (
     the_set,
 )
 from .error_view import labelled_summary
-from .export import export_zip
+from .export import export_zip, jsonable
+from .inside_view import inside_figure, sentence, unit_text, words_markdown
 from .insight_view import cam_image, lesion_text, readout_text, sweep_rows
 from .probe_charts import probe_chart, probe_summary
 from .registry import Registry
@@ -47,6 +48,7 @@ from .results import (
     AnalysisView,
     CompareView,
     GradcamView,
+    InsideView,
     LesionView,
     PageState,
     ReadoutView,
@@ -232,6 +234,49 @@ class Pages:
         block = settings.detail_block or analysis.metrics[-1].name
         return visualisation(explorer, analysis, block, settings.part, int(channel))
 
+    # --- inside one block ------------------------------------------------------------------------------
+
+    def inside(self, state: PageState | None, settings: Settings, block: str | None, channel: int | None
+               ) -> InsideView:
+        """Inside ``block`` (the enlarged one, else the last, when empty or not this model's) for its output channel
+        ``channel`` on the session's image: re-runs that block only. The state keeps it for the export."""
+        state, explorer, analysis = self._current(state, settings)
+        names = [m.name for m in analysis.metrics]
+        if block not in names:
+            block = settings.detail_block if settings.detail_block in names else names[-1]
+        channel = int(channel or 0)
+        try:
+            inside = explorer.inside(analysis, block, channel)
+        except IndexError as exc:  # a channel the block does not have: a sentence on the page, as other refusals
+            raise ValueError(str(exc)) from None
+        # Kept per session: the contribution maps (in_channels x H x W in float64) are the one large part, and
+        # neither the picture, the numbers of a position nor the export's JSON reads them.
+        kept = dataclasses.replace(inside, contribution_maps=inside.contribution_maps[:0])
+        h, w = inside.y.shape
+        return InsideView(dataclasses.replace(state, inside=kept), block, channel, names,
+                          inside_figure(inside).image, words_markdown(inside), sentence(inside),
+                          unit_text(inside, h // 2, w // 2), jsonable(inside.to_dict(maps=True)))
+
+    def inside_click(self, state: PageState | None, settings: Settings, x: float, y: float) -> InsideView | None:
+        """Inside the enlarged block for the channel whose tile is under pixel (x, y) of its picture (``None``: no
+        tile). With the part x shown, the tile is an input channel: the same number of the block's output."""
+        state, explorer, analysis = self._current(state, settings)
+        block = settings.detail_block or analysis.metrics[-1].name
+        channel = detail_channel(analysis, block, settings.part, x, y)
+        return None if channel is None else self.inside(state, settings, block, channel)
+
+    def inside_unit(self, state: PageState | None, settings: Settings, block: str | None, channel: int | None,
+                    x: float, y: float) -> tuple[PageState, str | None]:
+        """One position's numbers under pixel (x, y) of the inside picture (``None``: no map there); the block is
+        re-run only when the session's state does not hold it for this image."""
+        same = state is not None and state.same_request(settings.model_key, int(settings.k))
+        inside = state.inside if same else None
+        if inside is None or inside.block != block or inside.channel != int(channel or 0):
+            v = self.inside(state, settings, block, channel)
+            state, inside = v.state, v.state.inside
+        position = inside_figure(inside).position_at(x, y)
+        return state, None if position is None else unit_text(inside, *position)
+
     # --- the data-set tab ------------------------------------------------------------------------------
 
     def dataset(self, settings: Settings, kind: str, which: str, filt: SetFilter,
@@ -392,8 +437,10 @@ class Pages:
         if readout is not None:
             images["readout"] = readout_chart(readout)
         images[f"grad-cam {cam[0]}"] = cam_image(analysis, cam_map)
+        if state.inside is not None:  # the inside view was opened on this image: its picture and inside.json
+            images[f"inside {state.inside.block} channel {state.inside.channel}"] = inside_figure(state.inside).image
         folder.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        path = export_zip(analysis, images=images, lesion=lesion, sweep=sweep, readout=readout,
+        path = export_zip(analysis, images=images, lesion=lesion, sweep=sweep, readout=readout, inside=state.inside,
                           path=folder / f"residual-analysis-{analysis.card.name}-{stamp}.zip")
         return state, path

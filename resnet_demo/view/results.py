@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..core.inside import Inside
 from ..core.insight import LesionResult, Readout
 from .analysis_view import Page
 
@@ -22,6 +23,7 @@ __all__ = [
     "AnalysisView",
     "CompareView",
     "GradcamView",
+    "InsideView",
     "LesionView",
     "PageState",
     "ReadoutView",
@@ -64,6 +66,7 @@ class PageState:
     sweep: list[LesionResult] | None = None
     readout: Readout | None = None
     cam: tuple[str, int, np.ndarray] | None = None  # (block, class index, map over the input)
+    inside: Inside | None = None  # the "Inside the block" view last opened on this image (contribution maps dropped)
 
     def same_request(self, model_key: str, k: int) -> bool:
         return self.model_key == model_key and self.k == k
@@ -163,3 +166,18 @@ class GradcamView:
     blocks: list[str]  # the model's, for the choosers
     classes: list[str]
     block: str  # the block explained
+
+
+@dataclass
+class InsideView:
+    """Inside one block, for one output channel of the session's image: the picture, the words, the numbers."""
+
+    state: PageState
+    block: str
+    channel: int
+    blocks: list[str]  # the model's, for the block chooser
+    image: Image.Image
+    words: str  # Markdown: the sentence, then what each step does
+    sentence: str
+    unit: str  # one position's numbers (the middle of the map until a click picks another)
+    data: dict  # Inside.to_dict(maps=True) as JSON types: what the API returns
