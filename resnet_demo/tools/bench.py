@@ -2,7 +2,8 @@
 
     python -m resnet_demo.tools.bench                 # CPU, and CUDA when present
     python -m resnet_demo.tools.bench --json out.json
-    python -m resnet_demo.tools.bench --resnet50      # also a torchvision ResNet-50 (random weights, 224x224)
+    python -m resnet_demo.tools.bench --resnet50      # also a torchvision ResNet-50 (random weights, 224x224):
+                                                      # its bare forward, analysis and full analysis, and ratios
 
 Latencies are wall-clock per call after warm-up; p50 and p95 over ``--runs`` calls. "capture overhead"
 compares the medians of the forward pass with and without hooks. "full analysis" is what the page
@@ -172,13 +173,25 @@ def bench_resnet50(args) -> dict:
     from PIL import Image
 
     img = Image.open(args.image).convert("RGB").resize((320, 240))
+    x = ex.prepare(img).tensor.to(ex.device)  # (1, 3, 224, 224)
 
-    def full():
+    def bare():  # the same model's plain forward of the same prepared 224x224 input
+        with torch.inference_mode():
+            ex.model(x)
+
+    def analysis():  # the core's analysis: preprocess, forward with capture, metrics, top-k
+        ex.analyze(img, k=5)
+
+    def full():  # what the page waits for: the analysis drawn (grids, residual chart, enlarged block)
         build_page(ex.analyze(img, k=5))
 
     runs = max(5, args.runs // 10)
+    lat = interleaved({"bare_forward": bare, "analysis": analysis, "full_analysis": full}, runs, 2, lambda: None)
+    bare_ms = lat["bare_forward"]["p50_ms"]
     return {"device": "cpu", "model": "torchvision resnet50 (random weights)", "blocks": len(ex.blocks),
-            "full_analysis": timed(full, runs, 2, lambda: None), "peak_rss_mb": peak_rss_mb()}
+            "input": list(x.shape), "threads": torch.get_num_threads(), **lat,
+            "analysis_over_bare": lat["analysis"]["p50_ms"] / bare_ms,
+            "full_over_bare": lat["full_analysis"]["p50_ms"] / bare_ms, "peak_rss_mb": peak_rss_mb()}
 
 
 def bench_featurevis(explorer: Explorer, channels: int) -> dict:
@@ -206,6 +219,7 @@ def print_table(report: dict) -> None:
             "bare_forward_graph",
             "forward_with_capture",
             "forward_with_capture_graph",
+            "analysis",
             "full_analysis",
             "full_analysis_eager",
         ):
@@ -214,6 +228,9 @@ def print_table(report: dict) -> None:
                 print(f"  {key:<22} p50 {t['p50_ms']:8.2f} ms   p95 {t['p95_ms']:8.2f} ms")
         if "graph_error" in r:
             print(f"  CUDA graphs failed: {r['graph_error']}")
+        if "full_over_bare" in r:
+            print(f"  {'p50 over bare forward':<22} analysis {r['analysis_over_bare']:.2f}x, "
+                  f"full analysis {r['full_over_bare']:.2f}x ({r['threads']} threads, input {r['input']})")
         if "capture_overhead_pct" in r:
             print(f"  {'capture overhead':<22} {r['capture_overhead_pct']:+.1f}% of the bare forward (p50)")
         for bs, t in r.get("throughput", {}).items():
