@@ -48,6 +48,7 @@ from resnet_demo.view.pages import Pages  # noqa: E402
 from resnet_demo.view.registry import (  # noqa: E402
     AUTO,
     CUSTOM,
+    HUB_PREFIX,
     Registry,
     default_registry,
     example_caption,
@@ -879,9 +880,12 @@ class YourModelPanel:
     std: gr.Textbox
     button: gr.Button
     status: gr.Markdown
+    config_files: gr.File  # config.json / preprocessor_config.json uploaded with the checkpoint
+    hub_id: gr.Textbox | None  # None: --no-hub
+    hub_button: gr.Button | None
 
 
-def your_model_panel() -> YourModelPanel:
+def your_model_panel(hub: bool = True) -> YourModelPanel:
     with gr.Accordion("Your model: upload a checkpoint", open=False, elem_id="your-model"):
         gr.Markdown(HOW_TO_READ["upload"])
         with gr.Row():
@@ -890,6 +894,9 @@ def your_model_panel() -> YourModelPanel:
                                  elem_id="upload-checkpoint")
             class_file = gr.File(label="Class names (optional: one per line)", file_types=[".txt", ".json"],
                                  type="filepath")
+            config_files = gr.File(label="config.json / preprocessor_config.json (optional: timm, transformers)",
+                                   file_types=[".json"], file_count="multiple", type="filepath",
+                                   elem_id="upload-configs")
         class_text = gr.Textbox(label="…or type the class names (one per line, or comma-separated)", lines=2)
         preset = gr.Radio(PRESET_CHOICES, value=PRESET_CHOICES[0][1], label="Inputs were prepared as")
         with gr.Row():
@@ -898,8 +905,15 @@ def your_model_panel() -> YourModelPanel:
             std = gr.Textbox(label="Custom: std", value="0.25")
         arch = gr.Dropdown(ARCH_CHOICES, value="", label="Architecture")
         button = gr.Button("Load my model", variant="primary", elem_id="upload-load")
+        hub_id = hub_button = None
+        if hub:
+            with gr.Row():
+                hub_id = gr.Textbox(label="Model from the Hugging Face Hub (e.g. timm/resnet50.a1_in1k)",
+                                    placeholder="owner/name", scale=4, elem_id="hub-id")
+                hub_button = gr.Button("Load from the Hub", scale=1, elem_id="hub-load")
         status = gr.Markdown(elem_id="upload-status")
-    return YourModelPanel(checkpoint, class_file, class_text, preset, arch, size, mean, std, button, status)
+    return YourModelPanel(checkpoint, class_file, class_text, preset, arch, size, mean, std, button, status,
+                          config_files, hub_id, hub_button)
 
 
 def _numbers(text: str, what: str) -> tuple[float, ...]:
@@ -916,23 +930,39 @@ def wire_uploads(pages: Pages, panel: YourModelPanel, c: Controls, analysis: Ana
                  model_b: gr.Dropdown) -> None:
     @to_gr_error
     @gpu
-    def load(checkpoint, class_file, class_text, preset, arch, size, mean, std, request: gr.Request):
+    # config_files defaults to None: Gradio then tells clients the parameter is optional (sent by older clients or not).
+    def load(checkpoint, class_file, class_text, preset, arch, size, mean, std, config_files=None,
+             request: gr.Request = None):
         custom = preset == "custom"
         ask = UploadRequest(
             preset=preset, arch=arch or None, class_file=class_file, class_text=class_text,
             size=int(size) if custom and size else None, mean=_numbers(mean, "mean") if custom else None,
-            std=_numbers(std, "std") if custom else None,
+            std=_numbers(std, "std") if custom else None, config_files=tuple(config_files or ()),
         )
-        v = pages.upload(request.session_hash or "", checkpoint, ask)
+        return offered(pages.upload(request.session_hash or "", checkpoint, ask))
+
+    def offered(v) -> dict:
         choices = [("Auto (photo → CIFAR-10, drawing → MNIST)", AUTO), *v.choices]
         return {c.model_key: gr.update(choices=choices, value=v.key),
                 model_b: gr.update(choices=choices + pages.timelines.snapshot_choices()),
-                panel.status: v.text, panel.checkpoint: None}
+                panel.status: v.text, panel.checkpoint: None, panel.config_files: None}
 
+    # The config files come last: a client that sends the first eight (as before they existed) still works.
     inputs = [panel.checkpoint, panel.class_file, panel.class_text, panel.preset, panel.arch, panel.size, panel.mean,
-              panel.std]
-    outputs = [c.model_key, panel.status, panel.checkpoint, model_b]
+              panel.std, panel.config_files]
+    outputs = [c.model_key, panel.status, panel.checkpoint, model_b, panel.config_files]
     panel.button.click(load, inputs, outputs, api_name="upload_model").success(
+        analysis.reanalyze, analysis.settings, analysis.outputs, api_visibility="private", show_progress="hidden")
+    if panel.hub_button is None:
+        return
+
+    # Not under @gpu: a download may take minutes, and holds no accelerator while it runs.
+    @to_gr_error
+    def from_hub(model_id, request: gr.Request, progress=gr.Progress()):  # noqa: B008 - Gradio's idiom
+        v = pages.from_hub(request.session_hash or "", model_id, lambda f, words: progress(f, desc=words))
+        return {**offered(v), panel.hub_id: ""}
+
+    panel.hub_button.click(from_hub, [panel.hub_id], [*outputs, panel.hub_id], api_name="model_from_hub").success(
         analysis.reanalyze, analysis.settings, analysis.outputs, api_visibility="private", show_progress="hidden")
 
 
@@ -940,10 +970,11 @@ def wire_uploads(pages: Pages, panel: YourModelPanel, c: Controls, analysis: Ana
 
 
 def make_demo(registry: Registry, default_model: str = AUTO, uploads: UserModels | None = None,
-              timelines: Timelines | None = None) -> gr.Blocks:
+              timelines: Timelines | None = None, hub: bool = True) -> gr.Blocks:
     """The page; ``uploads`` holds visitors' own models (``None``: the "Your model" panel is not shown);
-    ``timelines``: the training runs offered (the shipped ones by default)."""
-    pages = Pages(registry, uploads, timelines if timelines is not None else Timelines())
+    ``timelines``: the training runs offered (the shipped ones by default); ``hub``: whether the panel offers
+    models from the Hugging Face Hub (``--no-hub``: no box, and the call is refused)."""
+    pages = Pages(registry, uploads, timelines if timelines is not None else Timelines(), hub=hub)
     model_choices = [("Auto (photo → CIFAR-10, drawing → MNIST)", AUTO)] + [
         (c.label, c.key) for c in registry.choices.values()
     ]
@@ -963,7 +994,7 @@ def make_demo(registry: Registry, default_model: str = AUTO, uploads: UserModels
                 with gr.Row():
                     model_key = gr.Dropdown(model_choices, value=default_model, label="Model", elem_id="model-key")
                     k = gr.Slider(1, 10, value=5, step=1, label="Top-k")
-                panel = your_model_panel() if uploads is not None else None
+                panel = your_model_panel(hub) if uploads is not None else None
             with gr.Column(scale=5):
                 results = results_panel()
         controls = Controls(state, model_key, k)
@@ -1071,6 +1102,11 @@ def build_registry(args: argparse.Namespace) -> Registry:
     if args.weights or args.arch:
         registry.add_custom(args.weights, args.arch, device=args.device, download=args.download_weights,
                             classes=args.classes)
+    for model_id in args.hub:
+        try:
+            registry.add_hub(model_id, device=args.device)
+        except WeightsError as exc:
+            sys.exit(f"error: --hub {model_id}: {exc}")
     registry.load_all()
     return registry
 
@@ -1097,6 +1133,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "internet); nothing is ever downloaded without it")
     parser.add_argument("--classes", help="a file of class names (one per line, or JSON), one per class of the "
                         "checkpoint's classifier")
+    parser.add_argument("--hub", action="append", default=[], metavar="MODEL_ID",
+                        help="a ResNet from the Hugging Face Hub (timm/resnet50.a1_in1k, microsoft/resnet-50), "
+                        "downloaded at start (or taken from the cache) and offered in the selector; repeatable")
+    parser.add_argument("--no-hub", action="store_true",
+                        help="no 'Model from the Hugging Face Hub' box in the 'Your model' panel: visitors cannot "
+                        "make the server download")
     parser.add_argument("--timeline", action="append", default=[], metavar="RUN_FOLDER",
                         help="a training run's snapshot folder (train --snapshots N) for the Timeline tab; repeatable")
     parser.add_argument("--concurrency", type=int, default=None,
@@ -1119,14 +1161,18 @@ def main(argv: list[str] | None = None) -> None:
         print(line)
     if CUSTOM in registry.failed:
         sys.exit(f"error: {registry.failed[CUSTOM]}")
+    for key, error in registry.failed.items():
+        if key.startswith(HUB_PREFIX):  # asked for by name, as --weights is: no page without it
+            sys.exit(f"error: --hub {key.removeprefix(HUB_PREFIX)}: {error}")
     if not registry.loaded:
         sys.exit("error: no model could be loaded; see the lines above for where the weights should be.")
     uploads = None if args.no_uploads else UserModels(args.uploads_per_session, args.uploaded_models)
     timelines = Timelines(args.timeline, device=args.device)
     for folder, error in timelines.errors.items():
         print(f"training run {folder} not offered: {error}")
-    demo = make_demo(registry, default_model=CUSTOM if CUSTOM in registry.choices else AUTO, uploads=uploads,
-                     timelines=timelines)
+    given = [k for k in registry.choices if k == CUSTOM or k.startswith(HUB_PREFIX)]
+    demo = make_demo(registry, default_model=given[0] if given else AUTO, uploads=uploads, timelines=timelines,
+                     hub=not args.no_hub)
     concurrency = start_serving(registry, args.concurrency)
     demo.queue(**queue_options(concurrency))
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, footer_links=["api"],

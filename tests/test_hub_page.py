@@ -112,3 +112,25 @@ def test_weights_with_a_config_beside_and_an_upload_with_its_config_open_as_timm
         pages.upload("s", str(tmp_path / "again.safetensors"),
                      UploadRequest(preset="auto", config_files=(str(tmp_path / "other.json"),)))
     assert not (tmp_path / "again.safetensors").exists()
+
+
+def test_the_command_line_and_the_page(hub, tmp_path):
+    from appserver import weights_dir
+
+    import app
+
+    args = app.parse_args(["--hub", "timm/resnet10t.test", "--weights-dir", str(weights_dir(tmp_path)),
+                           "--device", "cpu", "--no-hub"])
+    assert args.no_hub and args.hub == ["timm/resnet10t.test"]
+    registry = app.build_registry(args)
+    same_logits(registry.get(HUB_PREFIX + "timm/resnet10t.test"))
+
+    def endpoints(demo) -> set:
+        return {getattr(fn, "api_name", None) for fn in demo.fns.values()}
+
+    with_box = app.make_demo(registry, uploads=UserModels())
+    without = app.make_demo(registry, uploads=UserModels(), hub=False)
+    assert "model_from_hub" in endpoints(with_box) and "upload_model" in endpoints(with_box)
+    assert "model_from_hub" not in endpoints(without) and "upload_model" in endpoints(without)
+    with pytest.raises(SystemExit, match="not a Hugging Face model id"):
+        app.build_registry(app.parse_args(["--hub", "no id", "--weights-dir", str(weights_dir(tmp_path))]))
