@@ -35,12 +35,12 @@ def test_the_estimate_is_the_block_shapes_times_the_bytes():
     assert shapes == block_shapes(ex.model, x)
     sizes = {name: (int(np.prod(a)), int(np.prod(b))) for name, (a, b) in shapes.items()}
     assert largest == 8 * 32 * 32 == max(max(pair) for pair in sizes.values())  # the stem's and res1's width
-    assert footprint(ex.model, x) == Footprint(4 * budget.WORKING_SET * largest)
+    assert footprint(ex.model, x) == Footprint(4 * budget.WORKING_SET * largest, budget.OVERHEAD)
     kept = sum(x_ + y for x_, y in sizes.values()) + 2 * sum(y for _, y in sizes.values())  # x, y, and f, s
     assert footprint(ex.model, x, kept=("x", "f", "s", "y")).per_image == 4 * (budget.WORKING_SET * largest + kept)
     grad = footprint(ex.model, x, grad=True, fixed=123)
     assert grad == Footprint(4 * (budget.WORKING_SET * largest + budget.SAVED_FOR_GRAD * sum(map(sum, sizes.values()))),
-                             123)
+                             budget.OVERHEAD + 123)
     assert footprint(ex.model.double(), x.double()).per_image == 8 * budget.WORKING_SET * largest  # bytes per element
 
 
@@ -108,8 +108,8 @@ def test_a_smaller_batch_to_fit_the_budget_gives_the_same_results(monkeypatch):
     evalset = EvalSet(data, labels, list(CIFAR10.classes), "random")
     full = (lesions.scan_explorer(ex, data, labels), errorscan.scan(ex, data, labels),
             exemplars.scan_exemplars(ex, evalset, k=3), bands.band_values(ex.model, data, normalise=ex.batch_input))
-    per_image = footprint(ex.model, ex.batch_input(data[:1]), kept=("x",)).per_image  # the lesion study's, the most
-    monkeypatch.setattr(budget, "BUDGET", 5 * per_image + 1)  # 5 images per pass
+    need = footprint(ex.model, ex.batch_input(data[:1]), kept=("x",))  # the lesion study's, the most per image
+    monkeypatch.setattr(budget, "BUDGET", need.fixed + 5 * need.per_image + 1)  # 5 images per pass
     sizes = []
     real = budget.plan
 

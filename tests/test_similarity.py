@@ -229,4 +229,4 @@ def test_a_study_over_the_budget_is_refused_before_it_starts():
                                             r"about \d+ MiB of memory at once .*it was not started"):
         block_similarity(a, a, images, batch_size=8, progress=done.append, budget=100_000)
     assert done == [] and held() == 0
-    assert block_similarity(a, a, images, batch_size=8, budget=10**8).n == 8
+    assert block_similarity(a, a, images, batch_size=8, budget=2**30).n == 8

@@ -5,13 +5,12 @@ the model's blocks (one forward pass of one image, :func:`~resnet_demo.core.capt
 the batch size times the bytes per element:
 
 - the forward pass's working set: :data:`WORKING_SET` times the largest tensor any module outputs for
-  one image (a convolution's output and its batch normalisation's, beside the block input the shortcut
-  keeps; in torchvision's ResNet-18 that is the stem's convolution, four times any block's output);
+  one image (in torchvision's ResNet-18 that is the stem's convolution, four times any block's output);
 - what the study keeps of every block for the whole batch (``kept``: block inputs, outputs, branches,
   shortcuts; each :data:`~resnet_demo.core.capture.PARTS` part it keeps unreduced);
 - for a study that takes gradients, the activations autograd saves: :data:`SAVED_FOR_GRAD` times every
   block's input and output;
-- a fixed amount per batch (Gram matrices, logits).
+- a fixed amount per batch (Gram matrices, logits), and :data:`OVERHEAD` per study.
 
 Every study plans its batch with :func:`plan`: the largest batch up to the one asked for whose estimate
 fits the server's budget (:data:`BUDGET`, bytes; ``RESNET_DEMO_STUDY_MIB`` sets it in MiB). A study that
@@ -34,12 +33,17 @@ from torch import nn
 
 from ..capture import activation_sizes
 
-__all__ = ["BUDGET", "SAVED_FOR_GRAD", "WORKING_SET", "Footprint", "StudyTooLarge", "budgeted", "footprint", "held",
-           "plan"]
+__all__ = [
+    "BUDGET", "OVERHEAD", "SAVED_FOR_GRAD", "WORKING_SET", "Footprint", "StudyTooLarge", "budgeted", "footprint",
+    "held", "plan",
+]
 
 BUDGET = int(float(os.environ.get("RESNET_DEMO_STUDY_MIB", 4096)) * 2**20)  # bytes all studies may hold at once
-WORKING_SET = 3  # largest tensors alive at once in a forward pass (a conv's output, its BN's, the block input)
+WORKING_SET = 4  # largest tensors alive at once in a forward pass: a bottleneck's last BN output beside its
+# projection shortcut's conv and BN outputs, and the block input (measured: ResNet-50, 100 images, 1,177 MiB)
 SAVED_FOR_GRAD = 4  # tensors autograd saves per block, in units of the block's input plus output
+OVERHEAD = 128 * 2**20  # bytes a study costs whatever its batch: allocator arenas, thread pools, the first pass's
+# kernel workspaces (measured: ~100 MiB above idle for a study of 8 images)
 
 
 class StudyTooLarge(ValueError):
@@ -84,7 +88,7 @@ def footprint(
     elements = WORKING_SET * largest + sum(pair[_SIZES[p]] for p in kept for pair in per_block)
     if grad:
         elements += SAVED_FOR_GRAD * sum(x + y for x, y in per_block)
-    return Footprint(elements * element, fixed)
+    return Footprint(elements * element, OVERHEAD + fixed)
 
 
 _lock = threading.Lock()
