@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from .metrics import BlockMetrics, Prediction, block_metrics, topk
 from .preprocess import Prepared, normalise_batch, prepare
 from .runtime import GraphedCapture, on_zero_gpu, pack_records, pick_device, unpack_records
 from .weights.cards import ModelCard
-from .weights.load import AUTO, load_model, open_checkpoint
+from .weights.load import load_model, open_checkpoint
 
 __all__ = ["Analysis", "Explorer"]
 
@@ -96,39 +96,20 @@ class Explorer:
 
     @classmethod
     def from_checkpoint(
-        cls,
-        path: str | Path,
-        *,
-        arch: str | None = None,
-        maxpool: bool | None = None,
-        preset: str | None = AUTO,
-        class_names: Sequence[str] | None = None,
-        default_classes: Callable[[int], list[str]] | None = None,
-        input_size: int | None = None,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        drawing: bool = False,
-        source: str | None = None,
-        config: Mapping[str, Any] | None = None,
-        preprocessor: Mapping[str, Any] | None = None,
-        device: str | torch.device | None = None,
+        cls, path: str | Path, *, device: str | torch.device | None = None, **options: Any
     ) -> Explorer:
         """A checkpoint from an untrusted source, its architecture recognised from its keys and shapes.
 
-        The page's upload and ``--weights`` on the command line both come here: the arguments are those of
-        :func:`~.weights.load.open_checkpoint` (``preset="auto"``: the preprocessing the checkpoint points
-        to; ``config`` and ``preprocessor`` a timm or transformers ``config.json`` and ``preprocessor_config.json``
-        given with the weights, parsed), and ``device`` the explorer's.
+        The page's upload and ``--weights`` on the command line both come here: ``options`` are the keyword
+        arguments of :func:`~.weights.load.open_checkpoint` (``arch``, ``maxpool``, ``preset``, ``class_names``,
+        ``input_size``, ``mean``, ``std``, ``drawing``, ``config``, ``preprocessor`` ...), and ``device`` the
+        explorer's.
 
         Raises:
             WeightsError: the file is refused, fits no supported architecture, or the class names,
                 preset or normalisation do not fit it; the message says which.
         """
-        model, card = open_checkpoint(
-            path, arch=arch, maxpool=maxpool, preset=preset, class_names=class_names,
-            default_classes=default_classes, input_size=input_size, mean=mean, std=std, drawing=drawing,
-            source=source, config=config, preprocessor=preprocessor,
-        )
+        model, card = open_checkpoint(path, **options)
         return cls(model, card, device)
 
     @property
