@@ -288,7 +288,7 @@ def test_upload_a_checkpoint_in_the_page_and_see_its_analysis(page, tmp_path):
     sync_api.expect(status).to_contain_text("my_net.pth")
     page.locator("#photo input[type=file]").set_input_files(str(example))
     # The summary names the model that analysed the image: the uploaded checkpoint, by its file name.
-    sync_api.expect(page.locator("#summary")).to_contain_text("my_net predicts", timeout=60_000)
+    sync_api.expect(page.locator("#summary")).to_contain_text(re.compile(r"my_net\.pth \([0-9a-f]{8}\) predicts"), timeout=60_000)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "browser-upload.png"), full_page=True)
 
