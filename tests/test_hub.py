@@ -165,7 +165,7 @@ def test_unknown_repositories_missing_weights_and_bad_ids_get_a_sentence(hub_env
 
 
 def test_no_network_is_a_sentence_not_a_traceback(hub_env, monkeypatch):
-    from conftest import free_port
+    from resnet_demo.tools.loadtest import free_port
 
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(HubError, match=r"the Hub could not be reached for timm/resnet18"):
