@@ -210,6 +210,30 @@ def bench_featurevis(explorer: Explorer, channels: int) -> dict:
     return out
 
 
+def bench_inside(explorer: Explorer, image: Path, runs: int) -> dict:
+    """Milliseconds to open "Inside the block" (one block re-run with its inner layers recorded, and the
+    figure drawn) for the first, middle and last block, beside the same model's bare forward."""
+    from PIL import Image
+
+    from ..view.inside_view import inside_figure
+
+    analysis = explorer.analyze(Image.open(image).convert("RGB"))
+    x = analysis.input.to(explorer.device)
+
+    def bare():
+        with torch.inference_mode():
+            explorer.model(x)
+
+    names = explorer.block_names
+    fns = {"bare_forward": bare}
+    for block in (names[0], names[len(names) // 2], names[-1]):
+        fns[f"inside {block}"] = lambda b=block: explorer.inside(analysis, b, 0)
+        fns[f"inside {block} + figure"] = lambda b=block: inside_figure(explorer.inside(analysis, b, 0))
+    lat = interleaved(fns, runs, 2, lambda: None)
+    bare_ms = lat["bare_forward"]["p50_ms"]
+    return {name: {"p50_ms": v["p50_ms"], "over_bare": v["p50_ms"] / bare_ms} for name, v in lat.items()}
+
+
 def print_table(report: dict) -> None:
     print(f"machine: {report['machine']}")
     for r in report["results"]:
@@ -253,6 +277,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (the app on a 2-core CPU uses 1 per request)")
     parser.add_argument("--featurevis", type=int, default=0, metavar="N",
                         help="also time feature visualisation of N channels of the first, middle and last block")
+    parser.add_argument("--inside", action="store_true",
+                        help="time opening 'Inside the block' (first, middle, last block) against a bare forward")
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
     parser.add_argument("--glibc-defaults", action="store_true",
                         help="leave glibc's malloc settings alone (the app tunes them; see explorer.tune_malloc)")
@@ -268,7 +294,12 @@ def main(argv: list[str] | None = None) -> None:
         report["results"].append(bench_resnet50(args))
     if args.featurevis:
         report["featurevis"] = bench_featurevis(explorer, args.featurevis)
+    if args.inside:
+        report["inside"] = bench_inside(explorer, args.image, max(5, args.runs // 5))
     print_table(report)
+    if args.inside:
+        for name, v in report["inside"].items():
+            print(f"{name:32s} {v['p50_ms']:8.2f} ms  {v['over_bare']:5.2f}x the bare forward")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 
