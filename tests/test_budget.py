@@ -41,6 +41,7 @@ def test_the_estimate_is_the_block_shapes_times_the_bytes():
     grad = footprint(ex.model, x, grad=True, fixed=123)
     assert grad == Footprint(4 * (budget.WORKING_SET * largest + budget.SAVED_FOR_GRAD * sum(map(sum, sizes.values()))),
                              budget.OVERHEAD + 123)
+    assert footprint(ex.model, x, working=5).per_image == 4 * 5 * largest  # a pass with one more tensor alive
     assert footprint(ex.model.double(), x.double()).per_image == 8 * budget.WORKING_SET * largest  # bytes per element
 
 
@@ -108,7 +109,7 @@ def test_a_smaller_batch_to_fit_the_budget_gives_the_same_results(monkeypatch):
     evalset = EvalSet(data, labels, list(CIFAR10.classes), "random")
     full = (lesions.scan_explorer(ex, data, labels), errorscan.scan(ex, data, labels),
             exemplars.scan_exemplars(ex, evalset, k=3), bands.band_values(ex.model, data, normalise=ex.batch_input))
-    need = footprint(ex.model, ex.batch_input(data[:1]), kept=("x",))  # the lesion study's, the most per image
+    need = footprint(ex.model, ex.batch_input(data[:1]), kept=("x",), working=budget.WORKING_SET + 1)  # the lesions'
     monkeypatch.setattr(budget, "BUDGET", need.fixed + 5 * need.per_image + 1)  # 5 images per pass
     sizes = []
     real = budget.plan

@@ -79,13 +79,15 @@ def footprint(
     kept: Iterable[str] = (),
     grad: bool = False,
     fixed: int = 0,
+    working: int = WORKING_SET,
 ) -> Footprint:
     """The estimated memory of passes of ``model`` over inputs like ``sample`` (one prepared input, (1, C, H, W),
-    on the model's device), keeping ``kept`` parts of every block unreduced, with gradients when ``grad``."""
+    on the model's device), keeping ``kept`` parts of every block unreduced, with gradients when ``grad``;
+    ``working``: the largest tensors alive at once in a pass (:data:`WORKING_SET` for a plain one)."""
     shapes, largest = activation_sizes(model, sample[:1])
     per_block = [(torch.Size(x).numel(), torch.Size(y).numel()) for x, y in shapes.values()]
     element = next(iter(model.parameters()), sample).element_size()
-    elements = WORKING_SET * largest + sum(pair[_SIZES[p]] for p in kept for pair in per_block)
+    elements = working * largest + sum(pair[_SIZES[p]] for p in kept for pair in per_block)
     if grad:
         elements += SAVED_FOR_GRAD * sum(x + y for x, y in per_block)
     return Footprint(elements * element, OVERHEAD + fixed)
