@@ -1,17 +1,17 @@
-"""Start the real Gradio app on a free port for tests; weights are the shipped ones when present."""
+"""Start the real Gradio app on a free port (tests, through conftest's fixtures, and scripts/screenshots.py);
+weights are the shipped ones when present."""
 
 from __future__ import annotations
 
 import base64
 import io
-import socket
 from contextlib import contextmanager
 from pathlib import Path
 
 from PIL import Image
 
 from resnet_demo.core.weights.cards import WEIGHTS_DIR
-from resnet_demo.tools.loadtest import write_untrained_weights
+from resnet_demo.tools.loadtest import free_port, write_untrained_weights
 
 SHIPPED = ("cifar10_resnet", "mnist_resnet")
 
@@ -24,12 +24,6 @@ def inline_image(value: dict) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def weights_dir(tmp: Path) -> Path:
     """The shipped weights folder if both files are there, else random (untrained) tutorial Nets in ``tmp``."""
     if all((WEIGHTS_DIR / f"{n}.safetensors").is_file() for n in SHIPPED):
@@ -38,7 +32,9 @@ def weights_dir(tmp: Path) -> Path:
 
 
 @contextmanager
-def running_app(wdir: Path, concurrency: int = 2, uploads: bool = True, timelines=None):
+def running_app(wdir: Path, concurrency: int = 2, uploads: bool = True, timelines=None, **launch):
+    """The app on ``127.0.0.1:<free port>``; ``launch``: more of ``Blocks.launch``'s arguments
+    (``state_session_capacity``)."""
     import app
     from resnet_demo.view.registry import default_registry
 
@@ -50,7 +46,7 @@ def running_app(wdir: Path, concurrency: int = 2, uploads: bool = True, timeline
     demo.queue(**app.queue_options(concurrency, max_size=512))
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                **app.launch_options(uploads))
+                **app.launch_options(uploads), **launch)
     try:
         yield f"http://127.0.0.1:{port}/", registry
     finally:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from appserver import inline_image, running_app, weights_dir
+from appserver import inline_image
 from conftest import IN_CI, ROOT
 from PIL import Image
 
@@ -23,9 +23,9 @@ SETTINGS = ("auto", 5, "f", "res9", [])
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with running_app(weights_dir(tmp_path_factory.mktemp("weights"))) as (url, registry):
-        yield Client(url, verbose=False), registry
+def server(app_server):
+    """The shared server (conftest), with a session of this module's own."""
+    return app_server.client(), app_server.registry
 
 
 def cifar_example():
@@ -146,6 +146,7 @@ OFFLINE_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a fresh interpreter in a network namespace, starting the app
 def test_app_starts_and_answers_with_no_network(tmp_path):
     probe = subprocess.run(["unshare", "-n", "true"], capture_output=True)
     if probe.returncode != 0:
@@ -222,6 +223,22 @@ def test_a_lesion_before_any_image_is_a_clear_error(server):
         fresh.predict("auto", 5, [], api_name="/lesion")
 
 
+def test_the_server_forgets_the_page_state_of_sessions_beyond_its_capacity(own_app_server):
+    # What --sessions bounds: with room for 2, a third session's first event drops the least recently used one's
+    # analysis (the memory it held); the 2 most recent keep theirs. (Any event of a forgotten session starts a
+    # new one, which drops the next least recent: the forgotten one is asked last.)
+    server = own_app_server(state_session_capacity=2)
+    photo = handle_file(str(cifar_example()))
+    first, second, third = (server.client() for _ in range(3))
+    for client in (first, second, third):
+        client.predict(photo, *SETTINGS, api_name="/analyze_photo")
+    for client in (second, third):
+        assert "Without the branch of **res5**" in client.predict("auto", 5, ["res5"], api_name="/lesion")[1]
+    with pytest.raises(AppError, match="Analyse an image first"):
+        first.predict("auto", 5, [], api_name="/lesion")
+
+
+@pytest.mark.slow  # main builds the page twice
 def test_main_bounds_the_sessions_gradio_keeps(monkeypatch):
     # Gradio holds every session's page state until `state_session_capacity` newer ones arrive.
     import gradio as gr
@@ -238,6 +255,5 @@ def test_main_bounds_the_sessions_gradio_keeps(monkeypatch):
     finally:
         torch.set_num_threads(threads)  # main shares the cores out between requests; not for later tests
     assert [kw["state_session_capacity"] for kw in launched] == [app.SESSIONS, 50]
-    assert app.SESSIONS == 1000
     # Gradio has one upload limit: the checkpoint's while uploaded models are on, else the image's.
     assert [kw["max_file_size"] for kw in launched] == [app.MAX_CHECKPOINT, app.MAX_UPLOAD]

@@ -14,6 +14,7 @@ from resnet_demo.view.results import PageState, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTO = ROOT / "examples" / "cifar10-ship-0.jpg"
+pytestmark = pytest.mark.slow  # the shipped models loaded, exemplars drawn
 
 
 @pytest.fixture(scope="module")
@@ -48,18 +49,15 @@ def test_a_click_on_a_tile_shows_that_channels_exemplars(pages):
         pages.channel(state, settings, 128)
 
 
-def test_channel_and_visualisation_through_the_real_server(tmp_path):
+def test_channel_and_visualisation_through_the_real_server(app_server):
     gradio_client = pytest.importorskip("gradio_client")
-    from appserver import running_app, weights_dir
-
-    with running_app(weights_dir(tmp_path / "w")) as (url, registry):
-        client = gradio_client.Client(url, verbose=False)
-        client.predict(gradio_client.handle_file(str(PHOTO)), "cifar10", 5, "f", "", [], api_name="/analyze_photo")
-        channel, text, on_image, exemplars = client.predict("cifar10", 5, "y", "res2", 7, api_name="/channel")
-        assert channel == 7 and text.startswith("**res2 y, channel 7 of 64**")
-        ex = exemplars_for(registry.get("cifar10")).channel("res2", "y", 7)
-        assert f"image #{ex.top[0].index}" in text and "adds and removes" not in text  # y has no negative row
-        assert Image.open(exemplars).size[0] > 500
-        picture, words = client.predict("cifar10", 5, "f", "res1", 3, api_name="/visualise")
-        assert Image.open(picture).size[0] >= 256
-        assert words.startswith("Optimised in") and "F(x) reaches" in words and "y reaches" in words
+    client, registry = app_server.client(), app_server.registry  # the shared server (conftest), a session of its own
+    client.predict(gradio_client.handle_file(str(PHOTO)), "cifar10", 5, "f", "", [], api_name="/analyze_photo")
+    channel, text, on_image, exemplars = client.predict("cifar10", 5, "y", "res2", 7, api_name="/channel")
+    assert channel == 7 and text.startswith("**res2 y, channel 7 of 64**")
+    ex = exemplars_for(registry.get("cifar10")).channel("res2", "y", 7)
+    assert f"image #{ex.top[0].index}" in text and "adds and removes" not in text  # y has no negative row
+    assert Image.open(exemplars).size[0] > 500
+    picture, words = client.predict("cifar10", 5, "f", "res1", 3, api_name="/visualise")
+    assert Image.open(picture).size[0] >= 256
+    assert words.startswith("Optimised in") and "F(x) reaches" in words and "y reaches" in words

@@ -4,11 +4,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from appserver import running_app, weights_dir
 from PIL import Image
 
 gradio_client = pytest.importorskip("gradio_client")
-from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client import handle_file  # noqa: E402
 
 from resnet_demo.core.studies.evalsets import load_evalset  # noqa: E402
 from resnet_demo.core.studies.similarity import block_similarity  # noqa: E402
@@ -18,9 +17,9 @@ PHOTO = ROOT / "examples" / "cifar10-frog-0.jpg"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with running_app(weights_dir(tmp_path_factory.mktemp("weights"))) as (url, registry):
-        yield Client(url, verbose=False), registry
+def server(app_server):
+    """The shared server (conftest), with a session of this module's own."""
+    return app_server.client(), app_server.registry
 
 
 def confidences(label: dict) -> dict[str, float]:

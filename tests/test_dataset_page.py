@@ -18,6 +18,7 @@ from resnet_demo.view.registry import default_registry
 from resnet_demo.view.results import Settings
 
 SETTINGS = Settings("mnist", 3, session="s1")
+pytestmark = pytest.mark.slow  # the shipped models over a 500-image evaluation set
 
 
 @pytest.fixture(scope="module")
@@ -96,20 +97,17 @@ def test_a_visitors_zip_is_read_for_this_session_only_and_deleted(pages, tmp_pat
         pages.dataset_upload(SETTINGS, "drawing", None, None, SetFilter())
 
 
-def test_the_error_browser_through_the_real_server(tmp_path):
-    gradio_client = pytest.importorskip("gradio_client")
-    from appserver import running_app, weights_dir
-
-    with running_app(weights_dir(tmp_path / "w")) as (url, registry):
-        client = gradio_client.Client(url, verbose=False)
-        summary, confusion, gallery, count, true, predicted = client.predict(
-            "mnist", 3, SHIPPED_SET, "wrong", "(any)", "(any)", "confidently_wrong", api_name="/dataset")
-        e = registry.get("mnist")
-        data = load_evalset("mnist_test500")
-        pred = e.logits(e.batch_input(data.images)).argmax(1)
-        wrong = int((pred != data.labels).sum())
-        assert len(gallery) == wrong and f"{wrong} image(s) match" in count
-        assert Image.open(confusion).size[0] > 300
+def test_the_error_browser_through_the_real_server(app_server):
+    pytest.importorskip("gradio_client")
+    client, registry = app_server.client(), app_server.registry  # the shared server (conftest), a session of its own
+    summary, confusion, gallery, count, true, predicted = client.predict(
+        "mnist", 3, SHIPPED_SET, "wrong", "(any)", "(any)", "confidently_wrong", api_name="/dataset")
+    e = registry.get("mnist")
+    data = load_evalset("mnist_test500")
+    pred = e.logits(e.batch_input(data.images)).argmax(1)
+    wrong = int((pred != data.labels).sum())
+    assert len(gallery) == wrong and f"{wrong} image(s) match" in count
+    assert Image.open(confusion).size[0] > 300
 
 
 def test_the_lesion_study_is_the_cards_or_computed_for_another_model(pages, tmp_path):

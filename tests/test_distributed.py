@@ -3,7 +3,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -11,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, randomise_bn
+from conftest import ROOT, TINY, free_port, randomise_bn
 from torch.utils.data import DistributedSampler
 
 from resnet_demo.core.model import build_model
@@ -21,12 +20,6 @@ from resnet_demo.core.weights.files import file_sha256, save_weights
 from resnet_demo.training.bands import main as bands_main
 
 TORCHRUN_TIMEOUT = 180  # seconds: two interpreters importing torch on a busy two-core machine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(args, timeout=TORCHRUN_TIMEOUT):

@@ -25,8 +25,8 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from appserver import free_port, running_app, weights_dir
-from conftest import ROOT, TINY, randomise_bn
+from appserver import weights_dir
+from conftest import ROOT, TINY, free_port, randomise_bn
 from hostile import hostile
 from PIL import Image
 
@@ -396,7 +396,7 @@ def test_the_largest_allowed_image_is_analysed_in_bounded_time(tmp_path, photo):
 # --- through the server ------------------------------------------------------------------------------------
 
 gradio_client = pytest.importorskip("gradio_client")
-from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client import handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 SETTINGS = ("auto", 5, "f", "", [])
@@ -405,9 +405,10 @@ SERVER_BAD = ["truncated.png", "truncated.jpg", "empty.png", "notes.png", "huge-
 
 
 @pytest.fixture(scope="module")
-def server(wdir):
-    with running_app(wdir) as (url, registry):
-        yield Client(url, verbose=False), registry
+def server(app_servers, wdir):
+    """The shared server (conftest) on this module's weights, with a session of this module's own."""
+    s = app_servers.get(weights=wdir)
+    return s.client(), s.registry
 
 
 def assert_serving(client, registry, tmp_path):
@@ -459,9 +460,10 @@ def test_sketch_with_missing_layers_through_the_server(server, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def server_without_uploads(wdir):
-    with running_app(wdir, uploads=False) as (url, registry):
-        yield Client(url, verbose=False), registry
+def server_without_uploads(app_servers, wdir):
+    """The shared server with uploaded models off (--no-uploads), with a session of this module's own."""
+    s = app_servers.get(uploads=False, weights=wdir)
+    return s.client(), s.registry
 
 
 def test_an_upload_over_the_size_limit_is_refused_and_the_server_keeps_serving(server_without_uploads, tmp_path):

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from appserver import running_app, weights_dir
+from appserver import weights_dir
 from PIL import Image
 
 from resnet_demo.tools.loadtest import (
@@ -74,46 +74,46 @@ def test_sixteen_sessions_four_hundred_images_no_failure_no_cross_talk_no_leak(t
 
 
 @pytest.mark.slow
-def test_http_client_answers_as_gradio_client_does(tmp_path):
+def test_http_client_answers_as_gradio_client_does(tmp_path, app_servers):
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
 
-    wdir = weights_dir(tmp_path)
+    wdir = app_servers.weights
     paths = make_images(4, tmp_path / "images", seed=3)
     expected = expected_results(paths, wdir)
     assert len({e.signature() for e in expected}) == 4
     not_an_image = tmp_path / "not-an-image.png"
     not_an_image.write_bytes(b"plain text, not a PNG")
-    with running_app(wdir) as (url, _):
-        endpoint = HttpEndpoint.from_config(url)
-        assert endpoint.state_inputs.count(False) == len(SETTINGS) + 1  # the image and the settings; State is hidden
-        sessions = [HttpSession(endpoint), HttpSession(endpoint, download=True)]
-        assert sessions[0].session_hash != sessions[1].session_hash
-        client = Client(url, verbose=False, download_files=False)
-        try:
-            for i, (path, want) in enumerate(zip(paths, expected)):
-                mine = sessions[i % 2].predict(path, *SETTINGS)
-                theirs = client.predict(handle_file(str(path)), *SETTINGS, api_name="/analyze_photo")
-                assert isinstance(mine, tuple) and len(mine) == len(theirs)
-                assert mine[0] == theirs[0] and mine[0]["confidences"]  # label and top-k probabilities, exactly
-                assert mine[5] == theirs[5] and "changes its input most" in mine[5]  # the summary
-                # Every output, the images included (inline, so equal bytes); the block choosers get their
-                # choices with a session's first answer and only their values afterwards: compare what they hold.
-                assert mine[:7] == theirs[:7] and len(mine) == 9
-                held = [[o.get("value") if isinstance(o, dict) else o for o in (m[7], m[8])] for m in (mine, theirs)]
-                assert held == [["res9", []], ["res9", []]]
-                assert check_answer(mine, want) is None
-            # The page's three images come inside the answer (data URLs): a browser has no file to fetch.
-            assert all(mine[i]["url"].startswith("data:image/png;base64,") for i in (1, 2, 6))
-            assert sessions[0].downloaded_bytes == sessions[1].downloaded_bytes == 0
-            # an error answer is an exception carrying the page's message, as gradio_client's is
-            with pytest.raises(AppError) as theirs_error:
-                client.predict(handle_file(str(not_an_image)), *SETTINGS, api_name="/analyze_photo")
-            with pytest.raises(RemoteError) as my_error:
-                sessions[0].predict(not_an_image, *SETTINGS)
-            assert str(my_error.value) == str(theirs_error.value) and str(my_error.value)
-            assert check_answer(sessions[0].predict(paths[0], *SETTINGS), expected[0]) is None  # the session goes on
-        finally:
-            client.close()
-            for session in sessions:
-                session.close()
+    url = app_servers.get(weights=wdir).url
+    endpoint = HttpEndpoint.from_config(url)
+    assert endpoint.state_inputs.count(False) == len(SETTINGS) + 1  # the image and the settings; State is hidden
+    sessions = [HttpSession(endpoint), HttpSession(endpoint, download=True)]
+    assert sessions[0].session_hash != sessions[1].session_hash
+    client = Client(url, verbose=False, download_files=False)
+    try:
+        for i, (path, want) in enumerate(zip(paths, expected)):
+            mine = sessions[i % 2].predict(path, *SETTINGS)
+            theirs = client.predict(handle_file(str(path)), *SETTINGS, api_name="/analyze_photo")
+            assert isinstance(mine, tuple) and len(mine) == len(theirs)
+            assert mine[0] == theirs[0] and mine[0]["confidences"]  # label and top-k probabilities, exactly
+            assert mine[5] == theirs[5] and "changes its input most" in mine[5]  # the summary
+            # Every output, the images included (inline, so equal bytes); the block choosers get their
+            # choices with a session's first answer and only their values afterwards: compare what they hold.
+            assert mine[:7] == theirs[:7] and len(mine) == 9
+            held = [[o.get("value") if isinstance(o, dict) else o for o in (m[7], m[8])] for m in (mine, theirs)]
+            assert held == [["res9", []], ["res9", []]]
+            assert check_answer(mine, want) is None
+        # The page's three images come inside the answer (data URLs): a browser has no file to fetch.
+        assert all(mine[i]["url"].startswith("data:image/png;base64,") for i in (1, 2, 6))
+        assert sessions[0].downloaded_bytes == sessions[1].downloaded_bytes == 0
+        # an error answer is an exception carrying the page's message, as gradio_client's is
+        with pytest.raises(AppError) as theirs_error:
+            client.predict(handle_file(str(not_an_image)), *SETTINGS, api_name="/analyze_photo")
+        with pytest.raises(RemoteError) as my_error:
+            sessions[0].predict(not_an_image, *SETTINGS)
+        assert str(my_error.value) == str(theirs_error.value) and str(my_error.value)
+        assert check_answer(sessions[0].predict(paths[0], *SETTINGS), expected[0]) is None  # the session goes on
+    finally:
+        client.close()
+        for session in sessions:
+            session.close()

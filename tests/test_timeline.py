@@ -80,6 +80,7 @@ def test_bad_run_folders_are_refused_with_the_reason(tmp_path):
         Timeline.read(tmp_path / "nocard")
 
 
+@pytest.mark.slow
 def test_history_is_each_blocks_median_ratio_and_cosine_over_the_images(run):
     images = load_evalset("mnist_test500").images[:60]
     history = run.history(images, data="mnist_test500", batch_size=25)
@@ -99,6 +100,7 @@ def test_history_is_each_blocks_median_ratio_and_cosine_over_the_images(run):
     assert chart.size[0] >= 900 and chart.size[1] >= 300
 
 
+@pytest.mark.slow
 def test_the_tab_shows_the_image_through_the_chosen_snapshot(tmp_path):
     write_run(tmp_path / "tiny_timeline")
     timelines = Timelines([tmp_path / "tiny_timeline"], shipped=False, device="cpu")
@@ -135,6 +137,7 @@ def test_unreadable_run_folders_are_reported_not_offered(tmp_path):
     assert find_timelines(tmp_path) == [tmp_path / "a_timeline"]
 
 
+@pytest.mark.slow  # 500 digits through every snapshot
 @pytest.mark.skipif(not SHIPPED_RUN.is_dir(), reason="the shipped MNIST timeline is not in this checkout")
 def test_the_shipped_mnist_timeline_is_small_fp16_log_spaced_and_learns():
     from safetensors import safe_open
@@ -156,23 +159,22 @@ def test_the_shipped_mnist_timeline_is_small_fp16_log_spaced_and_learns():
     assert acc == pytest.approx(accuracy[-1], abs=0.015)
 
 
-def test_the_timeline_through_the_real_server(tmp_path):
+def test_the_timeline_through_the_real_server(tmp_path, own_app_server):
     gradio_client = pytest.importorskip("gradio_client")
-    from appserver import running_app, weights_dir
 
     write_run(tmp_path / "tiny_timeline")
     timelines = Timelines([tmp_path / "tiny_timeline"], shipped=False, device="cpu")
     digit = tmp_path / "digit.png"
     Image.fromarray(load_evalset("mnist_test500").images[3, 0].numpy()).save(digit)
-    with running_app(weights_dir(tmp_path / "w"), timelines=timelines) as (url, registry):
-        client = gradio_client.Client(url, verbose=False)
-        client.predict(gradio_client.handle_file(str(digit)), "mnist", 3, "f", "", [], api_name="/analyze_photo")
-        label, residual, readout, history, text = client.predict("mnist", 3, "tiny_timeline", 2, api_name="/timeline")
-        want = timelines.get("tiny_timeline").explorer(1).analyze(str(digit), kind="photo", k=3)
-        got = {c["label"]: c["confidence"] for c in label["confidences"]}
-        assert got == pytest.approx({p.label: p.prob for p in want.predictions}, abs=1e-6)
-        assert "snapshot 2 of 3" in text and Image.open(history).size[0] >= 900
-        # A snapshot is model B of the comparison.
-        _, _, preds_b, *_ = client.predict("mnist", 3, "run:tiny_timeline:40", "f", api_name="/compare")
-        want_b = timelines.get("tiny_timeline").explorer(2).analyze(str(digit), kind="photo", k=3)
-        assert preds_b["label"] == want_b.predictions[0].label
+    url = own_app_server(timelines=timelines).url
+    client = gradio_client.Client(url, verbose=False)
+    client.predict(gradio_client.handle_file(str(digit)), "mnist", 3, "f", "", [], api_name="/analyze_photo")
+    label, residual, readout, history, text = client.predict("mnist", 3, "tiny_timeline", 2, api_name="/timeline")
+    want = timelines.get("tiny_timeline").explorer(1).analyze(str(digit), kind="photo", k=3)
+    got = {c["label"]: c["confidence"] for c in label["confidences"]}
+    assert got == pytest.approx({p.label: p.prob for p in want.predictions}, abs=1e-6)
+    assert "snapshot 2 of 3" in text and Image.open(history).size[0] >= 900
+    # A snapshot is model B of the comparison.
+    _, _, preds_b, *_ = client.predict("mnist", 3, "run:tiny_timeline:40", "f", api_name="/compare")
+    want_b = timelines.get("tiny_timeline").explorer(2).analyze(str(digit), kind="photo", k=3)
+    assert preds_b["label"] == want_b.predictions[0].label

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from appserver import running_app, weights_dir
+from appserver import weights_dir
 from PIL import Image
 from tutorial_net import Net
 
@@ -26,9 +26,9 @@ PHOTO = ROOT / "examples" / "cifar10-dog-0.jpg"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with running_app(weights_dir(tmp_path_factory.mktemp("weights"))) as (url, registry):
-        yield url
+def server(app_server):
+    """The shared server's URL (conftest): each test opens the sessions it needs."""
+    return app_server.url
 
 
 def client_for(url: str) -> Client:
@@ -194,6 +194,7 @@ def test_class_names_that_do_not_fit_the_head_are_refused(server, tutorial_file)
         upload(client_for(server), tutorial_file, classes="a, b, c")
 
 
+@pytest.mark.slow  # the shipped models loaded
 def test_the_page_refuses_another_sessions_model_even_past_the_selector(tmp_path):
     from resnet_demo.view.pages import Pages
     from resnet_demo.view.registry import default_registry
@@ -207,6 +208,7 @@ def test_the_page_refuses_another_sessions_model_even_past_the_selector(tmp_path
         pages.analyze(str(PHOTO), "photo", Settings(model_key=key, session="bob"))
 
 
+@pytest.mark.slow
 def test_eviction_is_least_recently_used_and_frees_the_model():
     def model() -> Explorer:
         from resnet_demo.core.model import ResNetConfig, build_model
@@ -233,12 +235,11 @@ def test_eviction_is_least_recently_used_and_frees_the_model():
     assert store.end_session("s2") == 2 and store.choices("s2") == [] and len(store) == 1
 
 
-def test_uploads_can_be_turned_off(tmp_path):
-    with running_app(weights_dir(tmp_path), uploads=False) as (url, _):
-        client = Client(url, verbose=False)
-        assert "/upload_model" not in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-        with pytest.raises(AppError, match="not in the list of choices|turned off"):
-            analyse(client, "upload:1")
+def test_uploads_can_be_turned_off(app_servers):
+    client = app_servers.get(uploads=False).client()
+    assert "/upload_model" not in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    with pytest.raises(AppError, match="not in the list of choices|turned off"):
+        analyse(client, "upload:1")
 
 
 def test_the_image_limit_still_holds_while_checkpoints_may_be_larger(server, tmp_path):

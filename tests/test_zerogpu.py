@@ -12,7 +12,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # a fresh interpreter that builds the whole page
 
 SCRIPT = textwrap.dedent(
     """
