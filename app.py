@@ -44,6 +44,7 @@ from resnet_demo.view.analysis_view import METRIC_COLUMNS  # noqa: E402
 from resnet_demo.view.channel_page import ChannelView  # noqa: E402
 from resnet_demo.view.dataset_page import SHIPPED_SET, SORTS, USER_SET, SetFilter, SetView  # noqa: E402
 from resnet_demo.view.insight_view import SWEEP_COLUMNS  # noqa: E402
+from resnet_demo.view.live import SYNC_S, LiveCamera, canvas_frame, live_request  # noqa: E402
 from resnet_demo.view.pages import Pages  # noqa: E402
 from resnet_demo.view.registry import (  # noqa: E402
     AUTO,
@@ -100,6 +101,191 @@ def launch_options(uploads: bool) -> dict:
     """What every launch of the page needs. Gradio has one upload limit for the whole server: with uploaded
     models on it is the checkpoint's, and images are held to :data:`MAX_UPLOAD` by :class:`PhotoInput`."""
     return {"max_file_size": MAX_CHECKPOINT if uploads else MAX_UPLOAD, "theme": THEME, "css": CSS}
+
+# The live webcam (resnet_demo/view/live.py says how it works): its own camera view in the page and a closed
+# loop, a frame grabbed, sent (one server call, not a queued event), answered, shown, then the next. Gradio's
+# streaming webcam sends a frame every `stream_every` whether or not the last one was answered (half or more of them
+# wasted) and each frame sent or answered costs the page tens of ms of Gradio's front-end state copies. Measured with
+# `python -m resnet_demo.tools.livebench` on 2 cores: that stream gave 2.7 frames/s (p95 1.3 s), 6-8 once tuned
+# (320x240 camera, stream_every 0.08, fewer outputs); this loop gives 10-11 (p95 130-150 ms).
+LIVE_SIDE_PX = 160  # the frame sent: its long side (the model sees 32x32)
+LIVE_TEMPLATE = """<div class="live">
+  <div class="live-row">
+    <div class="live-cam"><video playsinline muted></video>
+      <button id="live-start" class="lg primary">Start the camera</button>
+      <span id="live-rate"></span></div>
+    <div class="live-side"><div id="live-top"></div>
+      <img id="live-input" class="live-px" alt="the input as the model saw it"></div>
+  </div>
+  <p id="live-note"></p>
+  <p class="live-hint">Live: the prediction, the input as the model saw it, every block's feature maps (strip) and
+  residual magnitudes (chart), frame after frame. The rest of the page follows every few seconds and keeps the last
+  frame when you stop.</p>
+  <img id="live-strip" class="live-px" alt="every block's feature maps">
+  <img id="live-chart" alt="the residual magnitudes">
+</div>"""
+LIVE_CSS = """
+.live-row { display: flex; gap: 12px; align-items: flex-start; }
+.live-cam { flex: 3; } .live-side { flex: 2; }
+.live-cam video { width: 100%; max-height: 240px; background: #222; transform: scaleX(-1); border-radius: 6px; }
+#live-rate { margin-left: 8px; font-size: 0.85em; opacity: 0.7; }
+.live-px { image-rendering: pixelated; }
+#live-input { width: 96px; height: 96px; margin-top: 6px; }
+#live-strip, #live-chart { width: 100%; margin-top: 6px; }
+#live-strip:not([src]), #live-chart:not([src]), #live-input:not([src]) { display: none; }
+.live-bar { display: flex; gap: 6px; font-size: 0.9em; align-items: center; }
+.live-bar span { width: 40%; overflow: hidden; white-space: nowrap; text-overflow: ellipsis; }
+.live-bar b { height: 0.7em; background: var(--color-accent); border-radius: 2px; }
+#live-note:empty { display: none; }
+#live-note { color: var(--error-text-color, #b91c1c); }
+.live-hint { font-size: 0.85em; opacity: 0.75; margin: 4px 0; }
+"""
+LIVE_JS = """
+const $ = s => element.querySelector(s);
+const video = $('video'), button = $('#live-start'), rate = $('#live-rate'), note = $('#live-note');
+const top = $('#live-top'), input = $('#live-input'), strip = $('#live-strip'), chart = $('#live-chart');
+const session = Array.from(crypto.getRandomValues(new Uint8Array(12)), b => b.toString(16).padStart(2, '0')).join('');
+const canvas = document.createElement('canvas');
+const use = ' Use the Photo tab to upload or paste a picture instead.';
+const why = {
+  NotFoundError: 'No camera was found on this device.' + use,
+  OverconstrainedError: 'No camera was found on this device.' + use,
+  NotAllowedError: 'The camera was not allowed: allow it in the browser (the icon in the address bar), try again.',
+  SecurityError: 'The camera was not allowed: allow it in the browser (the icon in the address bar), try again.',
+  NotReadableError: 'The camera could not be started: another program may be using it.' + use,
+  AbortError: 'The camera could not be started: another program may be using it.' + use,
+};
+const say = text => { note.textContent = text || ''; };
+let stream = null, running = false, synced = 0, times = [];
+if (!window.isSecureContext) {
+  say('The browser offers the camera only to secure pages: open this app over https:// (or at http://localhost).'
+      + use);
+} else if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+  say('This browser offers no camera to web pages.' + use);
+} else {
+  navigator.mediaDevices.enumerateDevices().then(devices => {
+    if (!devices.some(d => d.kind === 'videoinput')) say('No camera was found on this device.' + use);
+  }).catch(() => {});
+}
+const grab = () => {
+  const w = video.videoWidth, h = video.videoHeight;
+  if (!w || !h) return null;
+  const k = SIDE / Math.max(w, h);
+  canvas.width = Math.round(w * k); canvas.height = Math.round(h * k);
+  const g = canvas.getContext('2d');
+  g.setTransform(-1, 0, 0, 1, canvas.width, 0);  // mirrored, as the preview shows it
+  g.drawImage(video, 0, 0, canvas.width, canvas.height);
+  return canvas.toDataURL('image/jpeg', 0.85);
+};
+const show = r => {
+  top.replaceChildren(...r.predictions.slice(0, 5).map(([label, p]) => {
+    const row = document.createElement('div'), name = document.createElement('span'), bar = document.createElement('b');
+    const pct = document.createElement('i');
+    row.className = 'live-bar'; name.textContent = label; bar.style.width = (p * 50).toFixed(1) + '%';
+    pct.textContent = (p * 100).toFixed(1) + '%'; row.append(name, bar, pct); return row;
+  }));
+  input.src = r.input;
+  if (r.strip) strip.src = r.strip;
+  if (r.chart) chart.src = r.chart;
+  say('');
+};
+const pause = ms => new Promise(done => setTimeout(done, ms));
+const sync = frame => { synced = performance.now(); props.value = JSON.stringify({session, frame}); };
+// a control of the page changed (model, top-k, which maps...): send its settings with the next frame
+const changed = e => {
+  if (running && !element.contains(e.target)) synced = Math.min(synced, performance.now() - SYNC_MS + 300);
+};
+document.addEventListener('input', changed, true);
+document.addEventListener('change', changed, true);
+const loop = async () => {
+  while (running) {
+    const frame = grab();
+    if (!frame) { await pause(50); continue; }
+    if (performance.now() - synced > SYNC_MS) sync(frame);  // the rest of the page follows, more slowly
+    let answer;
+    try { answer = await server.frame({session, frame}); }
+    catch (e) { say('The server did not answer; trying again.'); await pause(1000); continue; }
+    if (!running) break;
+    if (answer.error) { say(answer.error); await pause(500); continue; }
+    show(answer);
+    const now = performance.now(); times.push(now); times = times.filter(t => now - t < 2000);
+    rate.textContent = (times.length / 2).toFixed(1) + ' frames/s';
+  }
+};
+const stop = () => {
+  running = false;
+  const last = grab();
+  if (stream) stream.getTracks().forEach(t => t.stop());
+  stream = null; video.srcObject = null; button.textContent = 'Start the camera'; rate.textContent = '';
+  if (last) sync(last);  // the page and the tools keep the last frame
+};
+button.addEventListener('click', async () => {
+  if (running) { stop(); return; }
+  if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) return;
+  try {
+    const want = {video: {width: {ideal: 320}, height: {ideal: 240}}, audio: false};
+    stream = await navigator.mediaDevices.getUserMedia(want);
+  } catch (e) { say(why[e.name] || ('The camera could not be started: ' + e.name + '.' + use)); return; }
+  video.srcObject = stream;
+  await video.play();
+  running = true; synced = 0; times = []; button.textContent = 'Stop'; say('');
+  loop();
+});
+""".replace("SIDE", str(LIVE_SIDE_PX)).replace("SYNC_MS", str(int(SYNC_S * 1000)))
+
+# The drawing pad answers while the pen moves. Gradio's sketchpad reports a change only at pen lift, and only after
+# encoding its layers as PNGs in the browser's idle time (1-2 s on a busy machine). This script reads the pad's
+# picture itself, at most every LIVE_PAD_MS while the pen is down: the editor draws with WebGL, whose canvas can be
+# read outside the frame it was drawn in only when made with preserveDrawingBuffer, so the script asks for that on
+# every WebGL canvas made after it runs (at page load; the editor makes its canvas when the Draw tab opens). It
+# sends the paper only: the bounding box of the near-white pixels, less its 2-pixel border, as a PNG data URL in
+# the hidden component's value, whose change the server analyses (always_last: frames that come while one is
+# analysed are dropped but the last). Pen lift still sends Gradio's own value, which has the last word.
+LIVE_PAD_MS = 150
+LIVE_PAD_JS = """
+const make = HTMLCanvasElement.prototype.getContext;
+if (!make.keepsFrame) {
+  const keep = function (type, attrs) {
+    if (type === 'webgl' || type === 'webgl2') attrs = Object.assign({}, attrs, {preserveDrawingBuffer: true});
+    return make.call(this, type, attrs);
+  };
+  keep.keepsFrame = true;
+  HTMLCanvasElement.prototype.getContext = keep;
+}
+let down = false, last = 0, timer = null;
+const paper = () => {
+  const c = document.querySelector('#sketchpad canvas');
+  if (!c || !c.width || !c.height) return null;
+  const o = document.createElement('canvas'); o.width = c.width; o.height = c.height;
+  const g = o.getContext('2d', {willReadFrequently: true}); g.drawImage(c, 0, 0);
+  const px = g.getImageData(0, 0, o.width, o.height).data;
+  let x0 = o.width, y0 = o.height, x1 = -1, y1 = -1;
+  for (let y = 0, i = 0; y < o.height; y++) for (let x = 0; x < o.width; x++, i += 4) {
+    if (px[i] > 235 && px[i + 1] > 235 && px[i + 2] > 235) {
+      if (x < x0) x0 = x; if (x > x1) x1 = x; if (y < y0) y0 = y; if (y > y1) y1 = y;
+    }
+  }
+  if (x1 - x0 < 16 || y1 - y0 < 16) return null;  // no paper to be seen: the canvas could not be read
+  const out = document.createElement('canvas'); out.width = x1 - x0 - 3; out.height = y1 - y0 - 3;
+  out.getContext('2d').drawImage(o, x0 + 2, y0 + 2, out.width, out.height, 0, 0, out.width, out.height);
+  return out.toDataURL('image/png');
+};
+const send = () => {
+  timer = null;
+  if (!down) return;
+  const url = paper();
+  last = performance.now();
+  if (url && url !== props.value) props.value = url;
+};
+const onPad = e => e.target instanceof HTMLCanvasElement && e.target.closest('#sketchpad');
+document.addEventListener('pointerdown', e => { if (onPad(e)) { down = true; last = performance.now(); } }, true);
+document.addEventListener('pointermove', () => {
+  if (down && !timer) timer = setTimeout(send, Math.max(0, EVERY_MS - (performance.now() - last)));
+}, true);
+const up = () => { down = false; if (timer) { clearTimeout(timer); timer = null; } };
+document.addEventListener('pointerup', up, true);
+document.addEventListener('pointercancel', up, true);
+""".replace("EVERY_MS", str(LIVE_PAD_MS))
 
 # The editor appears some time after the tab opens (~2 s on a slow machine): look for the brush for up to 10 s.
 SELECT_BRUSH_JS = """() => { let tries = 0; const pick = () => {
@@ -237,11 +423,13 @@ class Controls:
 class InputsPanel:
     photo: gr.Image
     sketch: gr.Sketchpad
-    webcam: gr.Image
+    webcam: gr.HTML  # the live camera (LIVE_JS); its value is the frame it last synced with the page
     gallery: gr.Gallery
+    pen: gr.HTML  # the drawing pad's picture while the pen moves (LIVE_PAD_JS)
+    camera: LiveCamera  # the live camera's server side
 
 
-def inputs_panel() -> InputsPanel:
+def inputs_panel(camera: LiveCamera) -> InputsPanel:
     with gr.Tabs():
         with gr.Tab("Photo", id="photo"):
             photo = PhotoInput(sources=["upload", "clipboard", "webcam"], type="filepath", image_mode=None,
@@ -253,14 +441,17 @@ def inputs_panel() -> InputsPanel:
                 elem_id="sketchpad",
             )
         with gr.Tab("Live webcam", id="webcam"):
-            webcam = gr.Image(sources=["webcam"], streaming=True, type="pil", label="Webcam stream")
+            webcam = gr.HTML("", html_template=LIVE_TEMPLATE, css_template=LIVE_CSS, js_on_load=LIVE_JS,
+                             server_functions=[camera.frame], elem_id="webcam", padding=True)
         with gr.Tab("Examples", id="examples"):
             gallery = gr.Gallery(value=[(str(p), example_caption(p)) for p in EXAMPLES], columns=6, height=260,
                                  object_fit="contain", allow_preview=False, label="Test-set examples",
                                  elem_id="examples")
+    # Made with the page, before the Draw tab's editor makes its canvas (LIVE_PAD_JS needs that order).
+    pen = gr.HTML("", html_template="<span></span>", js_on_load=LIVE_PAD_JS, visible="hidden", elem_id="pen")
     # The sketchpad starts with no tool selected; pick the brush so the user can draw at once.
     draw_tab.select(None, None, None, js=SELECT_BRUSH_JS)
-    return InputsPanel(photo, sketch, webcam, gallery)
+    return InputsPanel(photo, sketch, webcam, gallery, pen, camera)
 
 
 @dataclass
@@ -990,7 +1181,7 @@ def make_demo(registry: Registry, default_model: str = AUTO, uploads: UserModels
         state = gr.State(None)
         with gr.Row():
             with gr.Column(scale=4):
-                inputs = inputs_panel()
+                inputs = inputs_panel(LiveCamera(gpu(pages.analyze)))
                 with gr.Row():
                     model_key = gr.Dropdown(model_choices, value=default_model, label="Model", elem_id="model-key")
                     k = gr.Slider(1, 10, value=5, step=1, label="Top-k")
@@ -1083,8 +1274,7 @@ def wire_analysis(pages: Pages, registry: Registry, inputs: InputsPanel, c: Cont
                         trigger_mode="always_last")
     inputs.sketch.change(drawing, [inputs.sketch, *settings], outputs, api_name="analyze_drawing",
                          trigger_mode="always_last", show_progress="hidden")
-    inputs.webcam.stream(photo, [inputs.webcam, *settings], outputs, api_name="analyze_webcam", stream_every=0.2,
-                         time_limit=60, show_progress="hidden")
+    wire_live(inputs, analyze, settings, outputs)
     inputs.gallery.select(example, settings, outputs, api_name="analyze_example")
     for control in (c.model_key, c.k, maps.part, maps.detail_block):
         control.input(reanalyze, settings, outputs, api_visibility="private",
@@ -1092,6 +1282,33 @@ def wire_analysis(pages: Pages, registry: Registry, inputs: InputsPanel, c: Cont
     maps.grids.select(block_clicked, c.state, maps.detail_block, api_visibility="private").then(
         reanalyze, settings, outputs, api_visibility="private", show_progress="hidden")
     return AnalysisWiring(reanalyze, settings, outputs)
+
+
+def wire_live(inputs: InputsPanel, analyze, settings: list, outputs: list) -> None:
+    """The drawing pad while the pen moves, and the live camera's frames sent to the whole page: each analysed as
+    any drawing or photo (``analyze`` is ``wire_analysis``'s), the last one winning."""
+
+    def pen_moved(frame, previous, chart, model_key, k, part, detail, lesioned, request: gr.Request):
+        if not frame:
+            return {}
+        return analyze(canvas_frame(frame), "drawing", previous, chart, model_key, k, part, detail, lesioned,
+                       request)
+
+    inputs.pen.change(to_gr_error(pen_moved), [inputs.pen, *settings], outputs, api_visibility="private",
+                      trigger_mode="always_last", show_progress="hidden")
+
+    def webcam(value, previous, chart, model_key, k, part, detail, lesioned, request: gr.Request):
+        """The live camera's frame every SYNC_S and at stop: the whole page follows, and its live calls take these
+        settings from now on."""
+        if not value:
+            return {}
+        frame = live_request(value)
+        inputs.camera.remember(frame.session, settings_of(request, model_key, k, part, detail, lesioned), True)
+        return analyze(canvas_frame(frame.frame, "The live camera"), "photo", previous, chart, model_key, k, part,
+                       detail, lesioned, request)
+
+    inputs.webcam.change(to_gr_error(webcam), [inputs.webcam, *settings], outputs, api_name="analyze_webcam",
+                         trigger_mode="always_last", show_progress="hidden")
 
 
 # --- command line --------------------------------------------------------------------------------------
