@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import os
 import re
 import threading
@@ -64,10 +65,14 @@ def canvas_frame(data_url: str, what: str = "The drawing pad") -> Image.Image:
         data = base64.b64decode(data_url.partition(",")[2], validate=True)
     except (binascii.Error, ValueError):
         raise InputError(f"{what}'s picture could not be decoded.") from None
-    img = load_image(data)
-    if max(img.size) > MAX_FRAME_SIDE:
-        raise InputError(f"{what}'s picture is {img.width}x{img.height}; at most {MAX_FRAME_SIDE} a side.")
-    return img
+    try:  # the size from the header, before anything is decoded
+        with Image.open(io.BytesIO(data)) as head:
+            width, height = head.size
+    except Exception:  # noqa: BLE001 - PIL raises many types for what is not an image; load_image says which
+        width = height = 0
+    if max(width, height) > MAX_FRAME_SIDE:
+        raise InputError(f"{what}'s picture is {width}x{height}; at most {MAX_FRAME_SIDE} a side.")
+    return load_image(data)
 
 
 def live_answer(view: AnalysisView) -> dict:
