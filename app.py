@@ -106,8 +106,9 @@ def launch_options(uploads: bool) -> dict:
 # loop, a frame grabbed, sent (one server call, not a queued event), answered, shown, then the next. Gradio's
 # streaming webcam sends a frame every `stream_every` whether or not the last one was answered (half or more of them
 # wasted) and each frame sent or answered costs the page tens of ms of Gradio's front-end state copies. Measured with
-# `python -m resnet_demo.tools.livebench` on 2 cores: that stream gave 2.7 frames/s (p95 1.3 s), 6-8 once tuned
-# (320x240 camera, stream_every 0.08, fewer outputs); this loop gives 10-11 (p95 130-150 ms).
+# `python -m resnet_demo.tools.livebench` on 2 cores, runs alternating at a load average of 7-8: that stream 2.9
+# frames/s (p95 1.2-1.4 s), 9.7-10 once tuned (320x240 camera, stream_every 0.08, fewer outputs; p95 0.26-0.33 s),
+# this loop 10.7-11.3 (p95 0.12-0.13 s); with 4 visitors, tuned stream 0.8-1 frames/s each, this loop 2-2.3.
 LIVE_SIDE_PX = 160  # the frame sent: its long side (the model sees 32x32)
 LIVE_TEMPLATE = """<div class="live">
   <div class="live-row">
