@@ -66,7 +66,7 @@ from resnet_demo.view.registry import (  # noqa: E402
 from resnet_demo.view.render import PART_LABELS, png_data_url  # noqa: E402
 from resnet_demo.view.results import AnalysisView, InsideView, Settings, UploadRequest  # noqa: E402
 from resnet_demo.view.timeline_view import Timelines  # noqa: E402
-from resnet_demo.view.uploads import ARCH_CHOICES, PRESET_CHOICES, UserModels  # noqa: E402
+from resnet_demo.view.uploads import ARCH_CHOICES, MAX_HELD_BYTES, PRESET_CHOICES, UserModels  # noqa: E402
 
 gc.freeze()
 gc.enable()
@@ -861,7 +861,7 @@ def compare_tab(pages: Pages, c: Controls, model_choices: list, part: gr.Radio) 
     def similarity(state, model_key, k, chosen_b, request: gr.Request, progress=gr.Progress()):  # noqa: B008
         kind = state.kind if state is not None else "photo"
         v = pages.similarity(settings_of(request, model_key, k), chosen_b, kind,
-                             progress=lambda share: progress(share, desc="CKA over the test images"))
+                             progress=lambda share: progress(share, desc="CKA over the images"))
         return {cka_map: v.image, cka_text: v.text}
 
     button.click(compare, [c.state, c.model_key, c.k, model_b, part],
@@ -1041,13 +1041,14 @@ def wire_dataset(pages: Pages, c: Controls, t: DatasetTab, photo: gr.Image) -> N
 
     @to_gr_error
     @gpu
-    def study(state, model_key, k, request: gr.Request, progress=gr.Progress()):  # noqa: B008
-        v = pages.lesion_study(settings_of(request, model_key, k), kind(state),
-                               progress=lambda share: progress(share, desc="Lesioning each block over the test images"))
+    def study(state, model_key, k, source, request: gr.Request, progress=gr.Progress()):  # noqa: B008
+        v = pages.lesion_study(settings_of(request, model_key, k), kind(state), source,
+                               progress=lambda share: progress(share, desc="Lesioning each block over the images"))
         return v.text, v.lesion_map, v.alpha_chart
 
     p = t.study
-    p.button.click(study, [c.state, c.model_key, c.k], [p.text, p.lesion_map, p.alpha_chart], api_name="lesion_study")
+    p.button.click(study, [c.state, c.model_key, c.k, t.source], [p.text, p.lesion_map, p.alpha_chart],
+                   api_name="lesion_study")
 
 
 def export_tab(pages: Pages, c: Controls, lesion_blocks: gr.CheckboxGroup) -> gr.Tab:
@@ -1278,7 +1279,7 @@ def wire_analysis(pages: Pages, registry: Registry, inputs: InputsPanel, c: Cont
         return analyze(state.source, state.kind, state, chart, model_key, k, part, detail, lesioned, request)
 
     def block_clicked(state, evt: gr.SelectData):  # a click on a block's grid in the strip enlarges that block
-        return Pages.block_at(state, evt.index[0]) or gr.skip()
+        return Pages.block_at(state, *evt.index[:2]) or gr.skip()
 
     inputs.photo.change(photo, [inputs.photo, *settings], outputs, api_name="analyze_photo",
                         trigger_mode="always_last")
@@ -1375,6 +1376,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--uploads-per-session", type=int, default=3, help="uploaded models one session may hold")
     parser.add_argument("--uploaded-models", type=int, default=8,
                         help="uploaded models the server holds in all; the least recently used go first")
+    parser.add_argument("--uploaded-mib", type=int, default=MAX_HELD_BYTES // 2**20,
+                        help="MiB of weights of uploaded models the server holds in all (default: "
+                             f"{MAX_HELD_BYTES // 2**20}); the least recently used go first, a larger model is refused")
     parser.add_argument("--sessions", type=int, default=SESSIONS,
                         help=f"browser sessions whose page state is kept, most recent first (default {SESSIONS})")
     return parser.parse_args(argv)
@@ -1394,7 +1398,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"error: --hub {key.removeprefix(HUB_PREFIX)}: {error}")
     if not registry.loaded:
         sys.exit("error: no model could be loaded; see the lines above for where the weights should be.")
-    uploads = None if args.no_uploads else UserModels(args.uploads_per_session, args.uploaded_models)
+    uploads = None if args.no_uploads else UserModels(args.uploads_per_session, args.uploaded_models,
+                                                    args.uploaded_mib * 2**20)
     timelines = Timelines(args.timeline, device=args.device)
     for folder, error in timelines.errors.items():
         print(f"training run {folder} not offered: {error}")

@@ -235,6 +235,29 @@ def test_eviction_is_least_recently_used_and_frees_the_model():
     assert store.end_session("s2") == 2 and store.choices("s2") == [] and len(store) == 1
 
 
+def test_the_weights_held_are_bounded_in_bytes():
+    from resnet_demo.core.model import ResNetConfig, build_model
+    from resnet_demo.core.weights.cards import tutorial_card
+
+    def model(width: int) -> Explorer:
+        return Explorer(build_model(ResNetConfig(widths=(width, width), blocks=(1, 1))), tutorial_card(), "cpu")
+
+    small = model(8)
+    by_hand = sum(t.numel() * t.element_size() for t in [*small.model.parameters(), *small.model.buffers()])
+    assert small.nbytes == by_hand > 0
+    store = UserModels(per_session=3, total=8, max_bytes=2 * small.nbytes + small.nbytes // 2)
+    ka, _ = store.add("s1", small, "a")
+    kb, _ = store.add("s2", model(8), "b")
+    assert store.held_bytes() == 2 * small.nbytes
+    with pytest.raises(Exception, match=r"weights take [\d,]+ MiB; this server holds at most"):
+        UserModels(max_bytes=small.nbytes - 1).add("s1", model(8), "too large")
+    store.get("s2", kb)  # a is now the least recently used
+    kc, evicted = store.add("s2", model(8), "c")  # a third small one is over the bytes, not over the count
+    assert evicted == ["a"] and len(store) == 2 and store.held_bytes() <= store.max_bytes
+    with pytest.raises(Exception, match="not available in this session"):
+        store.get("s1", ka)
+
+
 def test_uploads_can_be_turned_off(app_servers):
     client = app_servers.get(uploads=False).client()
     assert "/upload_model" not in client.view_api(print_info=False, return_format="dict")["named_endpoints"]

@@ -7,6 +7,7 @@ insight tools on it (lesions, the sweep, the readout, Grad-CAM). Callers never t
 from __future__ import annotations
 
 import functools
+import itertools
 import threading
 import warnings
 from collections.abc import Iterable, Sequence
@@ -111,6 +112,11 @@ class Explorer:
         """
         model, card = open_checkpoint(path, **options)
         return cls(model, card, device)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the model's parameters and buffers: what holding this explorer costs, on its device."""
+        return sum(t.nbytes for t in itertools.chain(self.model.parameters(), self.model.buffers()))
 
     @property
     def block_names(self) -> list[str]:

@@ -3,6 +3,7 @@
     python -m resnet_demo.tools.studybench                          # resnet18, 50, 152; every study; 500 images
     python -m resnet_demo.tools.studybench --models resnet50 --studies cka lesions --images 100
     python -m resnet_demo.tools.studybench --json out.json
+    python -m resnet_demo.tools.studybench --held 8                 # memory of 8 uploads of each model held at once
 
 Models are torchvision's ResNets with **random weights** (``weights=None``: nothing is downloaded) at 224×224,
 with the ImageNet card's preprocessing; images are **random uint8 images** (N, 3, 224, 224) with random labels
@@ -128,6 +129,37 @@ def run_one(arch: str, study: str, n: int, threads: int, seed: int = 0) -> dict:
             "peak_exact": exact, "planned": planned}
 
 
+def run_held(arch: str, n: int) -> dict:
+    """``n`` uploads of one ImageNet ResNet held as the server holds them: each saved as a safetensors checkpoint
+    (random weights), read through the page's upload path and kept in a :class:`UserModels` with its default
+    bounds. Returns the resident memory after each and the peak above the start."""
+    import tempfile
+
+    import torchvision
+    from safetensors.torch import save_file
+
+    from ..view.uploads import UserModels, load_upload
+
+    store, rows = UserModels(per_session=1, total=max(8, n)), []
+    with tempfile.TemporaryDirectory() as tmp:
+        model = getattr(torchvision.models, arch)(weights=None)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        del model
+        _trim()
+        start = _rss()
+        exact = _reset_peak()
+        for i in range(n):
+            path = Path(tmp) / f"{arch}-{i}.safetensors"
+            save_file(state, str(path))
+            explorer = load_upload(path, arch=None, preset="auto", class_names=None, device="cpu")
+            store.add(f"session {i}", explorer, path.name)
+            del explorer
+            _trim()
+            rows.append(round((_rss() - start) / 2**20))
+    return {"model": arch, "held": len(store), "weights_mb": round(store.held_bytes() / 2**20),
+            "rss_above_start_mb": rows, "peak_above_start_mb": round((_peak() - start) / 2**20), "peak_exact": exact}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
@@ -135,12 +167,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--images", type=int, default=500, help="random 224x224 images per study (default 500)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--held", type=int, default=0, metavar="N",
+                        help="instead of the studies: memory of N uploads of each model held at once")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "STUDY"), help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args(argv)
     threads = args.threads or (os.cpu_count() or 1)
     if args.one:
         print(json.dumps(run_one(args.one[0], args.one[1], args.images, threads)))
         return []
+    if args.held:
+        return _held(args)
     rows = []
     print(f"random weights, random uint8 images {SIZE}x{SIZE}, {args.images} images, {threads} threads, CPU")
     print(f"{'model':<10} {'study':<10} {'seconds':>8} {'peak above start':>17} {'batch':>6} {'estimate':>9}")
@@ -158,6 +194,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
             estimate = max((p["estimate_mb"] for p in row["planned"]), default=float("nan"))
             print(f"{arch:<10} {study:<10} {row['seconds']:>8.1f} {row['peak_above_start_mb']:>13} MiB "
                   f"{batch:>6} {estimate:>5.0f} MiB", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def _held(args) -> list[dict]:
+    """Each model's ``--held`` run in a fresh process; the table of resident memory as uploads accumulate."""
+    rows = []
+    print(f"random weights, {args.held} uploads of each model held at once (the page's upload path), CPU")
+    print(f"{'model':<10} {'held':>4} {'weights':>9} {'resident above start, after each upload (MiB)':<48} {'peak':>9}")
+    for arch in args.models:
+        code = (f"import json; from resnet_demo.tools.studybench import run_held; "
+                f"print(json.dumps(run_held({arch!r}, {args.held})))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            print(f"{arch:<10} failed: {out.stderr.strip().splitlines()[-1:]}", flush=True)
+            continue
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        steps = " ".join(str(v) for v in row["rss_above_start_mb"])
+        print(f"{arch:<10} {row['held']:>4} {row['weights_mb']:>5} MiB {steps:<48} {row['peak_above_start_mb']:>5} MiB",
+              flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return rows

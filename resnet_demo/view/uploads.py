@@ -24,8 +24,8 @@ from ..core.weights.load import AUTO
 from ..core.weights.opening import read_json
 from ..core.weights.torchvision_resnets import SUPPORTED_ARCHS
 
-__all__ = ["ARCH_CHOICES", "DEFAULT_PRESET", "PRESET_CHOICES", "UPLOAD_PREFIX", "Upload", "UserModels", "load_upload",
-           "parse_class_names", "read_config_files"]
+__all__ = ["ARCH_CHOICES", "DEFAULT_PRESET", "MAX_HELD_BYTES", "PRESET_CHOICES", "UPLOAD_PREFIX", "Upload",
+           "UserModels", "load_upload", "parse_class_names", "read_config_files"]
 
 UPLOAD_PREFIX = "upload:"  # model keys of uploaded models; never a shipped model's key
 # The input presets offered for an upload: label -> preset key ("custom" takes size, mean and std typed in). The
@@ -59,6 +59,7 @@ class Upload:
     session: str
     explorer: Explorer
     used: float = field(default_factory=time.monotonic)
+    nbytes: int = 0  # the explorer's weights, counted once when it is added
 
 
 def parse_class_names(text: str | None, path: str | None) -> list[str] | None:
@@ -116,13 +117,22 @@ def default_class_names(preset: str, num_classes: int) -> list[str]:
     return preset_class_names(preset, num_classes)
 
 
-class UserModels:
-    """The uploaded models of every session, bounded per session and in total; thread-safe."""
+MAX_HELD_BYTES = 2 * 2**30  # weights of uploaded models held in all: 8 ResNet-152s (241 MB each) fit
 
-    def __init__(self, per_session: int = 3, total: int = 8) -> None:
+
+class UserModels:
+    """The uploaded models of every session, bounded per session, in number and in bytes of weights; thread-safe.
+
+    ``max_bytes`` bounds the parameters and buffers of all the models held (the rest of a held model, its
+    Python objects, is small beside them), so the memory of many large uploads is known before they arrive.
+    """
+
+    def __init__(self, per_session: int = 3, total: int = 8, max_bytes: int = MAX_HELD_BYTES) -> None:
         if per_session < 1 or total < per_session:
             raise ValueError(f"need 1 <= per_session <= total, got {per_session} and {total}")
-        self.per_session, self.total = per_session, total
+        if max_bytes < 1:
+            raise ValueError(f"need max_bytes >= 1, got {max_bytes}")
+        self.per_session, self.total, self.max_bytes = per_session, total, max_bytes
         self._models: dict[str, Upload] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -135,6 +145,9 @@ class UserModels:
         """
         if not session:
             raise WeightsError("uploads need a browser session; reload the page and try again")
+        if explorer.nbytes > self.max_bytes:
+            raise WeightsError(f"this model's weights take {explorer.nbytes / 2**20:,.0f} MiB; this server holds at "
+                               f"most {self.max_bytes / 2**20:,.0f} MiB of uploaded models in all")
         with self._lock:
             key = f"{UPLOAD_PREFIX}{next(self._ids)}"
             taken = {u.label for u in self._models.values() if u.session == session}
@@ -144,7 +157,7 @@ class UserModels:
             base, n = label, 2
             while label in taken:
                 label, n = f"{base} ({n})", n + 1
-            self._models[key] = Upload(key, label, session, explorer)
+            self._models[key] = Upload(key, label, session, explorer, nbytes=explorer.nbytes)
             evicted = self._evict(session)
         gc.collect()  # the evicted models' tensors go back now, not at some later collection
         return key, evicted
@@ -156,13 +169,17 @@ class UserModels:
             mine = [u for u in self._models.values() if u.session == session]
             if len(mine) > self.per_session:
                 pool = mine
-            elif len(self._models) > self.total:
+            elif len(self._models) > self.total or self.held_bytes() > self.max_bytes:
                 pool = list(self._models.values())
             else:
                 return evicted
             oldest = min(pool, key=lambda u: u.used)
             del self._models[oldest.key]
             evicted.append(oldest.label)
+
+    def held_bytes(self) -> int:
+        """Bytes of weights of the models held now (call with the lock held, or accept a moment's view)."""
+        return sum(u.nbytes for u in list(self._models.values()))
 
     def get(self, session: str, key: str) -> Explorer:
         """The explorer of ``key`` if ``session`` uploaded it; the same message whether it never existed,
