@@ -94,6 +94,25 @@ def test_a_timm_config_that_does_not_fit_the_weights_is_refused(tmp_path):
         open_weights(tmp_path / "model.safetensors")
 
 
+def test_a_timm_model_named_with_arch_is_the_only_one_tried(tmp_path):
+    from resnet_demo.core.weights.load import open_checkpoint
+
+    source = timm_model("resnet18", num_classes=3)  # torchvision's key names: the recogniser's by default
+    save_file(state(source), tmp_path / "model.safetensors")
+    model, card = open_checkpoint(tmp_path / "model.safetensors", arch="timm/resnet18")
+    assert type(model).__module__ == "timm.models.resnet" and card.arch == "timm/resnet18"
+    assert "as the architecture chosen says" in card.training["architecture"]
+    same_logits(model, source)
+    with pytest.raises(WeightsError, match=r"does not fit timm resnet14t, as the architecture chosen says: it lacks key"):
+        open_checkpoint(tmp_path / "model.safetensors", arch="timm/resnet14t")
+    with pytest.raises(WeightsError, match=r"the architecture chosen names 'nonsense', which is not a timm ResNet"):
+        open_checkpoint(tmp_path / "model.safetensors", arch="timm/nonsense")
+    with pytest.raises(ValueError, match=r"write a timm architecture as timm/<model name>"):
+        open_checkpoint(tmp_path / "model.safetensors", arch="timm/")
+    with pytest.raises(ValueError, match=r"chosen is timm/resnet18, but the config.json given names 'resnet14t'"):
+        open_checkpoint(tmp_path / "model.safetensors", arch="timm/resnet18", config={"architecture": "resnet14t"})
+
+
 # --- transformers -----------------------------------------------------------------------------------------------
 
 

@@ -78,11 +78,12 @@ def is_transformers_config(config: Mapping[str, Any] | None) -> bool:
 @dataclass(frozen=True)
 class Given:
     """What came with the weights: a ``config.json``, what messages call the file, and whether a max-pool follows
-    a torchvision-style stem (``None``: as the stem says)."""
+    a torchvision-style stem (``None``: as the stem says), and a timm model named instead of a ``config.json``."""
 
     config: Mapping[str, Any] | None
     source: str
     maxpool: bool | None = None
+    timm_name: str | None = None  # a timm model the person named (``--arch timm/<name>``): only that one is tried
 
 
 class Source:
@@ -101,11 +102,15 @@ class TimmSource(Source):
 
     def find(self, sd, shapes, given):
         config = given.config if is_timm_config(given.config) else None
-        if not (config or looks_timm(shapes)):
+        if not (config or given.timm_name or looks_timm(shapes)):
             return None
         from .timm_resnets import recognise_timm
 
-        arch = recognise_timm(shapes, config=config, source=given.source)
+        if given.timm_name:
+            arch = recognise_timm(shapes, config={**(config or {}), "architecture": given.timm_name},
+                                  source=given.source, said="the architecture chosen")
+        else:
+            arch = recognise_timm(shapes, config=config, source=given.source)
         return None if arch is None else Found("timm", sd, arch)
 
 
@@ -161,7 +166,7 @@ def _first(sd: dict[str, torch.Tensor], given: Given) -> Found:
     """The first source that reads ``sd`` (timm's, when a timm config.json names the model); when none does, the
     recogniser's sentence, with what the keys say of timm."""
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
-    sources = (_TIMM,) if is_timm_config(given.config) else SOURCES
+    sources = (_TIMM,) if is_timm_config(given.config) or given.timm_name else SOURCES
     recognised_error: WeightsError | None = None
     for src in sources:
         try:
@@ -181,6 +186,7 @@ def _first(sd: dict[str, torch.Tensor], given: Given) -> Found:
 def identify(
     sd: Mapping[str, torch.Tensor], *, source: str, config: Mapping[str, Any] | None = None,
     maxpool: bool | None = None,
+    timm_name: str | None = None,
 ) -> Found:
     """Which network ``sd`` is, from its keys and shapes (and ``config``), whole or below a training prefix.
 
@@ -189,6 +195,7 @@ def identify(
         source: what messages call the checkpoint.
         config: a ``config.json`` given with the weights (timm's or transformers'); others are ignored.
         maxpool: for torchvision's blocks, whether a max-pool follows the stem (``None``: as the stem says).
+        timm_name: a timm model the person named: only timm, and only that model, is tried.
 
     Returns:
         The :class:`Found`.
@@ -197,7 +204,7 @@ def identify(
         WeightsError: one sentence: the source the keys point to and why they do not fit it, or the recogniser's
             closest candidate; a checkpoint whose network sits below a prefix (Lightning) says so.
     """
-    sd, given = dict(sd), Given(config, source, maxpool)
+    sd, given = dict(sd), Given(config, source, maxpool, timm_name)
     try:
         return _first(sd, given)
     except WeightsError as exc:

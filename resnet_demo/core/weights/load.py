@@ -152,8 +152,8 @@ def open_checkpoint(
     Args:
         path: a safetensors file or a ``torch.save`` state dict or training checkpoint (read with
             ``weights_only=True``).
-        arch: the architecture to use instead of the recognised one (``tutorial``, ``resnet`` or a
-            torchvision name).
+        arch: the architecture to use instead of the recognised one (``tutorial``, ``resnet``, a
+            torchvision name, or ``timm/<name>`` for one of timm's ResNets, built by timm).
         maxpool: for torchvision's blocks, whether a max-pool follows the stem (the weights cannot say);
             ``None``: as the stem says.
         preset: ``"auto"`` (the preprocessing the checkpoint points to, :func:`preset_from_checkpoint`),
@@ -179,10 +179,12 @@ def open_checkpoint(
     path = Path(path)
     source = source or f"checkpoint {path.name}"
     sd = read_checkpoint(path, source=source)
+    timm_name, arch = timm_override(arch, config)
     family, said = parse_override(arch)
     notes = ""
     if family is None:
-        found = identify(sd, source=source, config=config, maxpool=said if maxpool is None else maxpool)
+        found = identify(sd, source=source, config=config, maxpool=said if maxpool is None else maxpool,
+                         timm_name=timm_name)
         if found.kind != "recognised":
             sha256 = file_sha256(path)
             return open_library(found, name=f"{path.name} ({sha256[:8]})", source=source, config=config,
@@ -228,6 +230,25 @@ def open_checkpoint(
     if warning:
         card.training["warnings"] = [warning]
     return model.eval(), card
+
+
+def timm_override(arch: str | None, config: Mapping[str, Any] | None) -> tuple[str | None, str | None]:
+    """``(timm model name, the rest of the override)``: ``"timm/resnet26d"`` -> ``("resnet26d", None)``; any other
+    override -> ``(None, arch)``.
+
+    Raises:
+        ValueError: ``timm/`` with no name, or a timm config.json given too that names another model.
+    """
+    text = str(arch or "").strip()
+    if not text.lower().startswith("timm/"):
+        return None, arch
+    name = text[len("timm/"):].strip()
+    if not name or ":" in name:
+        raise ValueError(f"write a timm architecture as timm/<model name>, e.g. timm/resnet50d, not {arch!r}")
+    named = (config or {}).get("architecture")
+    if named and named != name:
+        raise ValueError(f"the architecture chosen is timm/{name}, but the config.json given names {named!r}")
+    return name, None
 
 
 def _chosen(card: ModelCard, preset: str | None) -> str:

@@ -257,7 +257,8 @@ def _normalise_override(override: str | None) -> str | None:
     key = str(override).strip().lower().replace("-", "").replace(" ", "")
     if key not in _OVERRIDES:
         raise ValueError(f"unknown architecture {override!r}; choose one of {', '.join(_OVERRIDES)} (or auto), "
-                         "followed by ':maxpool' or ':no-maxpool' to say whether a max-pool follows the stem")
+                         "followed by ':maxpool' or ':no-maxpool' to say whether a max-pool follows the stem, or "
+                         "timm/<name> for one of timm's ResNets")
     return key
 
 

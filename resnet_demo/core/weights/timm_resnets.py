@@ -161,7 +161,8 @@ def _config_name(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def recognise_timm(
-    shapes: Mapping[str, tuple[int, ...]], *, config: Mapping[str, Any] | None = None, source: str = "the checkpoint"
+    shapes: Mapping[str, tuple[int, ...]], *, config: Mapping[str, Any] | None = None, source: str = "the checkpoint",
+    said: str = "its timm config.json",
 ) -> TimmArch | None:
     """The timm ResNet whose keys and shapes ``shapes`` has exactly, or ``None`` (no timm ResNet fits).
 
@@ -170,6 +171,7 @@ def recognise_timm(
         config: timm's ``config.json`` beside the weights (``architecture``, ``pretrained_cfg``): only that
             model is considered.
         source: what messages call the checkpoint.
+        said: what messages call whatever named the model in ``config`` (a person's choice, not a file).
 
     Raises:
         WeightsError: ``config`` names a model that is no timm ResNet, or that the weights do not fit.
@@ -178,11 +180,12 @@ def recognise_timm(
     if config is not None and config.get("architecture"):
         name, cfg = _config_name(config)
         if f is None or name not in _names(f.module):
-            raise WeightsError(f"{source}: its timm config.json names {name!r}, which is not a timm ResNet read here")
+            raise WeightsError(f"{source}: {said} names {name!r}, which is not a timm ResNet read here")
         _, problem = compare(_expected(name, f.num_classes, f.in_chans), shapes)
+        short = said.replace(" timm ", " ")
         if problem is not None:
-            raise WeightsError(f"{source} does not fit timm {name}, as its config.json says: {problem}")
-        return TimmArch(name, f.num_classes, f.in_chans, f"timm {name} (as its config.json says)", cfg)
+            raise WeightsError(f"{source} does not fit timm {name}, as {short} says: {problem}")
+        return TimmArch(name, f.num_classes, f.in_chans, f"timm {name} (as {short} says)", cfg)
     if f is None:
         return None
     for name in _candidates(f):
