@@ -368,13 +368,25 @@ def test_the_app_refuses_a_hostile_checkpoint_at_start(tmp_path, wdir):
 # --- limits ------------------------------------------------------------------------------------------------
 
 
-def test_limits_are_set():
-    from gradio.utils import _parse_file_size
+def test_the_pixel_limit_can_be_set_for_a_deployment(tmp_path):
+    # RESNET_DEMO_MAX_PIXELS is read when the package is imported: a fresh process with a 2 MP limit refuses an
+    # image of 2.25 MP and reads one of 1.96 MP (the default 50 MP limit would take both).
+    import subprocess
+    import sys
 
-    import app
-
-    assert MAX_PIXELS == int(os.environ.get("RESNET_DEMO_MAX_PIXELS", 50_000_000))
-    assert _parse_file_size(app.MAX_UPLOAD) == 10 * 2**20  # gradio reads "10mb" as 10 MiB
+    for side in (1500, 1400):
+        Image.new("RGB", (side, side), (90, 120, 200)).save(tmp_path / f"{side}.png")
+    code = ("from resnet_demo.core.preprocess import load_image, InputError\n"
+            "for side in (1500, 1400):\n"
+            "    try:\n"
+            "        print(side, load_image(f'{side}.png').size)\n"
+            "    except InputError as exc:\n"
+            "        print(side, 'refused:', exc)\n")
+    env = {**os.environ, "RESNET_DEMO_MAX_PIXELS": "2000000", "PYTHONPATH": str(Path(__file__).parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         check=True, timeout=120).stdout.splitlines()
+    assert out == ["1500 refused: The image is 1500×1500 pixels (2 MP); the limit is 2 MP. Please use a smaller image.",
+                   "1400 (1400, 1400)"]
 
 
 @pytest.mark.slow
