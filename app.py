@@ -96,7 +96,8 @@ SESSIONS = 1000
 STATUS_UPDATE_S = 1.0
 # Feature maps and the model's input are sent at (near) their own resolution: the browser enlarges them
 # the way PIL's nearest-neighbour would, for a fraction of the server's PNG encoding (view/analysis_view.py: SCREEN).
-CSS = ".pixelated img { image-rendering: pixelated; object-fit: contain !important; }"
+CSS = """.pixelated img { image-rendering: pixelated; object-fit: contain !important; }
+#block-grids img { margin-top: 26px; }"""  # the strip sizes itself (deep models: rows by stage) below its label
 
 
 def queue_options(concurrency: int, max_size: int = 256) -> dict:
@@ -338,7 +339,8 @@ HOW_TO_READ = {
     "compare": "**Compare** the model chosen above (A) with another (B) on the same image: both predictions, "
     "the residual magnitudes of both on one chart (blocks paired by depth), each model's last block, and the "
     "lesion sweep and readout of both. **Block similarity** computes linear CKA (Kornblith et al. 2019) between "
-    "every block of A and every block of B over A's shipped test images: a bright cell means the two blocks "
+    "every block of A and every block of B over A's shipped test images (for a model without them, your labelled ZIP "
+    "given for A in the Data set tab): a bright cell means the two blocks "
     "represent those images alike (up to rotation and scale). A against itself shows the network's own block "
     "structure; two trainings of one architecture show where they diverge.",
     "timeline": "**Training timeline**: the same image through snapshots of one training run (saved with "
@@ -352,7 +354,8 @@ HOW_TO_READ = {
     "those images, or a class name for all of its row or column. The gallery shows the most confidently wrong "
     "first; click an image to analyse it in the main view.",
     "study": "**Which blocks each class needs** (Veit et al.'s lesion study, by class): each block's branch removed in "
-    "turn over the test images. A red cell: that class loses accuracy without that block. The chart scales one "
+    "turn over the set this tab shows (the shipped test images, or your labelled ZIP). A red cell: that class loses "
+    "accuracy without that block. The chart scales one "
     "branch at a time by α from 0 (removed) through 1 (intact) to 2 (doubled): how much of a block's size matters.",
     "inside": "**Inside the block**: what one block does to one of its output channels, step by step, on your image. "
     "Pick a block and a channel (or click a tile of the enlarged block above). Top: the block's real layers, the "
@@ -503,7 +506,7 @@ class FeatureMapsTab:
 def feature_maps_tab() -> FeatureMapsTab:
     with gr.Tab("Feature maps") as tab:
         part = gr.Radio(PART_CHOICES, value="f", label="Show")
-        grids = InlineImage(label="Blocks (most active channels): click one to enlarge it", height=200,
+        grids = InlineImage(label="Blocks (most active channels): click one to enlarge it", height="auto",
                             interactive=False, format="png", elem_id="block-grids")
         gr.Markdown(HOW_TO_READ["maps"])
         detail_block = gr.Dropdown([], label="Block to enlarge", allow_custom_value=True, elem_id="detail-block")
@@ -833,7 +836,7 @@ def compare_tab(pages: Pages, c: Controls, model_choices: list, part: gr.Radio) 
         with gr.Row():
             model_b = gr.Dropdown(model_choices, value=model_choices[-1][1], label="Model B", elem_id="model-b")
             button = gr.Button("Compare on this image", variant="primary", elem_id="compare-run")
-            cka_button = gr.Button("Block similarity (CKA) over the test images", elem_id="compare-cka")
+            cka_button = gr.Button("Block similarity (CKA)", elem_id="compare-cka")
         text = gr.Markdown(elem_id="compare-text")
         with gr.Row():
             preds_a = gr.Label(label="A", num_top_classes=5, elem_id="compare-a")
@@ -1352,7 +1355,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weights-dir", type=Path, default=None,
                         help="folder holding cifar10_resnet.* and mnist_resnet.* (default: the shipped weights/)")
     parser.add_argument("--arch", help="the architecture instead of the recognised one: tutorial, resnet, or a "
-                        "torchvision ResNet (resnet18/34/50/101/152, wide_resnet50_2, resnext50_32x4d ...), or auto; "
+                        "torchvision ResNet (resnet18/34/50/101/152, wide_resnet50_2, resnext50_32x4d ...), "
+                        "timm/<name> for one of timm's ResNets (timm/resnet50d, timm/seresnet50 ...), or auto; "
                         "add :maxpool or :no-maxpool to say whether a max-pool follows the stem (the weights cannot "
                         "say: assumed after a 7x7 stem, not after a 3x3 one), e.g. resnet18:no-maxpool; without "
                         "--weights, the torchvision ResNet whose published weights --download-weights fetches")

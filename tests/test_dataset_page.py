@@ -134,3 +134,10 @@ def test_the_lesion_study_is_the_cards_or_computed_for_another_model(pages, tmp_
     acc = (tiny.logits(tiny.batch_input(data.images)).argmax(1) == data.labels).double().mean().item()
     assert f"intact accuracy {acc:.1%}" in v.text and "500 images of mnist_test500, computed now" in v.text
     assert v.lesion_map.size[0] > 400 and v.alpha_chart.size[0] > 400
+
+
+def test_the_lesion_study_through_the_real_server_takes_the_tabs_source(app_server):
+    pytest.importorskip("gradio_client")
+    client = app_server.client()  # a session of its own: it gave no ZIP
+    with pytest.raises(Exception, match="No labelled set of yours for mnist_resnet"):
+        client.predict("mnist", 3, USER_SET, api_name="/lesion_study")

@@ -159,7 +159,7 @@ def build_page(
                         cell=sizes.grid_cell, pad=sizes.pad) for rec, order in zip(analysis.blocks, ranked)]
     cmap = "RdBu_r" if part == "f" else "magma"
     if sizes == SCREEN:
-        grids = feature_strip(codes, captions, cmap)
+        grids = feature_strip(codes, captions, cmap, stages=[m.stage for m in analysis.metrics])
     else:
         grids = [(palette_image(c, cmap), caption) for c, caption in zip(codes, captions)]
     return Page(

@@ -18,7 +18,7 @@ from PIL import Image
 
 from ..core.errors import DataError
 from ..core.explorer import Explorer
-from ..core.studies.errorscan import SORTS, WHICH, LabelledImages, scan_set
+from ..core.studies.errorscan import SORTS, WHICH, LabelledImages, fingerprint, scan_set
 from ..core.studies.evalsets import evalset_for, load_evalset
 from ..core.studies.labelled import LabelledSet, read_labelled
 from ..core.studies.lesions import LesionScan, scan_explorer
@@ -36,6 +36,7 @@ __all__ = [
     "cell_filter",
     "lesion_study",
     "pick_image",
+    "set_key",
     "set_view",
     "the_set",
 ]
@@ -93,12 +94,18 @@ class UserSets:
                 self._sets.popitem(last=False)
         return data
 
-    def get(self, session: str, explorer: Explorer) -> LabelledSet:
+    def find(self, session: str, explorer: Explorer) -> LabelledSet | None:
+        """The session's labelled set for ``explorer``'s model, or ``None`` when it gave none."""
         key = (session, explorer.card.weights_sha256 or explorer.card.name)
         with self._lock:
             data = self._sets.get(key)
             if data is not None:
                 self._sets.move_to_end(key)
+        return data
+
+    def get(self, session: str, explorer: Explorer) -> LabelledSet:
+        """As :meth:`find`; a :class:`DataError` that says to upload a ZIP when the session gave none."""
+        data = self.find(session, explorer)
         if data is None:
             raise DataError(f"No labelled set of yours for {explorer.card.name} in this session: upload a ZIP with "
                             "one folder per class first.")
@@ -119,6 +126,12 @@ def the_set(explorer: Explorer, which: str, session: str, user_sets: UserSets) -
         raise DataError(f"No evaluation set ships for {explorer.card.name}'s classes: upload a labelled ZIP "
                         "(one folder per class) to browse its errors.")
     return load_evalset(name)
+
+
+def set_key(data: LabelledImages | None) -> tuple:
+    """A set's identity for a cache of results over it: its name and a hash of its contents (a second ZIP under the
+    same name is another set); empty for no set."""
+    return () if data is None else (data.name, fingerprint(data))
 
 
 def set_view(explorer: Explorer, data: LabelledImages, filt: SetFilter,
@@ -164,22 +177,18 @@ class StudyView:
     text: str
 
 
-def lesion_study(explorer: Explorer, progress: Callable[[float], None] | None = None) -> StudyView:
-    """The lesion study stored in the model's card (``studies["lesions"]``, by ``python -m
-    resnet_demo.training.scan``), else one computed now over the shipped evaluation set of its data."""
-    stored = explorer.card.studies.get("lesions")
-    if stored:
-        result = LesionScan.from_dict(stored)
-        source = (f"{result.n} images of {stored.get('data', 'its test set')} ({stored.get('split', 'test')}), "
-                  "stored in the model card")
-    else:
-        name = evalset_for(explorer.card)
-        if name is None:
-            raise DataError(f"{explorer.card.name} has no stored lesion study and no shipped evaluation set fits its "
-                            "classes: run python -m resnet_demo.training.scan on its data.")
-        data = load_evalset(name)
+def lesion_study(explorer: Explorer, progress: Callable[[float], None] | None = None,
+                 data: LabelledSet | None = None) -> StudyView:
+    """Which blocks each class needs, over ``data`` (the visitor's labelled set) when given, else the study stored
+    in the model's card, else one computed now over the shipped evaluation set of its data."""
+    if data is not None:
+        if list(data.classes) != list(explorer.classes):
+            raise DataError(f"the set {data.name} is labelled with other classes than {explorer.card.name}'s: "
+                            "upload it again for this model.")
         result = scan_explorer(explorer, data.images, data.labels, progress=progress)
-        source = f"the {result.n} images of {name}, computed now"
+        source = f"{result.n} images of your ZIP {data.name}, computed now"
+    else:
+        result, source = _shipped_study(explorer, progress)
     lesions = result.lesions
     overall = dict(zip(lesions.rows, lesions.overall))
     intact = overall.pop("none")
@@ -191,6 +200,24 @@ def lesion_study(explorer: Explorer, progress: Callable[[float], None] | None = 
     odd = strangeness_text(explorer.card.studies.get("strangeness"))
     return StudyView(class_lesion_map(lesions, title=f"Which blocks each class needs: {explorer.card.name}"),
                      alpha_chart(result.curves), text + (f"  \n{odd}" if odd else ""))
+
+
+def _shipped_study(explorer: Explorer, progress: Callable[[float], None] | None) -> tuple[LesionScan, str]:
+    """The lesion study stored in the card (``studies["lesions"]``, by ``python -m resnet_demo.training.scan``),
+    else one computed over the shipped evaluation set of the model's data, and words saying which."""
+    stored = explorer.card.studies.get("lesions")
+    if stored:
+        result = LesionScan.from_dict(stored)
+        return result, (f"{result.n} images of {stored.get('data', 'its test set')} ({stored.get('split', 'test')}), "
+                        "stored in the model card")
+    name = evalset_for(explorer.card)
+    if name is None:
+        raise DataError(f"{explorer.card.name} has no stored lesion study and no shipped evaluation set fits its "
+                        "classes: upload a labelled ZIP of yours in this tab (one folder per class, named as the "
+                        "model's classes), choose “Your labelled ZIP” and run the study again.")
+    data = load_evalset(name)
+    result = scan_explorer(explorer, data.images, data.labels, progress=progress)
+    return result, f"the {result.n} images of {name}, computed now"
 
 
 def strangeness_text(study: dict | None) -> str:

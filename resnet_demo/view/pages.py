@@ -26,6 +26,7 @@ from ..core.weights.hub import normalise_model_id, open_from_hub
 from .analysis_view import FILES, block_detail, build_page, compare_text, detail_channel, metrics_table, side_by_side
 from .channel_page import ChannelView, channel_view, visualisation
 from .dataset_page import (
+    SHIPPED_SET,
     USER_SET,
     SetFilter,
     SetView,
@@ -34,6 +35,7 @@ from .dataset_page import (
     cell_filter,
     lesion_study,
     pick_image,
+    set_key,
     set_view,
     the_set,
 )
@@ -79,11 +81,11 @@ class Pages:
         self._lock = threading.Lock()
 
     @staticmethod
-    def block_at(state: PageState | None, x: float) -> str | None:
-        """The block whose grid is under pixel column ``x`` of the session's feature-map strip, if any."""
+    def block_at(state: PageState | None, x: float, y: float) -> str | None:
+        """The block whose slot is under pixel (x, y) of the session's feature-map strip, if any."""
         if state is None or not state.choices:
             return None
-        i = slot_at(x, *state.strip)
+        i = slot_at(x, y, state.strip)
         names = state.choices[0]
         return names[i] if i is not None and i < len(names) else None
 
@@ -191,20 +193,32 @@ class Pages:
 
     def similarity(self, settings: Settings, model_b: str, kind: str = "photo",
                    progress: Callable[[float], None] | None = None) -> SimilarityView:
-        """Linear CKA between every block of A and of B over A's shipped evaluation set; cached per pair."""
+        """Linear CKA between every block of A and of B over A's shipped evaluation set, else the session's labelled
+        set for A, else B's shipped set (B takes each image through its own preprocessing); cached per pair and set."""
         _, a = self.explorer(settings.model_key, kind, settings.session)
         _, b = self.explorer(model_b, kind, settings.session)
-        name = evalset_for(a.card) or evalset_for(b.card)
-        if name is None:
-            raise ValueError(f"No evaluation set ships for {a.card.name}'s data: block similarity needs the shipped "
-                             "CIFAR-10 or MNIST test images (its classes must be theirs).")
-        key = ("cka", id(a), a.card.weights_sha256, id(b), b.card.weights_sha256, name)
-        sim = self._cached(key, lambda: block_similarity(a, b, load_evalset(name).images, data=name, progress=progress))
+        images, words, ident = self._cka_set(settings.session, a, b)
+        key = ("cka", id(a), a.card.weights_sha256, id(b), b.card.weights_sha256, *ident)
+        sim = self._cached(key, lambda: block_similarity(a, b, images(), data=ident[0], progress=progress))
         image = similarity_map(sim.matrix, sim.blocks_a, sim.blocks_b, a.card.name, b.card.name)
         matches = ", ".join(f"{x}→{y} ({v:.2f})" for x, y, v in sim.best_match())
-        text = (f"Linear CKA over {sim.n} images of `{sim.data}` (each block's output flattened; minibatch CKA, "
+        text = (f"Linear CKA over {sim.n} images of {words} (each block's output flattened; minibatch CKA, "
                 f"Nguyen et al. 2021). For each block of A, the most similar block of B: {matches}.")
         return SimilarityView(image, text)
+
+    def _cka_set(self, session: str, a: Explorer, b: Explorer) -> tuple[Callable[[], Any], str, tuple]:
+        """The images block similarity runs over (loaded when called), words naming them, and their identity for
+        the cache: A's shipped evaluation set, else the session's labelled set for A, else B's shipped set."""
+        name = evalset_for(a.card)
+        data = self.user_sets.find(session, a) if name is None else None
+        if data is not None:
+            return lambda: data.images, f"your ZIP `{data.name}`", set_key(data)
+        name = name or evalset_for(b.card)
+        if name is None:
+            raise ValueError(f"No evaluation set ships for {a.card.name}'s data (block similarity needs labelled "
+                             "images in its format): load a labelled ZIP of yours for it in the Data set tab (one "
+                             "folder per class), then compute the block similarity again.")
+        return lambda: load_evalset(name).images, f"`{name}`", (name,)
 
     def end_session(self, session: str) -> None:
         if self.uploads is not None and session:
@@ -287,12 +301,14 @@ class Pages:
         note = labelled_summary(data) if which == USER_SET else ""
         return set_view(explorer, data, filt, progress, note)
 
-    def lesion_study(self, settings: Settings, kind: str,
+    def lesion_study(self, settings: Settings, kind: str, which: str = SHIPPED_SET,
                      progress: Callable[[float], None] | None = None) -> StudyView:
-        """Which blocks each class needs: stored with the model, or computed once over its test images (cached)."""
+        """Which blocks each class needs over the set the data-set tab shows: the session's labelled set
+        (``which == USER_SET``), else stored with the model or computed over its test images; cached per set."""
         _, explorer = self.explorer(settings.model_key, kind, settings.session)
-        return self._cached(("lesions", id(explorer), explorer.card.weights_sha256),
-                            lambda: lesion_study(explorer, progress))
+        data = self.user_sets.get(settings.session, explorer) if which == USER_SET else None
+        return self._cached(("lesions", id(explorer), explorer.card.weights_sha256, *set_key(data)),
+                            lambda: lesion_study(explorer, progress, data))
 
     def _cached(self, key: tuple, compute: Callable[[], Any]) -> Any:
         """A data-set result kept for the server (CKA maps, lesion studies), the 32 most recent; computed
@@ -347,7 +363,7 @@ class Pages:
         page = build_page(analysis, part=settings.part, detail_block=chosen, chart=chart)
         return AnalysisView(
             state=PageState(source, kind, settings.model_key, int(settings.k), choices,
-                            (page.grids.pitch, page.grids.slot)),
+                            page.grids.layout),
             page=page,
             blocks=names,
             detail_block=chosen,

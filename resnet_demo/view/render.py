@@ -13,7 +13,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
+from os.path import commonprefix
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -33,6 +35,10 @@ __all__ = [
     "feature_grid",
     "feature_strip",
     "slot_at",
+    "strip_rows",
+    "STRIP_ROW",
+    "Strip",
+    "StripLayout",
     "text_mask",
     "tile_at",
     "grid_codes",
@@ -155,48 +161,141 @@ def _text_codes(text: str, size: int) -> np.ndarray:
     return codes
 
 
+STRIP_ROW = 12  # most slots in one row: a strip of more blocks than this is laid out in rows, one stage per row
+
+
+class StripLayout(NamedTuple):
+    """Where a :class:`Strip`'s slots are, in the image's pixels: enough to find the block under a click.
+
+    A tuple of ints, so a session can keep it (``PageState.strip``) without the image. The default, empty
+    layout has no slots. A slot is square (its grid, centred) with its caption below; the slots of a row
+    have one size, the largest of its grids.
+    """
+
+    rows: tuple[tuple[int, int, int, int], ...] = ()  # per row: (y of its top, first block, how many, slot size)
+    left: int = 0  # x of every row's first slot: the stage labels are left of it
+    gap: int = 8  # pixels between two slots of a row
+    caption: int = 20  # height of the caption under a slot
+
+    def index_at(self, x: float, y: float) -> int | None:
+        """The block whose slot (grid or caption) holds pixel (x, y), or ``None`` in a gap, a label or outside."""
+        for top, first, count, slot in self.rows:
+            if top <= y < top + slot + self.caption:
+                col, offset = divmod(int(x) - self.left, slot + self.gap)
+                return first + col if x >= self.left and offset < slot and col < count else None
+        return None
+
+
+def slot_at(x: float, y: float, layout: tuple) -> int | None:
+    """The block under pixel (x, y) of a strip drawn with ``layout`` (a :class:`StripLayout` or its tuple, as a
+    session keeps it; an empty tuple has no blocks)."""
+    return StripLayout(*layout).index_at(x, y)
+
+
 @dataclass(frozen=True)
 class Strip:
-    """Several feature grids side by side in one image, each in a slot of the same width, captioned below."""
+    """Feature grids in one image, each in a square slot, captioned below: one row, or rows by stage."""
 
     image: Image.Image
-    pitch: int  # pixels from one slot's left edge to the next's: slot i spans [i * pitch, i * pitch + slot)
-    slot: int
+    layout: StripLayout
 
-    def index_at(self, x: float) -> int | None:
-        """The slot under pixel column ``x`` of the image, or ``None`` between slots."""
-        return slot_at(x, self.pitch, self.slot)
+    @property
+    def slot(self) -> int:
+        """The largest slot's side (every slot's, in a strip of one row)."""
+        return max((row[3] for row in self.layout.rows), default=0)
+
+    @property
+    def pitch(self) -> int:
+        """From one slot's left edge to the next's, in the row of the largest slots."""
+        return self.slot + self.layout.gap
+
+    def index_at(self, x: float, y: float) -> int | None:
+        """The block under pixel (x, y) of the image, or ``None`` between slots (see :meth:`StripLayout.index_at`)."""
+        return self.layout.index_at(x, y)
 
 
-def slot_at(x: float, pitch: int, slot: int) -> int | None:
-    """The slot of a :class:`Strip` under pixel column ``x``, or ``None`` in a gap (or left of the strip)."""
-    if pitch <= 0 or x < 0:
-        return None
-    i, offset = divmod(int(x), pitch)
-    return i if offset < slot else None
+def stage_runs(stages: Sequence[int]) -> list[tuple[int, int]]:
+    """Runs of consecutive blocks of one stage, as (first block, how many), in the blocks' order."""
+    runs: list[tuple[int, int]] = []
+    for i, stage in enumerate(stages):
+        if runs and stages[i - 1] == stage:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    return runs
+
+
+def strip_rows(stages: Sequence[int], wrap: int = STRIP_ROW) -> list[tuple[int, int]]:
+    """The rows of a strip as (first block, how many): one row if there are at most ``wrap`` blocks, else one
+    per run of blocks of the same stage, a run longer than ``wrap`` split into rows of near-equal length
+    (36 blocks: three rows of 12)."""
+    if len(stages) <= wrap:
+        return [(0, len(stages))]
+    rows = []
+    for start, count in stage_runs(stages):
+        per = math.ceil(count / math.ceil(count / wrap))
+        rows += [(first, min(per, start + count - first)) for first in range(start, start + count, per)]
+    return rows
 
 
 def feature_strip(
-    grids: Sequence[np.ndarray], captions: Sequence[str], cmap: str, *, gap: int = 8, font_px: int = 12
+    grids: Sequence[np.ndarray],
+    captions: Sequence[str],
+    cmap: str,
+    *,
+    stages: Sequence[int] | None = None,
+    gap: int = 8,
+    font_px: int = 12,
 ) -> Strip:
-    """One image of ``grids`` (palette indices from :func:`grid_codes`) side by side, a caption under each.
+    """One image of ``grids`` (palette indices from :func:`grid_codes`), a caption under each.
+
+    Up to :data:`STRIP_ROW` grids side by side in one row; more (a ResNet-50 has 16 blocks, a ResNet-152 50)
+    in rows by ``stages`` (each block's stage, 1-based; all one stage if not given), each row labelled with its
+    stage on the left, so a deep model's strip stays about as wide as twelve blocks instead of a few pixels
+    a block once the page fits it to its width.
 
     One image instead of one per block: every image a page sends is one more PNG to encode and, as a
     Gradio image output, a component to postprocess (about 3 ms of server CPU each with Gradio 6's own
     file outputs, measured here; the app now sends its per-analysis images inline, see app.InlineImage).
     """
-    slot = max(max(g.shape[0], g.shape[1]) for g in grids)
-    text_h = font_px + 8
-    pitch = slot + gap
-    canvas = np.full((slot + text_h, pitch * len(grids) - gap), WHITE, dtype=np.uint8)
-    for i, (grid, caption) in enumerate(zip(grids, captions)):
-        x0 = i * pitch + (slot - grid.shape[1]) // 2
-        y0 = (slot - grid.shape[0]) // 2
-        canvas[y0 : y0 + grid.shape[0], x0 : x0 + grid.shape[1]] = grid
-        text = _text_codes(caption, font_px)[:text_h - 4, :slot]
-        tx = i * pitch + max(0, (slot - text.shape[1]) // 2)
-        canvas[slot + 4 : slot + 4 + text.shape[0], tx : tx + text.shape[1]] = text
-    return Strip(palette_image(canvas, cmap), pitch, slot)
+    stages = list(stages) if stages is not None else [1] * len(grids)
+    rows = strip_rows(stages)
+    sizes = [max(g.shape) for g in grids]
+    slots = [max(sizes[first : first + count]) for first, count in rows] if len(rows) > 1 else [max(sizes)]
+    labels = [f"stage {stages[first]}" for first, _ in rows] if len(rows) > 1 else []
+    left = max((_text_codes(t, font_px + 2).shape[1] for t in labels), default=-gap) + gap
+    layout = _strip_layout(rows, slots, stages, left, gap, font_px + 8)
+    width = left + max(count * (slot + gap) for (_, _, count, slot) in layout.rows) - gap
+    top, _, _, slot = layout.rows[-1]
+    canvas = np.full((top + slot + layout.caption, width), WHITE, dtype=np.uint8)
+    for (top, first, count, slot), label in zip(layout.rows, labels or [None]):
+        for i in range(first, first + count):
+            _put_slot(canvas, left + (i - first) * (slot + gap), top, slot, grids[i], captions[i], font_px)
+        if label is not None:
+            text = _text_codes(label, font_px + 2)
+            y = top + (slot - text.shape[0]) // 2
+            canvas[y : y + text.shape[0], : text.shape[1]] = text
+    return Strip(palette_image(canvas, cmap), layout)
+
+
+def _strip_layout(rows: list[tuple[int, int]], slots: list[int], stages: Sequence[int], left: int, gap: int,
+                  caption: int) -> StripLayout:
+    """Each row's top: ``gap`` between the rows of one stage, twice that where a new stage begins."""
+    placed, y = [], 0
+    for (first, count), slot in zip(rows, slots):
+        if placed:
+            y += placed[-1][3] + caption + (2 * gap if stages[first] != stages[first - 1] else gap)
+        placed.append((y, first, count, slot))
+    return StripLayout(tuple(placed), left, gap, caption)
+
+
+def _put_slot(canvas: np.ndarray, x: int, y: int, slot: int, grid: np.ndarray, caption: str, font_px: int) -> None:
+    """Draw ``grid`` centred in the square slot whose top-left is (x, y) and ``caption`` centred under it."""
+    gx, gy = x + (slot - grid.shape[1]) // 2, y + (slot - grid.shape[0]) // 2
+    canvas[gy : gy + grid.shape[0], gx : gx + grid.shape[1]] = grid
+    text = _text_codes(caption, font_px)[: font_px + 4, :slot]
+    tx = x + max(0, (slot - text.shape[1]) // 2)
+    canvas[y + slot + 4 : y + slot + 4 + text.shape[0], tx : tx + text.shape[1]] = text
 
 
 @lru_cache(maxsize=64)
@@ -330,7 +429,7 @@ def residual_chart(
     from PIL import ImageDraw
 
     n = len(metrics)
-    width = width or max(640, 64 * n + 130)
+    width = width or max(640, _column_px(n, 64) * n + 130)
     k = 2  # supersampling
     W, H = width * k, height * k
     ref = (bands or {}).get("ratio", {})
@@ -343,6 +442,7 @@ def residual_chart(
     _axes(fr, d, ystep)
     for i, m in enumerate(metrics):
         _block_bar(fr, d, i, m, ref.get(m.name))
+    _block_names(fr, metrics)
     _cosine_line(fr, d, [m.cosine for m in metrics])
     d.rectangle([x0, y0, x1, y1], outline="#888888", width=k)
     draw_text(fr.img, (x0, y0 - 24 * k), title, "#111111", 12 * k, "ls")
@@ -382,7 +482,54 @@ def _block_bar(fr: _Frame, d, i: int, m: BlockMetrics, band: dict | None) -> Non
             rank = percentile_rank(m.ratio, band)
             if rank >= 95 or rank <= 5:
                 draw_text(fr.img, (cx, fr.ry(m.ratio) - 3 * k), "▲" if rank >= 95 else "▼", "#b00020", 12 * k, "mb")
-    draw_text(fr.img, (cx, fr.y1 + 8 * k), m.name, "#222222", (11 if slot > 52 * k else 9) * k, "mt")
+
+
+def _column_px(n: int, wide: int) -> int:
+    """Width of one block's column in a chart of ``n`` blocks: ``wide`` up to :data:`STRIP_ROW` blocks, then
+    narrower (26 pixels for a ResNet-152's 50), so a deep model's chart stays within a screen or two."""
+    return wide if n <= STRIP_ROW else max(26, min(wide, 768 // n))
+
+
+def _block_names(fr: _Frame, metrics: list[BlockMetrics]) -> None:
+    """Each block's name under its column; with many blocks, :func:`_stage_names` instead."""
+    if len(metrics) > STRIP_ROW:
+        _stage_names(fr, metrics)
+        return
+    k = fr.k
+    for i, m in enumerate(metrics):
+        draw_text(fr.img, (fr.cx(i), fr.y1 + 8 * k), m.name, "#222222", (11 if fr.slot > 52 * k else 9) * k, "mt")
+
+
+def _stage_names(fr: _Frame, metrics: list[BlockMetrics]) -> None:
+    """Under the columns of many blocks: each block's short name (:func:`short_names`), and under each stage's
+    run of blocks a bracket with the stage's name, since whole names ("layer3.17") no longer fit a column."""
+    from PIL import ImageDraw
+
+    k = fr.k
+    y = fr.y1 + 6 * k
+    short = short_names([m.name for m in metrics], [m.stage for m in metrics])
+    if any(text_mask(t, 9 * k, "mt")[0].width > fr.slot * 0.95 for t in short):
+        short = [str(i - first) for first, count in stage_runs([m.stage for m in metrics])
+                 for i in range(first, first + count)]
+    for i, text in enumerate(short):
+        draw_text(fr.img, (fr.cx(i), y), text, "#222222", 9 * k, "mt")
+    d = ImageDraw.Draw(fr.img)
+    for first, count in stage_runs([m.stage for m in metrics]):
+        xa, xb = fr.x0 + fr.slot * first + 2 * k, fr.x0 + fr.slot * (first + count) - 2 * k
+        d.line([(xa, y + 11 * k), (xa, y + 14 * k), (xb, y + 14 * k), (xb, y + 11 * k)], fill="#999999", width=k)
+        draw_text(fr.img, ((xa + xb) / 2, y + 17 * k), f"stage {metrics[first].stage}", "#222222", 10 * k, "mt")
+
+
+def short_names(names: Sequence[str], stages: Sequence[int]) -> list[str]:
+    """Block names without what the names of their stage's run share, whole trailing numbers kept:
+    ``layer3.0 ... layer3.35`` -> ``0 ... 35``, ``res12, res13`` -> ``12, 13``; a name that would be left
+    empty stays whole."""
+    out = []
+    for first, count in stage_runs(stages):
+        group = names[first : first + count]
+        prefix = commonprefix(list(group)).rstrip("0123456789")
+        out += [name[len(prefix):] or name for name in group]
+    return out
 
 
 def _cosine_line(fr: _Frame, d, cosines: list[float]) -> None:
@@ -500,7 +647,7 @@ def comparison_chart(
     from PIL import ImageDraw
 
     n = max(len(metrics_a), len(metrics_b))
-    width = max(640, 72 * n + 130)
+    width = max(640, _column_px(n, 72) * n + 130)
     k = 2
     W, H = width * k, height * k
     ref = (bands_a or {}).get("ratio", {})
@@ -523,7 +670,9 @@ def comparison_chart(
     d.line([(x, fr.cy(0)) for x in (x0, x1)], fill="#999999", width=k)
     for side, metrics in enumerate((metrics_a, metrics_b)):
         _cosines(fr, d, [m.cosine for m in metrics], dashed=side == 1)
-    for i in range(n):
+    if n > STRIP_ROW:  # by position: the stages and names of the deeper model
+        _stage_names(fr, max(metrics_a, metrics_b, key=len))
+    for i in range(n if n <= STRIP_ROW else 0):
         names = [m[i].name if i < len(m) else "" for m in (metrics_a, metrics_b)]
         text = names[0] if names[0] == names[1] else " / ".join(x or "–" for x in names)
         draw_text(fr.img, (fr.cx(i), y1 + 8 * k), text, "#222222", (10 if fr.slot > 60 * k else 8) * k, "mt")

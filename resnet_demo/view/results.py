@@ -61,7 +61,7 @@ class PageState:
     model_key: str = ""
     k: int = 5
     choices: tuple = ()  # the block names and classes the page's choosers offer for this model
-    strip: tuple[int, int] = (0, 0)  # (pitch, slot) of the feature-map strip, to find the block under a click
+    strip: tuple = ()  # the feature-map strip's StripLayout (a tuple of ints), to find the block under a click
     lesion: LesionResult | None = None
     sweep: list[LesionResult] | None = None
     readout: Readout | None = None

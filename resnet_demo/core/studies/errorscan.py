@@ -25,7 +25,9 @@ from ..errors import DataError
 from ..explorer import Explorer
 from .budget import Footprint, budgeted, footprint
 
-__all__ = ["SCANS", "SORTS", "WHICH", "LabelledImages", "Scan", "ScanCache", "scan", "scan_logits", "scan_set"]
+__all__ = [
+    "SCANS", "SORTS", "WHICH", "LabelledImages", "Scan", "ScanCache", "fingerprint", "scan", "scan_logits", "scan_set",
+]
 
 WHICH = ("all", "wrong", "right")
 # "index": the set's order; "confidence": most confident first; "least_confident": least confident first;
@@ -215,7 +217,7 @@ def scan(
     return scan_logits(logits, labels, explorer.classes, name)
 
 
-def _fingerprint(data: LabelledImages) -> str:
+def fingerprint(data: LabelledImages) -> str:
     """What a set holds, so two sets under one name (two visitors' uploads) never share a cached scan."""
     h = hashlib.blake2b(digest_size=16)
     for t in (data.images, data.labels):
@@ -242,7 +244,7 @@ class ScanCache:
 
     def get(self, explorer: Explorer, data: LabelledImages, **options) -> Scan:
         """The scan of ``data`` by ``explorer`` (``options`` go to :func:`scan`), computed once."""
-        key = (data.name, _fingerprint(data))
+        key = (data.name, fingerprint(data))
         with self._lock:
             kept = self._scans.setdefault(explorer, OrderedDict())
             if key in kept:
