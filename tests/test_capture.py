@@ -124,7 +124,12 @@ def test_a_plain_forward_in_another_thread_is_not_recorded(seed_model):
     assert all(torch.equal(a.y, b.y) for a, b in zip(cap.blocks, want))
 
 
-def test_metrics_equal_a_hand_computation(seed_model):
+@pytest.mark.parametrize("chunk", [None, 1000])  # 1000: every block's sums taken over several float64 chunks
+def test_metrics_equal_a_hand_computation(seed_model, monkeypatch, chunk):
+    if chunk is not None:
+        import resnet_demo.core.metrics as metrics_module
+
+        monkeypatch.setattr(metrics_module, "_CHUNK", chunk)
     x = torch.randn(2, 3, 32, 32)
     _, records = capture_forward(seed_model, x)
     metrics = block_metrics(records)

