@@ -36,7 +36,8 @@ What it does, for each number of visitors N:
    their priority, as visitors' browsers on machines of their own would not compete).
 
 ``--photo-clients C`` runs :mod:`resnet_demo.tools.loadtest`'s photo load (C sessions, ``--photo-requests``
-requests, every answer checked) during the window as well, and reports its p95: the webcams and the photo
+requests, every answer checked) during the window as well, in a process of its own at the browsers' niceness
+(its images and the library's answers prepared before the window), and reports its p95: the webcams and the photo
 visitors on one server together. The window then lasts until both are done.
 
 The machine's load average is printed with every figure: rates measured on a loaded machine are not rates.
@@ -308,22 +309,143 @@ def cpu_of(procs) -> float:
     return total
 
 
-def photo_load(url: str, clients: int, requests: int, weights_dir: Path, workdir: Path, out: dict) -> None:
-    """The photo load test, run in a thread; its report's figures go into ``out``."""
+def prepare_photos(clients: int, requests: int, weights_dir: Path, workdir: Path) -> tuple[list[Path], list]:
+    """The photo load's images and the library's answer for each, computed before the measured window."""
     paths = make_images(requests + clients, workdir / "photo-images")
-    expected = expected_results(paths, weights_dir)
+    return paths, expected_results(paths, weights_dir)
+
+
+def photo_load(url: str, clients: int, paths: list[Path], expected: list, nice: int, out: dict) -> None:
+    """The photo load test in a process of its own (run from a thread that waits for it); its figures go into
+    ``out``. A process: in this one, its 16 clients would share one interpreter with Playwright's driver and
+    measure this process's contention, not the server's; ``nice``: it stands for visitors on other machines."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_photo_child, args=(url, clients, paths, expected, nice, queue), daemon=True)
+    child.start()
+    out.update(queue.get())
+    child.join()
+
+
+def _photo_child(url: str, clients: int, paths: list[Path], expected: list, nice: int, queue) -> None:
+    if nice:
+        os.nice(nice)
     report = run_load(url, paths, expected, clients=clients, warmup=clients, log=lambda m: None)
-    out.update(requests=report.requests, ok=report.ok, failures=report.failures, mismatches=report.mismatches,
-               p50_ms=round(report.p50_ms or 0), p95_ms=round(report.p95_ms or 0),
-               requests_per_s=round(report.requests_per_s, 1))
+    queue.put(dict(requests=report.requests, ok=report.ok, failures=report.failures, mismatches=report.mismatches,
+                   p50_ms=round(report.p50_ms or 0), p95_ms=round(report.p95_ms or 0),
+                   requests_per_s=round(report.requests_per_s, 1)))
+
+
+def camera_frames(n: int = 30, side: int = 160) -> list[str]:
+    """``n`` JPEG data URLs of a moving test pattern at the live page's frame size (a bright square crossing a
+    gradient), as the live page sends them."""
+    import numpy as np
+
+    ramp = np.linspace(40, 200, side, dtype=np.float32)
+    frames = []
+    for i in range(n):
+        arr = np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (side, 1)), np.tile(ramp[:, None], (1, side))], -1)
+        x = (i * side // n) % (side - 40)
+        arr[60:100, x : x + 40] = (250, 230, 40)
+        buf = io.BytesIO()
+        Image.fromarray(arr.astype("uint8"), "RGB").save(buf, "JPEG", quality=80)
+        frames.append("data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode())
+    return frames
+
+
+def _live_component(url: str) -> tuple[str, int]:
+    """The API prefix and the id of the live camera's component, from the app's config."""
+    with urllib.request.urlopen(urllib.parse.urljoin(url, "config"), timeout=30) as r:
+        config = json.loads(r.read())
+    ids = [c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == "webcam"]
+    if not ids:
+        raise RuntimeError(f"{url} has no live camera component (elem_id 'webcam')")
+    return config.get("api_prefix", "/gradio_api"), ids[0]
+
+
+def _light_visitor(url: str, prefix: str, component: int, frames: list[str], deadline: float, out: list) -> None:
+    """One live camera's closed loop without a browser: a frame sent, its answer read, then the next."""
+    import uuid
+
+    import httpx
+
+    session = uuid.uuid4().hex[:16]
+    latencies, n = [], 0
+    with httpx.Client(timeout=60) as client:
+        while time.perf_counter() < deadline:
+            body = {"session_hash": session, "component_id": component, "fn_name": "frame",
+                    "data": {"session": session, "frame": frames[n % len(frames)]}}
+            t0 = time.perf_counter()
+            answer = client.post(urllib.parse.urljoin(url, prefix.strip("/") + "/component_server"), json=body).json()
+            if not isinstance(answer, dict) or "predictions" not in answer:
+                raise RuntimeError(f"the live call answered {str(answer)[:200]}")
+            latencies.append((time.perf_counter() - t0) * 1e3)
+            n += 1
+    out.append(latencies)
+
+
+def _light_child(url: str, n: int, seconds: float, nice: int, queue) -> None:
+    if nice:
+        os.nice(nice)
+    prefix, component = _live_component(url)
+    frames = camera_frames()
+    out: list = []
+    deadline = time.perf_counter() + seconds
+    threads = [threading.Thread(target=_light_visitor, args=(url, prefix, component, frames, deadline, out))
+               for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    queue.put(out)
+
+
+def run_light(url: str, n: int, seconds: float, server_pid: int | None, *, photo=None, nice: int = 0) -> Run:
+    """N live cameras as plain HTTP closed loops (no browser: what the server gives when the visitors' browsers are
+    elsewhere), each a thread of one process at ``nice``, for ``seconds``; with the photo load beside them."""
+    import multiprocessing
+
+    import psutil
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    server = psutil.Process(server_pid) if server_pid else None
+    load_before = load_average()
+    s0, w0 = (cpu_seconds(server, children=True) if server else 0.0), time.perf_counter()
+    photo_out: dict = {}
+    worker = None
+    if photo is not None:
+        clients, paths, expected = photo
+        worker = threading.Thread(target=photo_load, args=(url, clients, paths, expected, nice, photo_out),
+                                  daemon=True)
+        worker.start()
+    child = ctx.Process(target=_light_child, args=(url, n, seconds, nice, queue), daemon=True)
+    child.start()
+    per_visitor = queue.get()
+    child.join()
+    if worker is not None:
+        worker.join()
+    wall = time.perf_counter() - w0
+    s1 = cpu_seconds(server, children=True) if server else 0.0
+    frames = sum(len(lat) for lat in per_visitor)
+    visitors = [Visitor(fps=len(lat) / seconds, frames=len(lat), strip_updates=len(lat), prediction_updates=len(lat),
+                        sent=len(lat), latencies_ms=lat) for lat in per_visitor]
+    return Run(visitors=n, seconds=wall, per_visitor=visitors,
+               server_cpu_ms_per_frame=(s1 - s0) * 1e3 / frames if server and frames else None,
+               server_cpu_share=(s1 - s0) / wall if server else None, browser_cpu_share=None,
+               load_before=load_before, load_after=load_average(), photo=photo_out or None)
 
 
 def run_visitors(url: str, n: int, seconds: float, server_pid: int | None, *, warmup_s: float = 3.0,
-                 photo: tuple[int, int, Path, Path] | None = None, browser_nice: int = 0, log=print) -> Run:
+                 photo: tuple[int, list[Path], list] | None = None, browser_nice: int = 0, log=print) -> Run:
     """N visitors' webcams on ``url`` for ``seconds`` after each has seen its first answer and ``warmup_s``.
 
-    ``browser_nice``: the niceness of Chromium's processes (its zygote included, so every page's renderer too), to
-    stand for visitors' browsers that run on machines of their own and leave this one's cores to the server."""
+    ``photo``: ``(clients, images, expected answers)`` of a photo load run during the window (:func:`prepare_photos`).
+    ``browser_nice``: the niceness of Chromium's processes (its zygote included, so every page's renderer too) and of
+    the photo load's process, to stand for visitors whose browsers and clients run on machines of their own and
+    leave this one's cores to the server."""
     import psutil
     from playwright.sync_api import expect, sync_playwright
 
@@ -362,8 +484,8 @@ def run_visitors(url: str, n: int, seconds: float, server_pid: int | None, *, wa
         photo_out: dict = {}
         worker = None
         if photo is not None:
-            clients, requests, wdir, workdir = photo
-            worker = threading.Thread(target=photo_load, args=(url, clients, requests, wdir, workdir, photo_out),
+            clients, paths, expected = photo
+            worker = threading.Thread(target=photo_load, args=(url, clients, paths, expected, browser_nice, photo_out),
                                       daemon=True)
             worker.start()
         deadline = time.perf_counter() + seconds
@@ -456,12 +578,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=None, help="app.py --concurrency, when started here")
     parser.add_argument("--photo-clients", type=int, default=0, help="also run the photo load test: its sessions")
     parser.add_argument("--photo-requests", type=int, default=200, help="the photo load test's measured requests")
+    parser.add_argument("--no-browser", action="store_true",
+                        help="live cameras as plain HTTP closed loops (the page's live call, a moving test pattern), "
+                             "no Chromium: the server's capacity when visitors' browsers run elsewhere")
     parser.add_argument("--browser-nice", type=int, default=0,
                         help="run Chromium at this niceness (e.g. 10): the visitors' browsers share this machine's "
                         "cores with the server, as they would not in use; 0 (default): at the server's priority")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
-    if not Path(CHROMIUM).is_file():
+    if not args.no_browser and not Path(CHROMIUM).is_file():
         print(f"error: Chromium not found at {CHROMIUM} (set CHROMIUM)", file=sys.stderr)
         return 2
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
@@ -485,13 +610,18 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"app.py of {root} at {server.url} (pid {server.proc.pid})")
         runs = []
         rounds = args.rounds if len(servers) > 1 else 1
+        photo = None
+        if args.photo_clients:
+            photo = (args.photo_clients, *prepare_photos(args.photo_clients, args.photo_requests, args.weights_dir,
+                                                         workdir))
         for n in args.visitors:
             for _ in range(rounds):
                 for name, url, pid in servers:
-                    photo = ((args.photo_clients, args.photo_requests, args.weights_dir, workdir)
-                             if args.photo_clients else None)
-                    run = run_visitors(url, n, args.seconds, pid, warmup_s=args.warmup, photo=photo,
-                                       browser_nice=args.browser_nice, log=log)
+                    if args.no_browser:
+                        run = run_light(url, n, args.seconds, pid, photo=photo, nice=args.browser_nice)
+                    else:
+                        run = run_visitors(url, n, args.seconds, pid, warmup_s=args.warmup, photo=photo,
+                                           browser_nice=args.browser_nice, log=log)
                     run.app = name
                     runs.append(run)
                     log(table(runs[-1:]))
