@@ -133,3 +133,19 @@ def test_the_live_benchmark_reads_a_frames_stamp_back_from_the_model_input():
     grabs = [[1000.0, 18], [1400.0, 18], [1600.0, 18]]  # the latest grab of that stamp before the answer counts
     v = analyse_page(log, grabs, 0.0, 10_000.0, "http://127.0.0.1/")
     assert v.frames == 2 and v.fps == pytest.approx(0.2) and v.latencies_ms == [100.0] and v.unstamped == 1
+
+
+def test_the_light_live_client_drives_the_pages_live_call(app_server):
+    # --no-browser: the page's own live call over HTTP, with frames the live path decodes as the page's
+    import time
+
+    from resnet_demo.tools.livebench import _light_visitor, _live_component, camera_frames
+    from resnet_demo.view.live import canvas_frame
+
+    frames = camera_frames(4)
+    assert [canvas_frame(f, "The live camera").size for f in frames] == [(160, 160)] * 4
+    assert len(set(frames)) == 4  # the pattern moves
+    prefix, component = _live_component(app_server.url)
+    out: list = []
+    _light_visitor(app_server.url, prefix, component, frames, time.perf_counter() + 1.5, out)
+    assert len(out) == 1 and len(out[0]) >= 2 and all(ms > 0 for ms in out[0])

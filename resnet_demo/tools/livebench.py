@@ -347,7 +347,7 @@ def camera_frames(n: int = 30, side: int = 160) -> list[str]:
     frames = []
     for i in range(n):
         arr = np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (side, 1)), np.tile(ramp[:, None], (1, side))], -1)
-        x = (i * side // n) % (side - 40)
+        x = i * (side - 40) // n  # the square crosses once over the n frames
         arr[60:100, x : x + 40] = (250, 230, 40)
         buf = io.BytesIO()
         Image.fromarray(arr.astype("uint8"), "RGB").save(buf, "JPEG", quality=80)
