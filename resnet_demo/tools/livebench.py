@@ -329,6 +329,18 @@ def photo_load(url: str, clients: int, paths: list[Path], expected: list, nice: 
     child.join()
 
 
+def start_photo_load(url: str, photo: tuple | None, nice: int) -> tuple[threading.Thread | None, dict]:
+    """The photo load (``(clients, images, expected answers)``, or ``None``: none) started in the background: the
+    thread that waits for it, and the dict its figures will be in."""
+    out: dict = {}
+    if photo is None:
+        return None, out
+    clients, paths, expected = photo
+    worker = threading.Thread(target=photo_load, args=(url, clients, paths, expected, nice, out), daemon=True)
+    worker.start()
+    return worker, out
+
+
 def _photo_child(url: str, clients: int, paths: list[Path], expected: list, nice: int, queue) -> None:
     if nice:
         os.nice(nice)
@@ -414,13 +426,7 @@ def run_light(url: str, n: int, seconds: float, server_pid: int | None, *, photo
     server = psutil.Process(server_pid) if server_pid else None
     load_before = load_average()
     s0, w0 = (cpu_seconds(server, children=True) if server else 0.0), time.perf_counter()
-    photo_out: dict = {}
-    worker = None
-    if photo is not None:
-        clients, paths, expected = photo
-        worker = threading.Thread(target=photo_load, args=(url, clients, paths, expected, nice, photo_out),
-                                  daemon=True)
-        worker.start()
+    worker, photo_out = start_photo_load(url, photo, nice)
     child = ctx.Process(target=_light_child, args=(url, n, seconds, nice, queue), daemon=True)
     child.start()
     per_visitor = queue.get()
@@ -481,13 +487,7 @@ def run_visitors(url: str, n: int, seconds: float, server_pid: int | None, *, wa
         starts = [page.evaluate("() => performance.now()") for page in pages]
         m0 = page_metrics(cdp)
         s0, b0, w0 = (cpu_seconds(server, children=True) if server else 0.0), cpu_of(procs), time.perf_counter()
-        photo_out: dict = {}
-        worker = None
-        if photo is not None:
-            clients, paths, expected = photo
-            worker = threading.Thread(target=photo_load, args=(url, clients, paths, expected, browser_nice, photo_out),
-                                      daemon=True)
-            worker.start()
+        worker, photo_out = start_photo_load(url, photo, browser_nice)
         deadline = time.perf_counter() + seconds
         while time.perf_counter() < deadline or (worker is not None and worker.is_alive()):
             pages[0].wait_for_timeout(250)  # keeps Playwright's event loop turning
