@@ -276,6 +276,30 @@ def pytest_collection_modifyitems(config, items):
         warnings.warn(pytest.PytestWarning(f"conftest.SLOW names no collected test: {stale}"), stacklevel=1)
 
 
+def drawing_area(page) -> tuple[float, float, float]:
+    """The Draw tab of a Playwright ``page`` opened with the brush chosen: ``(left, top, side)`` of its drawing area
+    in page pixels, for strokes given in fractions of the side."""
+    import re
+
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Draw").click()
+    canvas = page.locator("#sketchpad canvas").first
+    expect(canvas).to_be_visible(timeout=30_000)
+    brush = page.locator('#sketchpad button[aria-label="Brush"]')
+    expect(brush).to_be_visible(timeout=30_000)
+    # The app selects the brush 150 ms after the tab opens; on a cold page the editor can render later than that
+    # (seen: 1.8 s), leaving no tool chosen ("select the draw tool to start"). Pick it as a person would.
+    page.wait_for_timeout(500)
+    if "highlight" not in (brush.get_attribute("class") or ""):
+        brush.click()
+    expect(brush).to_have_class(re.compile(r"\bhighlight\b"))
+    # The 280 x 280 drawing area sits in the middle of the editor's canvas, at about its own size.
+    box = canvas.bounding_box()
+    side = min(box["width"], box["height"]) * 0.8
+    return box["x"] + (box["width"] - side) / 2, box["y"] + (box["height"] - side) / 2, side
+
+
 # --- the app's real server, shared ---------------------------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 
 import pytest
 import torch
-from conftest import IN_CI, ROOT
+from conftest import IN_CI, ROOT, drawing_area
 from tutorial_net import Net
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -25,15 +25,7 @@ if not Path(CHROMIUM).is_file():
 
 sync_api = pytest.importorskip("playwright.sync_api")
 
-LAUNCH_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-# Chromium's built-in fake camera (a moving test pattern), granted without a permission prompt.
+from resnet_demo.tools.livebench import LAUNCH_ARGS  # noqa: E402 - Chromium's flags, as the live benchmark's
 
 
 @pytest.fixture(scope="module")
@@ -165,21 +157,7 @@ def test_drawing_updates_the_page_while_drawing(server):
     url, _ = server
     ARTIFACTS.mkdir(exist_ok=True)
     with chromium_page(url) as page:
-        page.get_by_role("tab", name="Draw").click()
-        canvas = page.locator("#sketchpad canvas").first
-        sync_api.expect(canvas).to_be_visible(timeout=30_000)
-        brush = page.locator('#sketchpad button[aria-label="Brush"]')
-        sync_api.expect(brush).to_be_visible(timeout=30_000)
-        # The app selects the brush 150 ms after the tab opens; on a cold page the editor can render later than
-        # that (seen: 1.8 s), leaving no tool chosen ("select the draw tool to start"). Pick it as a person would.
-        page.wait_for_timeout(500)
-        if "highlight" not in (brush.get_attribute("class") or ""):
-            brush.click()
-        sync_api.expect(brush).to_have_class(re.compile(r"\bhighlight\b"))
-        # The 280 x 280 drawing area sits in the middle of the editor's canvas, at about its own size.
-        box = canvas.bounding_box()
-        side = min(box["width"], box["height"]) * 0.8
-        left, top = box["x"] + (box["width"] - side) / 2, box["y"] + (box["height"] - side) / 2
+        left, top, side = drawing_area(page)
         for stroke in STROKES:
             (x, y), rest = stroke[0], stroke[1:]
             page.mouse.move(left + x * side, top + y * side)

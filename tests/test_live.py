@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from appserver import running_app, weights_dir
-from conftest import IN_CI
+from conftest import IN_CI, drawing_area
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -81,18 +81,23 @@ def server(tmp_path_factory):
         yield url
 
 
+def recorded_page(browser, url: str):
+    """A page of the app in a context (a session) of its own, its fake camera's scene and updates recorded."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    context.add_init_script(SCENE_JS)
+    page = context.new_page()
+    page.goto(url, wait_until="load", timeout=60_000)
+    sync_api.expect(page.locator("#photo")).to_be_visible(timeout=60_000)
+    page.evaluate(RECORD_JS)
+    return page
+
+
 @contextmanager
 def app_page(url: str):
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
         try:
-            context = browser.new_context(viewport={"width": 1400, "height": 1000})
-            context.add_init_script(SCENE_JS)
-            page = context.new_page()
-            page.goto(url, wait_until="load", timeout=60_000)
-            sync_api.expect(page.locator("#photo")).to_be_visible(timeout=60_000)
-            page.evaluate(RECORD_JS)
-            yield page
+            yield recorded_page(browser, url)
         finally:
             browser.close()
 
@@ -166,12 +171,7 @@ def test_several_live_visitors_each_get_frames(server):
         try:
             pages = []
             for scene in ("red", "stripes"):
-                context = browser.new_context(viewport={"width": 1400, "height": 1000})
-                context.add_init_script(SCENE_JS)
-                page = context.new_page()
-                page.goto(server, wait_until="load", timeout=60_000)
-                sync_api.expect(page.locator("#photo")).to_be_visible(timeout=60_000)
-                page.evaluate(RECORD_JS)
+                page = recorded_page(browser, server)
                 page.evaluate(f"() => {{ window.__scene = '{scene}'; }}")
                 pages.append(page)
             for page in pages:
@@ -206,18 +206,7 @@ def test_drawing_answers_while_the_pen_moves(server):
     with app_page(server) as page:
         joins: list[float] = []  # when the page started an event (Python's clock)
         page.on("request", lambda r: joins.append(time.monotonic()) if "/queue/join" in r.url else None)
-        page.get_by_role("tab", name="Draw").click()
-        canvas = page.locator("#sketchpad canvas").first
-        sync_api.expect(canvas).to_be_visible(timeout=30_000)
-        brush = page.locator('#sketchpad button[aria-label="Brush"]')
-        sync_api.expect(brush).to_be_visible(timeout=30_000)
-        page.wait_for_timeout(500)
-        if "highlight" not in (brush.get_attribute("class") or ""):
-            brush.click()
-        sync_api.expect(brush).to_have_class(re.compile(r"\bhighlight\b"))
-        box = canvas.bounding_box()
-        side = min(box["width"], box["height"]) * 0.8
-        left, top = box["x"] + (box["width"] - side) / 2, box["y"] + (box["height"] - side) / 2
+        left, top, side = drawing_area(page)
         page.mouse.move(left + TWO[0][0] * side, top + TWO[0][1] * side)
         page.mouse.down()
         pressed = time.monotonic()

@@ -67,7 +67,16 @@ from urllib.parse import urlparse
 from PIL import Image
 
 from ..core.weights.cards import WEIGHTS_DIR
-from .loadtest import ROOT, SpawnedServer, cpu_seconds, expected_results, make_images, pid_listening_on, run_load
+from .loadtest import (
+    ROOT,
+    SpawnedServer,
+    cpu_of,
+    cpu_seconds,
+    expected_results,
+    make_images,
+    pid_listening_on,
+    run_load,
+)
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 LAUNCH_ARGS = [
@@ -296,17 +305,6 @@ def chromium_pid() -> int | None:
     found = [p for p in me.children(recursive=True) if "chrom" in (p.name() or "").lower()]
     roots = [p for p in found if p.ppid() not in {q.pid for q in found}]
     return max(roots, key=lambda p: p.create_time()).pid if roots else None
-
-
-def cpu_of(procs) -> float:
-    total = 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except Exception:  # noqa: BLE001 - a renderer may have exited
-            pass
-    return total
 
 
 def prepare_photos(clients: int, requests: int, weights_dir: Path, workdir: Path) -> tuple[list[Path], list]:
@@ -543,25 +541,6 @@ def table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
-class AppServer(SpawnedServer):
-    """``python app.py`` of the repository at ``root`` (another checkout: before and after a change)."""
-
-    def __init__(self, root: Path, weights_dir: Path, concurrency: int | None, log_path: Path) -> None:
-        import subprocess
-
-        from .loadtest import free_port
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        cmd = [sys.executable, str(root / "app.py"), "--port", str(self.port), "--weights-dir", str(weights_dir)]
-        if concurrency:
-            cmd += ["--concurrency", str(concurrency)]
-        env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, cwd=root, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--visitors", type=int, nargs="+", default=[1], help="visitors at once; several: one run each")
@@ -592,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     workdir = Path(tempfile.mkdtemp(prefix="livebench-"))
     servers: list[tuple[str, str, int | None]] = []  # (name, url, pid)
-    spawned: list[AppServer] = []
+    spawned: list[SpawnedServer] = []
     try:
         if args.url:
             pid = args.pid
@@ -602,8 +581,8 @@ def main(argv: list[str] | None = None) -> int:
             servers.append((args.url, args.url, pid))
         else:
             for i, root in enumerate(args.app):
-                spawned.append(AppServer(root.resolve(), args.weights_dir, args.concurrency,
-                                         workdir / f"server-{i}.log"))
+                spawned.append(SpawnedServer(args.weights_dir, args.concurrency, workdir / f"server-{i}.log",
+                                             root=root.resolve()))
             for root, server in zip(args.app, spawned):
                 server.wait_ready()
                 servers.append((str(root), server.url, server.proc.pid))

@@ -179,18 +179,20 @@ def free_port() -> int:
 
 
 class SpawnedServer:
-    """``python app.py --port P --weights-dir DIR`` in a subprocess (cwd: the repository root)."""
+    """``python app.py --port P --weights-dir DIR`` of the repository at ``root`` (this one by default; another
+    checkout for a before/after comparison) in a subprocess, run from that repository."""
 
-    def __init__(self, weights_dir: Path, concurrency: int | None = None, log_path: Path | None = None) -> None:
+    def __init__(self, weights_dir: Path, concurrency: int | None = None, log_path: Path | None = None,
+                 root: Path = ROOT) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
-        cmd = [sys.executable, str(ROOT / "app.py"), "--port", str(self.port), "--weights-dir", str(weights_dir)]
+        cmd = [sys.executable, str(root / "app.py"), "--port", str(self.port), "--weights-dir", str(weights_dir)]
         if concurrency:
             cmd += ["--concurrency", str(concurrency)]
         env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="loadtest-server-", suffix=".log")[1])
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(cmd, cwd=root, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     def log_tail(self, chars: int = 3000) -> str:
         try:
@@ -238,7 +240,11 @@ def pid_listening_on(port: int) -> int | None:
 
 def cpu_seconds(proc, children: bool = False) -> float:
     """User + system CPU time of ``proc`` (and its live descendants)."""
-    procs = [proc, *(proc.children(recursive=True) if children else [])]
+    return cpu_of([proc, *(proc.children(recursive=True) if children else [])])
+
+
+def cpu_of(procs) -> float:
+    """User + system CPU time of the processes ``procs`` (psutil), those that have exited left out."""
     total = 0.0
     for p in procs:
         try:

@@ -203,21 +203,34 @@ def open_checkpoint(
         if found is None:
             input_size = (IMAGENET if architecture.stem_reduction >= 4 else CIFAR10).input_size
             mean, std, drawing = [0.5], [0.25], False
-    n = architecture.num_classes
-    if class_names:
-        classes = list(class_names)
-    elif default_classes is not None:
-        classes = default_classes(n)
-    else:
-        classes = preset_class_names(preset, n)
-    if len(classes) != n:
-        raise WeightsError(f"{len(classes)} class names were given, but the checkpoint's classifier has {n} classes")
+    classes = _class_names(class_names, default_classes, preset, architecture.num_classes)
     sha256 = file_sha256(path)
     card = upload_card(
         f"{path.name} ({sha256[:8]})", architecture.kind, architecture.config, architecture.in_channels, classes,
         preset=preset, input_size=input_size, mean=mean, std=std, drawing=drawing,
     )
-    preprocessing = preprocessing or _chosen(card, preset)
+    _describe(card, architecture, source=source, notes=notes, sha256=sha256,
+              preprocessing=preprocessing or _chosen(card, preset))
+    return model.eval(), card
+
+
+def _class_names(given: Sequence[str] | None, default: Callable[[int], list[str]] | None, preset: str | None,
+                 n: int) -> list[str]:
+    """The names given, else ``default(n)``, else the preset's (``class i`` when it has no names for ``n``).
+
+    Raises:
+        WeightsError: names given that are not one per class of the head.
+    """
+    classes = list(given) if given else default(n) if default is not None else preset_class_names(preset, n)
+    if len(classes) != n:
+        raise WeightsError(f"{len(classes)} class names were given, but the checkpoint's classifier has {n} classes")
+    return classes
+
+
+def _describe(card: ModelCard, architecture: Architecture, *, source: str, notes: str, sha256: str,
+              preprocessing: str) -> None:
+    """What a recognised checkpoint's card says of it: its stem, file hash, where it came from, what was assumed
+    and any warning about its stem and input size."""
     if architecture.kind != "resnet":
         card.config = {"in_channels": architecture.in_channels, "stem_kernel": architecture.stem_kernel,
                        "maxpool": architecture.maxpool}
@@ -229,7 +242,6 @@ def open_checkpoint(
     warning = stem_warning(architecture, card.input_size)
     if warning:
         card.training["warnings"] = [warning]
-    return model.eval(), card
 
 
 def timm_override(arch: str | None, config: Mapping[str, Any] | None) -> tuple[str | None, str | None]:
